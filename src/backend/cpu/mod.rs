@@ -1,0 +1,252 @@
+//! The CPU backend: rayon over rows/heads/weight blocks, f32 accumulation. It is the reference
+//! every other backend's kernels are checked against, and the backend CI and most machines run.
+
+mod attention;
+mod matmul;
+
+use rayon::prelude::*;
+
+use super::{AttentionGeometry, Backend};
+use crate::error::{Error, Result};
+use crate::model::{dtype, HostTensor};
+
+pub use attention::attention;
+pub use matmul::matmul_t;
+
+/// The rayon CPU backend (uses the global thread pool).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend;
+
+/// Rows per rayon task for cheap element-wise row ops: enough work to amortise scheduling.
+const ROW_CHUNK: usize = 8;
+
+impl Backend for CpuBackend {
+    type Weight = HostTensor;
+    type Buf = Vec<f32>;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn upload_weight(&self, t: &HostTensor) -> Result<HostTensor> {
+        Ok(t.clone())
+    }
+
+    fn zeros(&self, len: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; len])
+    }
+
+    fn upload(&self, dst: &mut Vec<f32>, src: &[f32]) -> Result<()> {
+        check_len("upload", dst.len(), src.len())?;
+        dst[..src.len()].copy_from_slice(src);
+        Ok(())
+    }
+
+    fn download(&self, dst: &mut [f32], src: &Vec<f32>) -> Result<()> {
+        check_len("download", src.len(), dst.len())?;
+        dst.copy_from_slice(&src[..dst.len()]);
+        Ok(())
+    }
+
+    fn embedding(
+        &self,
+        out: &mut Vec<f32>,
+        table: &HostTensor,
+        ids: &[u32],
+        dim: usize,
+    ) -> Result<()> {
+        check_len("embedding", out.len(), ids.len() * dim)?;
+        let vocab = table.numel() / dim;
+        let esize = table.dtype.size();
+        let data = table.data();
+        for (row, &id) in out.chunks_exact_mut(dim).zip(ids) {
+            let id = id as usize;
+            if id >= vocab {
+                return Err(Error::invalid(format!(
+                    "token id {id} is out of range (vocab size {vocab})"
+                )));
+            }
+            dtype::to_f32(
+                table.dtype,
+                &data[id * dim * esize..(id + 1) * dim * esize],
+                row,
+            );
+        }
+        Ok(())
+    }
+
+    fn rms_norm(
+        &self,
+        out: &mut Vec<f32>,
+        x: &Vec<f32>,
+        weight: &HostTensor,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<()> {
+        check_len("rms_norm", out.len().min(x.len()), rows * dim)?;
+        let w = weight.to_f32();
+        out[..rows * dim]
+            .par_chunks_mut(dim * ROW_CHUNK)
+            .zip(x[..rows * dim].par_chunks(dim * ROW_CHUNK))
+            .for_each(|(o, xi)| {
+                for (orow, xrow) in o.chunks_exact_mut(dim).zip(xi.chunks_exact(dim)) {
+                    rms_norm_row(orow, xrow, &w, eps);
+                }
+            });
+        Ok(())
+    }
+
+    fn matmul_t(
+        &self,
+        out: &mut Vec<f32>,
+        x: &Vec<f32>,
+        w: &HostTensor,
+        rows: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        check_len("matmul_t out", out.len(), rows * n)?;
+        check_len("matmul_t x", x.len(), rows * k)?;
+        if w.numel() != n * k {
+            return Err(Error::invalid(format!(
+                "matmul_t: weight of shape {:?} used as [{n}, {k}]",
+                w.shape
+            )));
+        }
+        matmul_t(out, x, w, rows, n, k);
+        Ok(())
+    }
+
+    fn rope(
+        &self,
+        x: &mut Vec<f32>,
+        positions: &[u32],
+        heads: usize,
+        head_dim: usize,
+        inv_freq: &[f32],
+    ) -> Result<()> {
+        let width = heads * head_dim;
+        check_len("rope", x.len(), positions.len() * width)?;
+        let half = head_dim / 2;
+        x[..positions.len() * width]
+            .par_chunks_mut(width)
+            .zip(positions.par_iter())
+            .for_each_init(
+                || (vec![0.0f32; half], vec![0.0f32; half]),
+                |(cos, sin), (row, &pos)| {
+                    for i in 0..half {
+                        // torch computes the angle in f32 before cos/sin: do the same.
+                        let angle = inv_freq[i] * pos as f32;
+                        cos[i] = angle.cos();
+                        sin[i] = angle.sin();
+                    }
+                    for h in row.chunks_exact_mut(head_dim) {
+                        let (a, b) = h.split_at_mut(half);
+                        for i in 0..half {
+                            let (x1, x2) = (a[i], b[i]);
+                            a[i] = x1 * cos[i] - x2 * sin[i];
+                            b[i] = x2 * cos[i] + x1 * sin[i];
+                        }
+                    }
+                },
+            );
+        Ok(())
+    }
+
+    fn kv_store(
+        &self,
+        cache: &mut Vec<f32>,
+        src: &Vec<f32>,
+        slots: &[u32],
+        positions: &[u32],
+        max_seq: usize,
+        width: usize,
+    ) -> Result<()> {
+        check_len("kv_store src", src.len(), slots.len() * width)?;
+        for (i, (&s, &p)) in slots.iter().zip(positions).enumerate() {
+            let (s, p) = (s as usize, p as usize);
+            if p >= max_seq {
+                return Err(Error::invalid(format!(
+                    "position {p} is past the KV cache length {max_seq}"
+                )));
+            }
+            let at = (s * max_seq + p) * width;
+            check_len("kv_store cache", cache.len(), at + width)?;
+            cache[at..at + width].copy_from_slice(&src[i * width..(i + 1) * width]);
+        }
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        out: &mut Vec<f32>,
+        q: &Vec<f32>,
+        k_cache: &Vec<f32>,
+        v_cache: &Vec<f32>,
+        slots: &[u32],
+        positions: &[u32],
+        geom: AttentionGeometry,
+    ) -> Result<()> {
+        let width = geom.num_heads * geom.head_dim;
+        check_len("attention out", out.len().min(q.len()), slots.len() * width)?;
+        attention(out, q, k_cache, v_cache, slots, positions, geom);
+        Ok(())
+    }
+
+    fn swiglu(&self, gate: &mut Vec<f32>, up: &Vec<f32>, len: usize) -> Result<()> {
+        check_len("swiglu", gate.len().min(up.len()), len)?;
+        gate[..len]
+            .par_chunks_mut(4096)
+            .zip(up[..len].par_chunks(4096))
+            .for_each(|(g, u)| {
+                for (g, u) in g.iter_mut().zip(u) {
+                    *g = *g / (1.0 + (-*g).exp()) * u;
+                }
+            });
+        Ok(())
+    }
+
+    fn add_assign(&self, x: &mut Vec<f32>, y: &Vec<f32>, len: usize) -> Result<()> {
+        check_len("add_assign", x.len().min(y.len()), len)?;
+        x[..len]
+            .par_chunks_mut(4096)
+            .zip(y[..len].par_chunks(4096))
+            .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
+        Ok(())
+    }
+
+    fn gather_rows(
+        &self,
+        out: &mut Vec<f32>,
+        x: &Vec<f32>,
+        rows: &[u32],
+        width: usize,
+    ) -> Result<()> {
+        check_len("gather_rows", out.len(), rows.len() * width)?;
+        for (o, &r) in out.chunks_exact_mut(width).zip(rows) {
+            let r = r as usize;
+            check_len("gather_rows x", x.len(), (r + 1) * width)?;
+            o.copy_from_slice(&x[r * width..(r + 1) * width]);
+        }
+        Ok(())
+    }
+}
+
+/// One row of RMSNorm, as transformers' LlamaRMSNorm computes it in f32.
+pub fn rms_norm_row(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
+    let ss: f32 = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (ss + eps).sqrt();
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+        *o = g * (v * inv);
+    }
+}
+
+fn check_len(op: &str, have: usize, need: usize) -> Result<()> {
+    if have < need {
+        return Err(Error::invalid(format!(
+            "{op}: buffer holds {have} values, needs {need}"
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,117 @@
+//! The backend seam: the only code that knows which device computes.
+//!
+//! Algorithm code (`llama/`, `evolve/`, `eval/`, `qd/`) is written once against [`Backend`].
+//! `cpu` (rayon, f32 accumulation) is the reference every other backend is checked against.
+//! Conventions: outputs first, shapes explicit, f32 activations, weights in their storage dtype;
+//! host-side index arrays (token ids, KV slots, positions) are passed as slices and uploaded by
+//! the backend if it needs them on the device.
+
+pub mod cpu;
+
+use crate::error::Result;
+use crate::model::HostTensor;
+
+/// Geometry of one attention call over a paged-by-slot KV cache.
+///
+/// The cache of one layer is `[slots, max_seq, num_kv_heads * head_dim]`; query row `i` belongs
+/// to sequence slot `slots[i]` at position `positions[i]` and attends to cache positions
+/// `0..=positions[i]` of its slot (causal; rows of one slot may be several prefill tokens).
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionGeometry {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub max_seq: usize,
+}
+
+pub trait Backend: Send + Sync {
+    /// A weight tensor resident where this backend computes, in its storage dtype.
+    type Weight: Send + Sync;
+    /// An f32 buffer (activations, KV cache) resident where this backend computes.
+    type Buf: Send + Sync;
+
+    /// Human-readable device name (`cpu (2 threads)`, `cuda:0 NVIDIA H100`).
+    fn name(&self) -> String;
+
+    /// Makes a weight tensor available to kernels (zero-copy on the CPU).
+    fn upload_weight(&self, t: &HostTensor) -> Result<Self::Weight>;
+    /// A zero-filled buffer of `len` f32.
+    fn zeros(&self, len: usize) -> Result<Self::Buf>;
+    /// Copies `src` into the start of `dst`.
+    fn upload(&self, dst: &mut Self::Buf, src: &[f32]) -> Result<()>;
+    /// Copies the first `dst.len()` values of `src` to the host.
+    fn download(&self, dst: &mut [f32], src: &Self::Buf) -> Result<()>;
+
+    /// `out[i, :] = table[ids[i], :]`; table `[vocab, dim]`, out `[ids.len(), dim]`.
+    fn embedding(
+        &self,
+        out: &mut Self::Buf,
+        table: &Self::Weight,
+        ids: &[u32],
+        dim: usize,
+    ) -> Result<()>;
+    /// Row-wise RMSNorm: `out = x / sqrt(mean(x²) + eps) * weight`; x, out `[rows, dim]`.
+    fn rms_norm(
+        &self,
+        out: &mut Self::Buf,
+        x: &Self::Buf,
+        weight: &Self::Weight,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<()>;
+    /// `out[rows, n] = x[rows, k] · wᵀ` with `w` `[n, k]` (the nn.Linear layout).
+    fn matmul_t(
+        &self,
+        out: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Weight,
+        rows: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()>;
+    /// Rotary embedding in place (rotate-half convention) on `x` `[positions.len(), heads, head_dim]`.
+    fn rope(
+        &self,
+        x: &mut Self::Buf,
+        positions: &[u32],
+        heads: usize,
+        head_dim: usize,
+        inv_freq: &[f32],
+    ) -> Result<()>;
+    /// `cache[slots[i], positions[i], :] = src[i, :]`; rows of `width` values.
+    fn kv_store(
+        &self,
+        cache: &mut Self::Buf,
+        src: &Self::Buf,
+        slots: &[u32],
+        positions: &[u32],
+        max_seq: usize,
+        width: usize,
+    ) -> Result<()>;
+    /// Causal GQA attention of query rows `q` `[rows, num_heads * head_dim]` over the caches;
+    /// out has q's shape. See [`AttentionGeometry`].
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        out: &mut Self::Buf,
+        q: &Self::Buf,
+        k_cache: &Self::Buf,
+        v_cache: &Self::Buf,
+        slots: &[u32],
+        positions: &[u32],
+        geom: AttentionGeometry,
+    ) -> Result<()>;
+    /// SwiGLU in place: `gate = silu(gate) * up` over `len` values.
+    fn swiglu(&self, gate: &mut Self::Buf, up: &Self::Buf, len: usize) -> Result<()>;
+    /// `x += y` over `len` values.
+    fn add_assign(&self, x: &mut Self::Buf, y: &Self::Buf, len: usize) -> Result<()>;
+    /// `out[i, :] = x[rows[i], :]`; rows of `width` values.
+    fn gather_rows(
+        &self,
+        out: &mut Self::Buf,
+        x: &Self::Buf,
+        rows: &[u32],
+        width: usize,
+    ) -> Result<()>;
+}

@@ -1,0 +1,35 @@
+//! Subcommands: argument parsing (clap derive) and dispatch. Each subcommand lives in its own
+//! module and returns `anyhow::Result` with context on every file and device call.
+
+mod generate;
+mod inspect;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cycleqd-engine",
+    version,
+    about = "Evolve multi-skill LLMs by quality diversity (CycleQD)"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate a continuation of a prompt with a Hugging Face Llama checkpoint.
+    Generate(generate::GenerateArgs),
+    /// Summarise a checkpoint directory and report any problem found.
+    Inspect(inspect::InspectArgs),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Generate(a) => generate::run(a),
+        Command::Inspect(a) => inspect::run(a),
+    }
+}

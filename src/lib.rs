@@ -1,0 +1,12 @@
+//! cycleqd-engine: quality-diversity evolution of large language models by model merging
+//! (CycleQD, Kuroki et al., ICLR 2025), with a CPU reference backend and CUDA kernels.
+//!
+//! Data flows one way: Hugging Face checkpoints (`model`) → task vectors and their factors →
+//! genomes → materialised weights → Llama inference (`llama`) → archives → final merge → export.
+
+pub mod backend;
+pub mod error;
+pub mod llama;
+pub mod model;
+
+pub use error::{Error, Result};

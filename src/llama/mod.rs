@@ -1,0 +1,10 @@
+//! Llama inference: the forward pass (ragged batches over a slot-indexed KV cache), batched
+//! greedy/sampled generation with per-token log-probabilities, and continuation scoring.
+
+pub mod generate;
+pub mod model;
+
+pub use generate::{
+    generate, score_continuations, GenerateOptions, Generation, Sampling, StopReason,
+};
+pub use model::{KvCache, LlamaModel, RunState, Step};

@@ -1,0 +1,318 @@
+//! The Llama forward pass, written once against [`Backend`].
+//!
+//! One call processes a ragged batch: token `i` belongs to KV slot `slots[i]` at position
+//! `positions[i]`, so a prefill of several prompts of different lengths and a decode step of
+//! many sequences are the same call, with no padding. Per layer:
+//! `h = x + o(attn(rope(q(n₁(x))), rope(k(n₁(x))), v(n₁(x))))`, `x' = h + down(silu(gate(n₂(h))) ⊙ up(n₂(h)))`.
+
+use crate::backend::{AttentionGeometry, Backend};
+use crate::error::{Error, Result};
+use crate::model::config::rope_inv_freq;
+use crate::model::{HostTensor, LlamaConfig, ModelStore};
+
+struct Layer<B: Backend> {
+    input_norm: B::Weight,
+    q: B::Weight,
+    k: B::Weight,
+    v: B::Weight,
+    o: B::Weight,
+    post_norm: B::Weight,
+    gate: B::Weight,
+    up: B::Weight,
+    down: B::Weight,
+}
+
+/// A Llama model's weights, resident on backend `B`.
+pub struct LlamaModel<B: Backend> {
+    pub config: LlamaConfig,
+    embed: B::Weight,
+    layers: Vec<Layer<B>>,
+    norm: B::Weight,
+    /// `None` when the embeddings are tied.
+    lm_head: Option<B::Weight>,
+    inv_freq: Vec<f32>,
+}
+
+/// The KV cache of a batch of sequences: per layer, `[slots, max_seq, kv_heads * head_dim]`.
+pub struct KvCache<B: Backend> {
+    k: Vec<B::Buf>,
+    v: Vec<B::Buf>,
+    pub slots: usize,
+    pub max_seq: usize,
+}
+
+/// Activation buffers of one forward pass, grown on demand and reused across steps.
+pub struct RunState<B: Backend> {
+    capacity: usize,
+    logit_capacity: usize,
+    x: B::Buf,
+    xb: B::Buf,
+    q: B::Buf,
+    k: B::Buf,
+    v: B::Buf,
+    att: B::Buf,
+    gate: B::Buf,
+    up: B::Buf,
+    picked: B::Buf,
+    logits: B::Buf,
+}
+
+/// One ragged batch of tokens.
+#[derive(Clone, Debug, Default)]
+pub struct Step {
+    pub tokens: Vec<u32>,
+    pub slots: Vec<u32>,
+    pub positions: Vec<u32>,
+    /// Row indices (into `tokens`) whose logits are wanted, in output order.
+    pub logit_rows: Vec<u32>,
+}
+
+impl Step {
+    pub fn push(&mut self, token: u32, slot: usize, position: usize, want_logits: bool) {
+        if want_logits {
+            self.logit_rows.push(self.tokens.len() as u32);
+        }
+        self.tokens.push(token);
+        self.slots.push(slot as u32);
+        self.positions.push(position as u32);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+}
+
+impl<B: Backend> LlamaModel<B> {
+    /// Loads the weights of a validated store onto the backend (zero-copy on the CPU).
+    pub fn load(backend: &B, store: &ModelStore) -> Result<Self> {
+        store.validate_llama()?;
+        Self::from_tensors(backend, store.config().clone(), |name| store.tensor(name))
+    }
+
+    /// Builds a model from any tensor source (a store, a materialised child, a merge result).
+    pub fn from_tensors(
+        backend: &B,
+        config: LlamaConfig,
+        mut get: impl FnMut(&str) -> Result<HostTensor>,
+    ) -> Result<Self> {
+        let mut w = |name: &str| -> Result<B::Weight> { backend.upload_weight(&get(name)?) };
+        let layers = (0..config.num_hidden_layers)
+            .map(|l| {
+                let p = format!("model.layers.{l}");
+                Ok(Layer {
+                    input_norm: w(&format!("{p}.input_layernorm.weight"))?,
+                    q: w(&format!("{p}.self_attn.q_proj.weight"))?,
+                    k: w(&format!("{p}.self_attn.k_proj.weight"))?,
+                    v: w(&format!("{p}.self_attn.v_proj.weight"))?,
+                    o: w(&format!("{p}.self_attn.o_proj.weight"))?,
+                    post_norm: w(&format!("{p}.post_attention_layernorm.weight"))?,
+                    gate: w(&format!("{p}.mlp.gate_proj.weight"))?,
+                    up: w(&format!("{p}.mlp.up_proj.weight"))?,
+                    down: w(&format!("{p}.mlp.down_proj.weight"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let embed = w("model.embed_tokens.weight")?;
+        let norm = w("model.norm.weight")?;
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(w("lm_head.weight")?)
+        };
+        let inv_freq = rope_inv_freq(&config);
+        Ok(LlamaModel {
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+        })
+    }
+
+    /// A zeroed KV cache for `slots` sequences of at most `max_seq` positions.
+    pub fn new_cache(&self, backend: &B, slots: usize, max_seq: usize) -> Result<KvCache<B>> {
+        let width = self.config.num_key_value_heads * self.config.head_dim;
+        let n = slots * max_seq * width;
+        let mut k = Vec::with_capacity(self.layers.len());
+        let mut v = Vec::with_capacity(self.layers.len());
+        for _ in &self.layers {
+            k.push(backend.zeros(n)?);
+            v.push(backend.zeros(n)?);
+        }
+        Ok(KvCache {
+            k,
+            v,
+            slots,
+            max_seq,
+        })
+    }
+
+    pub fn new_state(&self) -> RunState<B>
+    where
+        B::Buf: Default,
+    {
+        RunState {
+            capacity: 0,
+            logit_capacity: 0,
+            x: Default::default(),
+            xb: Default::default(),
+            q: Default::default(),
+            k: Default::default(),
+            v: Default::default(),
+            att: Default::default(),
+            gate: Default::default(),
+            up: Default::default(),
+            picked: Default::default(),
+            logits: Default::default(),
+        }
+    }
+
+    fn ensure_state(
+        &self,
+        backend: &B,
+        st: &mut RunState<B>,
+        rows: usize,
+        logit_rows: usize,
+    ) -> Result<()> {
+        let c = &self.config;
+        if rows > st.capacity {
+            let h = c.hidden_size;
+            let qw = c.num_attention_heads * c.head_dim;
+            let kvw = c.num_key_value_heads * c.head_dim;
+            st.x = backend.zeros(rows * h)?;
+            st.xb = backend.zeros(rows * h.max(qw))?;
+            st.q = backend.zeros(rows * qw)?;
+            st.k = backend.zeros(rows * kvw)?;
+            st.v = backend.zeros(rows * kvw)?;
+            st.att = backend.zeros(rows * qw)?;
+            st.gate = backend.zeros(rows * c.intermediate_size)?;
+            st.up = backend.zeros(rows * c.intermediate_size)?;
+            st.capacity = rows;
+        }
+        if logit_rows > st.logit_capacity {
+            st.picked = backend.zeros(logit_rows * c.hidden_size)?;
+            st.logits = backend.zeros(logit_rows * c.vocab_size)?;
+            st.logit_capacity = logit_rows;
+        }
+        Ok(())
+    }
+
+    /// Runs one ragged batch through the model, appending its K/V to `cache`, and writes the
+    /// logits of `step.logit_rows` into `logits` (`[logit_rows.len(), vocab]`, resized).
+    pub fn forward(
+        &self,
+        backend: &B,
+        step: &Step,
+        cache: &mut KvCache<B>,
+        st: &mut RunState<B>,
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
+        let c = &self.config;
+        let rows = step.tokens.len();
+        if rows == 0 {
+            logits.clear();
+            return Ok(());
+        }
+        if step.slots.len() != rows || step.positions.len() != rows {
+            return Err(Error::invalid(
+                "forward: tokens, slots and positions differ in length",
+            ));
+        }
+        if let Some(&id) = step.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(Error::invalid(format!(
+                "token id {id} is out of range (vocab_size {})",
+                c.vocab_size
+            )));
+        }
+        if let Some(&p) = step
+            .positions
+            .iter()
+            .find(|&&p| p as usize >= cache.max_seq)
+        {
+            return Err(Error::invalid(format!(
+                "position {p} is past the KV cache length {}",
+                cache.max_seq
+            )));
+        }
+        if let Some(&s) = step.slots.iter().find(|&&s| s as usize >= cache.slots) {
+            return Err(Error::invalid(format!(
+                "slot {s} is past the KV cache's {} slots",
+                cache.slots
+            )));
+        }
+        if let Some(&r) = step.logit_rows.iter().find(|&&r| r as usize >= rows) {
+            return Err(Error::invalid(format!(
+                "logit row {r} is past the batch's {rows} rows"
+            )));
+        }
+        let n_logits = step.logit_rows.len();
+        self.ensure_state(backend, st, rows, n_logits)?;
+
+        let h = c.hidden_size;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let (qw, kvw, inter) = (nh * hd, nkv * hd, c.intermediate_size);
+        let eps = c.rms_norm_eps as f32;
+        let geom = AttentionGeometry {
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+            max_seq: cache.max_seq,
+        };
+
+        backend.embedding(&mut st.x, &self.embed, &step.tokens, h)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            backend.rms_norm(&mut st.xb, &st.x, &layer.input_norm, rows, h, eps)?;
+            backend.matmul_t(&mut st.q, &st.xb, &layer.q, rows, qw, h)?;
+            backend.matmul_t(&mut st.k, &st.xb, &layer.k, rows, kvw, h)?;
+            backend.matmul_t(&mut st.v, &st.xb, &layer.v, rows, kvw, h)?;
+            backend.rope(&mut st.q, &step.positions, nh, hd, &self.inv_freq)?;
+            backend.rope(&mut st.k, &step.positions, nkv, hd, &self.inv_freq)?;
+            backend.kv_store(
+                &mut cache.k[l],
+                &st.k,
+                &step.slots,
+                &step.positions,
+                cache.max_seq,
+                kvw,
+            )?;
+            backend.kv_store(
+                &mut cache.v[l],
+                &st.v,
+                &step.slots,
+                &step.positions,
+                cache.max_seq,
+                kvw,
+            )?;
+            backend.attention(
+                &mut st.att,
+                &st.q,
+                &cache.k[l],
+                &cache.v[l],
+                &step.slots,
+                &step.positions,
+                geom,
+            )?;
+            backend.matmul_t(&mut st.xb, &st.att, &layer.o, rows, h, qw)?;
+            backend.add_assign(&mut st.x, &st.xb, rows * h)?;
+
+            backend.rms_norm(&mut st.xb, &st.x, &layer.post_norm, rows, h, eps)?;
+            backend.matmul_t(&mut st.gate, &st.xb, &layer.gate, rows, inter, h)?;
+            backend.matmul_t(&mut st.up, &st.xb, &layer.up, rows, inter, h)?;
+            backend.swiglu(&mut st.gate, &st.up, rows * inter)?;
+            backend.matmul_t(&mut st.xb, &st.gate, &layer.down, rows, h, inter)?;
+            backend.add_assign(&mut st.x, &st.xb, rows * h)?;
+        }
+
+        logits.resize(n_logits * c.vocab_size, 0.0);
+        if n_logits == 0 {
+            return Ok(());
+        }
+        // Only the wanted rows go through the final norm and the (large) lm_head.
+        backend.gather_rows(&mut st.xb, &st.x, &step.logit_rows, h)?;
+        backend.rms_norm(&mut st.picked, &st.xb, &self.norm, n_logits, h, eps)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        backend.matmul_t(&mut st.logits, &st.picked, head, n_logits, c.vocab_size, h)?;
+        backend.download(logits, &st.logits)
+    }
+}

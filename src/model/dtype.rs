@@ -1,0 +1,176 @@
+//! Storage dtypes of checkpoint tensors and their conversion to and from f32.
+//!
+//! Weights stay in their stored dtype; compute upcasts to f32 (exact for f16 and bf16) and
+//! accumulates in f32, as the transformers reference does.
+
+use half::{bf16, f16, slice::HalfFloatSliceExt};
+use serde::{Deserialize, Serialize};
+
+/// A floating-point storage dtype the engine reads and writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum DType {
+    F16,
+    BF16,
+    F32,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F16 | DType::BF16 => 2,
+            DType::F32 => 4,
+        }
+    }
+
+    /// The safetensors header spelling (`"F16"`, `"BF16"`, `"F32"`).
+    pub fn safetensors_name(self) -> &'static str {
+        match self {
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+            DType::F32 => "F32",
+        }
+    }
+
+    /// From the safetensors header spelling; `None` for dtypes the engine does not support.
+    pub fn from_safetensors(name: &str) -> Option<Self> {
+        match name {
+            "F16" => Some(DType::F16),
+            "BF16" => Some(DType::BF16),
+            "F32" => Some(DType::F32),
+            _ => None,
+        }
+    }
+
+    /// The torch spelling used in config.json (`torch_dtype` / `dtype`).
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+            DType::F32 => "float32",
+        }
+    }
+
+    /// From a torch / mergekit spelling (`float16`, `bfloat16`, `float32`, with or without `torch.`).
+    pub fn from_torch(name: &str) -> Option<Self> {
+        match name.trim_start_matches("torch.") {
+            "float16" | "half" | "fp16" => Some(DType::F16),
+            "bfloat16" | "bf16" => Some(DType::BF16),
+            "float32" | "float" | "fp32" => Some(DType::F32),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.torch_name())
+    }
+}
+
+/// Upcasts `src` (little-endian elements of `dtype`) into `dst`; `dst.len()` elements are read.
+///
+/// Works on unaligned byte slices: safetensors only guarantees alignment of the data section
+/// start, and shards written by other tools are not always 4-byte aligned per tensor.
+pub fn to_f32(dtype: DType, src: &[u8], dst: &mut [f32]) {
+    debug_assert_eq!(src.len(), dst.len() * dtype.size());
+    match dtype {
+        DType::F32 => match bytemuck::try_cast_slice::<u8, f32>(src) {
+            Ok(s) => dst.copy_from_slice(s),
+            Err(_) => {
+                for (d, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                    *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+        },
+        DType::BF16 => match bytemuck::try_cast_slice::<u8, bf16>(src) {
+            Ok(s) => s.convert_to_f32_slice(dst),
+            Err(_) => {
+                for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                    *d = bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                }
+            }
+        },
+        DType::F16 => match bytemuck::try_cast_slice::<u8, f16>(src) {
+            Ok(s) => s.convert_to_f32_slice(dst),
+            Err(_) => {
+                for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                    *d = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                }
+            }
+        },
+    }
+}
+
+/// Upcasts a whole tensor's bytes into a new f32 vector.
+pub fn to_f32_vec(dtype: DType, src: &[u8]) -> Vec<f32> {
+    let mut out = vec![0.0f32; src.len() / dtype.size()];
+    to_f32(dtype, src, &mut out);
+    out
+}
+
+/// Rounds `src` to `dtype` (round-to-nearest-even, as torch's `.to()`), appending little-endian
+/// bytes to `dst`.
+pub fn from_f32_into(dtype: DType, src: &[f32], dst: &mut Vec<u8>) {
+    match dtype {
+        DType::F32 => dst.extend_from_slice(bytemuck::cast_slice(src)),
+        DType::BF16 => {
+            let mut tmp = vec![bf16::ZERO; src.len()];
+            tmp.convert_from_f32_slice(src);
+            dst.extend_from_slice(bytemuck::cast_slice(&tmp));
+        }
+        DType::F16 => {
+            let mut tmp = vec![f16::ZERO; src.len()];
+            tmp.convert_from_f32_slice(src);
+            dst.extend_from_slice(bytemuck::cast_slice(&tmp));
+        }
+    }
+}
+
+/// Rounds `src` to `dtype`, returning its little-endian bytes.
+pub fn from_f32(dtype: DType, src: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(src.len() * dtype.size());
+    from_f32_into(dtype, src, &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_is_exact_for_representable_values() {
+        let vals = [0.0f32, 1.0, -2.5, 0.15625, 65504.0, -0.0];
+        for dt in [DType::F16, DType::BF16, DType::F32] {
+            let bytes = from_f32(dt, &vals);
+            assert_eq!(bytes.len(), vals.len() * dt.size());
+            let back = to_f32_vec(dt, &bytes);
+            assert_eq!(back, vals, "{dt}");
+        }
+    }
+
+    #[test]
+    fn unaligned_input_converts_like_aligned() {
+        let vals = [1.5f32, -3.25, 7.0];
+        for dt in [DType::F16, DType::BF16, DType::F32] {
+            let bytes = from_f32(dt, &vals);
+            let mut shifted = vec![0u8];
+            shifted.extend_from_slice(&bytes);
+            let mut out = [0.0f32; 3];
+            to_f32(dt, &shifted[1..], &mut out);
+            assert_eq!(out, vals, "{dt}");
+        }
+    }
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        // 1 + 2^-8 lies exactly between two bf16 values (1 and 1 + 2^-7): ties go to even (1.0).
+        let x = 1.0f32 + 2f32.powi(-8);
+        assert_eq!(to_f32_vec(DType::BF16, &from_f32(DType::BF16, &[x])), [1.0]);
+        let y = 1.0f32 + 3.0 * 2f32.powi(-8);
+        assert_eq!(
+            to_f32_vec(DType::BF16, &from_f32(DType::BF16, &[y])),
+            [1.0 + 2f32.powi(-6)]
+        );
+    }
+}

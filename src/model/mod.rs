@@ -1,0 +1,16 @@
+//! Hugging Face checkpoints: config (both key styles), memory-mapped safetensors (single or
+//! sharded), tokenizer, and atomic export.
+
+pub mod config;
+pub mod dtype;
+pub mod export;
+pub mod safetensors;
+pub mod store;
+pub mod tokenizer;
+
+pub use config::{LlamaConfig, RopeScaling};
+pub use dtype::DType;
+pub use export::{export_tensors, CheckpointWriter, DEFAULT_MAX_SHARD_BYTES};
+pub use safetensors::TensorSpec;
+pub use store::{HostTensor, ModelStore, TensorBytes};
+pub use tokenizer::Tokenizer;

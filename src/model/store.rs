@@ -1,0 +1,306 @@
+//! The model store: a Hugging Face checkpoint directory opened for reading, its safetensors
+//! shards memory-mapped and every tensor reachable by name as a zero-copy view.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use serde_json::Value;
+
+use super::config::LlamaConfig;
+use super::dtype::{self, DType};
+use super::safetensors::{parse_header, TensorEntry};
+use crate::error::{Error, Result};
+
+pub const SINGLE_FILE: &str = "model.safetensors";
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// The bytes of one tensor: a view into a memory-mapped shard, or a buffer the engine owns
+/// (a merged or materialised tensor). Cloning is cheap either way.
+#[derive(Clone, Debug)]
+pub enum TensorBytes {
+    Mapped { map: Arc<Mmap>, range: Range<usize> },
+    Owned(Arc<Vec<u8>>),
+}
+
+/// A tensor in host memory, in its storage dtype. Shape is row-major, as safetensors stores it.
+#[derive(Clone, Debug)]
+pub struct HostTensor {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub bytes: TensorBytes,
+}
+
+impl HostTensor {
+    /// An owned tensor from f32 values rounded to `dtype`.
+    pub fn from_f32(values: &[f32], shape: Vec<usize>, dtype: DType) -> Self {
+        debug_assert_eq!(values.len(), shape.iter().product::<usize>());
+        HostTensor {
+            dtype,
+            shape,
+            bytes: TensorBytes::Owned(Arc::new(dtype::from_f32(dtype, values))),
+        }
+    }
+
+    /// The raw little-endian bytes.
+    pub fn data(&self) -> &[u8] {
+        match &self.bytes {
+            TensorBytes::Mapped { map, range } => &map[range.clone()],
+            TensorBytes::Owned(v) => v,
+        }
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The values upcast to f32 (a copy).
+    pub fn to_f32(&self) -> Vec<f32> {
+        dtype::to_f32_vec(self.dtype, self.data())
+    }
+}
+
+struct Shard {
+    path: PathBuf,
+    map: Arc<Mmap>,
+}
+
+/// Where a tensor lives: which shard, and its header entry.
+#[derive(Clone, Debug)]
+struct Located {
+    shard: usize,
+    entry: TensorEntry,
+}
+
+/// A checkpoint directory opened for reading.
+pub struct ModelStore {
+    dir: PathBuf,
+    config: LlamaConfig,
+    shards: Vec<Shard>,
+    tensors: BTreeMap<String, Located>,
+    /// Names the index lists, with the shard file it names (empty for a single file).
+    index: BTreeMap<String, String>,
+}
+
+impl ModelStore {
+    /// Opens `dir`: reads config.json, maps `model.safetensors` or the shards that
+    /// `model.safetensors.index.json` lists, and validates every header. Reads no tensor data.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        if !dir.is_dir() {
+            return Err(Error::format(
+                &dir,
+                "not a checkpoint directory (does not exist or is not a directory)",
+            ));
+        }
+        let config = LlamaConfig::from_dir(&dir)?;
+        let index_path = dir.join(INDEX_FILE);
+        let single_path = dir.join(SINGLE_FILE);
+        let (files, index) = if index_path.is_file() {
+            let index = read_index(&index_path)?;
+            let files: BTreeSet<String> = index.values().cloned().collect();
+            (files.into_iter().collect::<Vec<_>>(), index)
+        } else if single_path.is_file() {
+            (vec![SINGLE_FILE.to_string()], BTreeMap::new())
+        } else {
+            return Err(Error::format(
+                &dir,
+                format!("no weights: neither {SINGLE_FILE} nor {INDEX_FILE} is present"),
+            ));
+        };
+
+        let mut shards = Vec::with_capacity(files.len());
+        let mut tensors = BTreeMap::new();
+        for (i, file) in files.iter().enumerate() {
+            let path = dir.join(file);
+            let map = map_file(&path)?;
+            let header = parse_header(&map, &path)?;
+            for (name, entry) in header.tensors {
+                if let Some(expected) = index.get(&name) {
+                    if expected != file {
+                        continue; // the index says another shard owns it
+                    }
+                }
+                if tensors.contains_key(&name) {
+                    return Err(Error::format(
+                        &path,
+                        format!("tensor `{name}` is stored in two shards"),
+                    ));
+                }
+                tensors.insert(name, Located { shard: i, entry });
+            }
+            shards.push(Shard {
+                path,
+                map: Arc::new(map),
+            });
+        }
+        for (name, file) in &index {
+            if !tensors.contains_key(name) {
+                return Err(Error::format(
+                    dir.join(file),
+                    format!(
+                        "tensor `{name}` is listed in {INDEX_FILE} but missing from this shard"
+                    ),
+                ));
+            }
+        }
+        Ok(ModelStore {
+            dir,
+            config,
+            shards,
+            tensors,
+            index,
+        })
+    }
+
+    /// Opens `dir` and checks that it holds exactly what a Llama of its config needs.
+    pub fn open_llama(dir: impl AsRef<Path>) -> Result<Self> {
+        let store = Self::open(dir)?;
+        store.validate_llama()?;
+        Ok(store)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// The shard files, in the order they were mapped.
+    pub fn shard_paths(&self) -> Vec<&Path> {
+        self.shards.iter().map(|s| s.path.as_path()).collect()
+    }
+
+    /// All tensor names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Dtype and shape of a tensor without touching its data.
+    pub fn meta(&self, name: &str) -> Result<(DType, &[usize])> {
+        let loc = self.locate(name)?;
+        Ok((loc.entry.dtype, &loc.entry.shape))
+    }
+
+    /// A zero-copy view of a tensor.
+    pub fn tensor(&self, name: &str) -> Result<HostTensor> {
+        let loc = self.locate(name)?;
+        Ok(HostTensor {
+            dtype: loc.entry.dtype,
+            shape: loc.entry.shape.clone(),
+            bytes: TensorBytes::Mapped {
+                map: Arc::clone(&self.shards[loc.shard].map),
+                range: loc.entry.start..loc.entry.end,
+            },
+        })
+    }
+
+    /// Count of stored elements, per dtype.
+    pub fn dtype_counts(&self) -> BTreeMap<DType, usize> {
+        let mut out = BTreeMap::new();
+        for loc in self.tensors.values() {
+            *out.entry(loc.entry.dtype).or_insert(0) += loc.entry.numel();
+        }
+        out
+    }
+
+    /// The dtype most parameters are stored in (the checkpoint's dtype in practice).
+    pub fn dominant_dtype(&self) -> DType {
+        self.dtype_counts()
+            .into_iter()
+            .max_by_key(|(_, n)| *n)
+            .map(|(d, _)| d)
+            .or(self.config.dtype)
+            .unwrap_or(DType::F32)
+    }
+
+    /// Checks names and shapes against the config: every expected tensor present with its
+    /// shape; with tied embeddings a stored `lm_head.weight` is ignored, as transformers does.
+    pub fn validate_llama(&self) -> Result<()> {
+        for (name, shape) in self.config.expected_tensors() {
+            let Some(loc) = self.tensors.get(&name) else {
+                let where_ = if self.index.is_empty() {
+                    self.dir.join(SINGLE_FILE)
+                } else {
+                    self.dir.join(INDEX_FILE)
+                };
+                return Err(Error::format(where_, format!("tensor `{name}` is missing")));
+            };
+            if loc.entry.shape != shape {
+                return Err(Error::format(
+                    &self.shards[loc.shard].path,
+                    format!(
+                        "tensor `{name}` has shape {:?} but config.json implies {shape:?}",
+                        loc.entry.shape
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn locate(&self, name: &str) -> Result<&Located> {
+        self.tensors.get(name).ok_or_else(|| {
+            Error::format(
+                &self.dir,
+                format!("tensor `{name}` is not in this checkpoint"),
+            )
+        })
+    }
+}
+
+/// Memory-maps a whole file read-only.
+fn map_file(path: &Path) -> Result<Mmap> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    if len < 8 {
+        return Err(Error::format(
+            path,
+            format!("truncated safetensors: {len} bytes, too short for the 8-byte header length"),
+        ));
+    }
+    // SAFETY: the map is read-only and lives as long as the store's Arc; like every mmap-based
+    // loader (safetensors, candle) we rely on checkpoint files not being truncated while open.
+    unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))
+}
+
+/// `weight_map` of `model.safetensors.index.json`: tensor name → shard file name.
+fn read_index(path: &Path) -> Result<BTreeMap<String, String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let v: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let map = v
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| Error::format(path, "missing `weight_map` object"))?;
+    let mut out = BTreeMap::new();
+    for (name, file) in map {
+        let file = file.as_str().ok_or_else(|| {
+            Error::format(path, format!("`weight_map.{name}` is not a file name"))
+        })?;
+        if file.contains('/') || file.contains('\\') || file.starts_with('.') {
+            return Err(Error::format(
+                path,
+                format!(
+                    "`weight_map.{name}` names `{file}`, which is not a file in this directory"
+                ),
+            ));
+        }
+        out.insert(name.clone(), file.to_string());
+    }
+    if out.is_empty() {
+        return Err(Error::format(path, "`weight_map` is empty"));
+    }
+    Ok(out)
+}
