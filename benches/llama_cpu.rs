@@ -1,1 +1,156 @@
-fn main() {}
+//! CPU Llama throughput on a ~100M-parameter random Llama (bf16, generated here): decode and
+//! prefill tokens/s at batch 1 and 16, then each as a fraction of this machine's measured
+//! ceilings. Napkin math: a decode step reads every weight byte once (memory-bound: achieved
+//! bytes/s ÷ copy bandwidth); a prefill costs 2·params FLOPs per token (compute-bound: achieved
+//! FLOP/s ÷ measured FMA peak).
+//!
+//! Run: `cargo bench --bench llama_cpu`.
+
+use std::time::Duration;
+
+use criterion::{criterion_group, Criterion, Throughput};
+
+use cycleqd_engine::backend::cpu::CpuBackend;
+use cycleqd_engine::bench::{cpu_copy_bandwidth, cpu_peak_flops, time_median};
+use cycleqd_engine::llama::{KvCache, LlamaModel, RunState, Step};
+use cycleqd_engine::model::DType;
+use cycleqd_engine::synth::{random_llama, LlamaShape};
+
+const PROMPT: usize = 32;
+const BATCHES: [usize; 2] = [1, 16];
+
+struct Fixture {
+    model: LlamaModel<CpuBackend>,
+    weight_bytes: usize,
+    matmul_params: usize,
+}
+
+fn fixture() -> Fixture {
+    let shape = LlamaShape::SMALL_100M;
+    let (cfg, tensors) = random_llama(&shape, DType::BF16, 1).expect("random model");
+    let weight_bytes = tensors.iter().map(|(_, t)| t.data().len()).sum();
+    let matmul_params = cfg.num_parameters() - cfg.hidden_size * (2 * cfg.num_hidden_layers + 1);
+    let map: std::collections::HashMap<_, _> = tensors.into_iter().collect();
+    let model = LlamaModel::from_tensors(&CpuBackend, cfg, |n| Ok(map[n].clone())).expect("model");
+    Fixture {
+        model,
+        weight_bytes,
+        matmul_params,
+    }
+}
+
+/// A step of `batch` sequences: a `len`-token prefill at positions `start..start+len`.
+fn step(batch: usize, start: usize, len: usize) -> Step {
+    let mut s = Step::default();
+    for b in 0..batch {
+        for p in start..start + len {
+            s.push(
+                ((b * 131 + p * 17) % 30000 + 2) as u32,
+                b,
+                p,
+                p + 1 == start + len,
+            );
+        }
+    }
+    s
+}
+
+struct Ctx {
+    cache: KvCache<CpuBackend>,
+    state: RunState<CpuBackend>,
+    logits: Vec<f32>,
+}
+
+fn ctx(f: &Fixture, batch: usize) -> Ctx {
+    let be = CpuBackend;
+    let mut c = Ctx {
+        cache: f.model.new_cache(&be, batch, PROMPT + 1).unwrap(),
+        state: f.model.new_state(),
+        logits: vec![],
+    };
+    f.model
+        .forward(
+            &be,
+            &step(batch, 0, PROMPT),
+            &mut c.cache,
+            &mut c.state,
+            &mut c.logits,
+        )
+        .unwrap();
+    c
+}
+
+fn run(f: &Fixture, c: &mut Ctx, s: &Step) {
+    f.model
+        .forward(&CpuBackend, s, &mut c.cache, &mut c.state, &mut c.logits)
+        .unwrap();
+}
+
+fn bench(cr: &mut Criterion) {
+    let f = fixture();
+    let mut g = cr.benchmark_group("llama_cpu_100m_bf16");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4));
+    for batch in BATCHES {
+        let mut c = ctx(&f, batch);
+        let decode = step(batch, PROMPT, 1);
+        g.throughput(Throughput::Elements(batch as u64));
+        g.bench_function(format!("decode/batch{batch}"), |b| {
+            b.iter(|| run(&f, &mut c, &decode))
+        });
+        let prefill = step(batch, 0, PROMPT);
+        g.throughput(Throughput::Elements((batch * PROMPT) as u64));
+        g.bench_function(format!("prefill{PROMPT}/batch{batch}"), |b| {
+            b.iter(|| run(&f, &mut c, &prefill))
+        });
+    }
+    g.finish();
+    roofline(&f);
+}
+
+/// Tokens/s and the fraction of the measured ceiling, printed as one summary table.
+fn roofline(f: &Fixture) {
+    let bw = cpu_copy_bandwidth(512 << 20);
+    let peak = cpu_peak_flops();
+    println!(
+        "\nceilings: copy bandwidth {:.1} GB/s, f32 FMA peak {:.1} GFLOP/s ({} threads)",
+        bw / 1e9,
+        peak / 1e9,
+        rayon::current_num_threads()
+    );
+    println!(
+        "{:<22} {:>12} {:>14} {:>10}",
+        "op", "tokens/s", "achieved", "fraction"
+    );
+    for batch in BATCHES {
+        let mut c = ctx(f, batch);
+        let decode = step(batch, PROMPT, 1);
+        let t = time_median(10, || run(f, &mut c, &decode)).as_secs_f64();
+        let gbs = f.weight_bytes as f64 / t;
+        println!(
+            "{:<22} {:>12.1} {:>9.1} GB/s {:>9.1}%",
+            format!("decode/batch{batch}"),
+            batch as f64 / t,
+            gbs / 1e9,
+            100.0 * gbs / bw
+        );
+        let prefill = step(batch, 0, PROMPT);
+        let t = time_median(3, || run(f, &mut c, &prefill)).as_secs_f64();
+        let flops = 2.0 * f.matmul_params as f64 * (batch * PROMPT) as f64 / t;
+        println!(
+            "{:<22} {:>12.1} {:>6.1} GFLOP/s {:>9.1}%",
+            format!("prefill{PROMPT}/batch{batch}"),
+            (batch * PROMPT) as f64 / t,
+            flops / 1e9,
+            100.0 * flops / peak
+        );
+    }
+}
+
+criterion_group!(benches, bench);
+
+fn main() {
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -10,3 +10,5 @@ pub mod llama;
 pub mod model;
 
 pub use error::{Error, Result};
+pub mod bench;
+pub mod synth;

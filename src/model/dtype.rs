@@ -140,7 +140,7 @@ mod tests {
 
     #[test]
     fn roundtrip_is_exact_for_representable_values() {
-        let vals = [0.0f32, 1.0, -2.5, 0.15625, 65504.0, -0.0];
+        let vals = [0.0f32, 1.0, -2.5, 0.15625, 65280.0, -0.0];
         for dt in [DType::F16, DType::BF16, DType::F32] {
             let bytes = from_f32(dt, &vals);
             assert_eq!(bytes.len(), vals.len() * dt.size());

@@ -12,5 +12,5 @@ pub use config::{LlamaConfig, RopeScaling};
 pub use dtype::DType;
 pub use export::{export_tensors, CheckpointWriter, DEFAULT_MAX_SHARD_BYTES};
 pub use safetensors::TensorSpec;
-pub use store::{HostTensor, ModelStore, TensorBytes};
+pub use store::{read_safetensors_file, HostTensor, ModelStore, TensorBytes};
 pub use tokenizer::Tokenizer;

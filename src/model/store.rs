@@ -119,10 +119,10 @@ impl ModelStore {
             let map = map_file(&path)?;
             let header = parse_header(&map, &path)?;
             for (name, entry) in header.tensors {
-                if let Some(expected) = index.get(&name) {
-                    if expected != file {
-                        continue; // the index says another shard owns it
-                    }
+                // With an index, the index decides what the checkpoint holds (as transformers'
+                // loader does): tensors it does not list, or lists in another shard, are skipped.
+                if !index.is_empty() && index.get(&name) != Some(file) {
+                    continue;
                 }
                 if tensors.contains_key(&name) {
                     return Err(Error::format(
@@ -303,4 +303,26 @@ fn read_index(path: &Path) -> Result<BTreeMap<String, String>> {
         return Err(Error::format(path, "`weight_map` is empty"));
     }
     Ok(out)
+}
+
+/// Maps one safetensors file and returns views of all its tensors (test vectors, caches,
+/// anything that is not a checkpoint directory).
+pub fn read_safetensors_file(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
+    let map = Arc::new(map_file(path)?);
+    let header = parse_header(&map, path)?;
+    Ok(header
+        .tensors
+        .into_iter()
+        .map(|(name, e)| {
+            let t = HostTensor {
+                dtype: e.dtype,
+                shape: e.shape,
+                bytes: TensorBytes::Mapped {
+                    map: Arc::clone(&map),
+                    range: e.start..e.end,
+                },
+            };
+            (name, t)
+        })
+        .collect())
 }

@@ -45,7 +45,6 @@ pub fn matmul_t(out: &mut [f32], x: &[f32], w: &HostTensor, rows: usize, n: usiz
             let j1 = (j0 + W_BLOCK).min(n);
             let wb = &mut wbuf[..(j1 - j0) * k];
             dtype::to_f32(w.dtype, &data[j0 * k * esize..j1 * k * esize], wb);
-            let out_ptr = out_ptr;
             #[cfg(target_arch = "x86_64")]
             if use_fma {
                 // SAFETY: the CPU supports AVX2 and FMA (checked by `has_fma`).
@@ -82,7 +81,101 @@ unsafe fn block_fma(
     j0: usize,
     j1: usize,
 ) {
-    block_body::<true>(out, x, wb, rows, n, k, j0, j1)
+    let cols = j1 - j0;
+    let xp = x.as_ptr();
+    let wp = wb.as_ptr();
+    let store = |r: usize, c: usize, v: f32| {
+        // SAFETY: r < rows and j0 + c < j1 <= n: in bounds, and owned by this block.
+        unsafe { *out.0.add(r * n + j0 + c) = v };
+    };
+    let mut r = 0;
+    while r < rows {
+        let rx = (rows - r).min(RX);
+        let xs = |i: usize| xp.add((r + i) * k);
+        let mut c = 0;
+        while c < cols {
+            let rw = (cols - c).min(RW);
+            let ws = |j: usize| wp.add((c + j) * k);
+            match (rx, rw) {
+                (3, 4) => emit(
+                    avx2::tile::<3, 4>([xs(0), xs(1), xs(2)], [ws(0), ws(1), ws(2), ws(3)], k),
+                    r,
+                    c,
+                    &store,
+                ),
+                (2, 4) => emit(
+                    avx2::tile::<2, 4>([xs(0), xs(1)], [ws(0), ws(1), ws(2), ws(3)], k),
+                    r,
+                    c,
+                    &store,
+                ),
+                (1, 4) => emit(
+                    avx2::tile::<1, 4>([xs(0)], [ws(0), ws(1), ws(2), ws(3)], k),
+                    r,
+                    c,
+                    &store,
+                ),
+                _ => {
+                    for i in 0..rx {
+                        for j in 0..rw {
+                            store(r + i, c + j, avx2::tile::<1, 1>([xs(i)], [ws(j)], k)[0][0]);
+                        }
+                    }
+                }
+            }
+            c += rw;
+        }
+        r += rx;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// Dot products of `A` input rows with `B` weight rows of length `k`, in `A·B` ymm
+    /// accumulators; the tail past a multiple of 8 is done in scalar FMAs.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; every pointer must be valid for `k` reads.
+    #[inline(always)]
+    pub unsafe fn tile<const A: usize, const B: usize>(
+        x: [*const f32; A],
+        w: [*const f32; B],
+        k: usize,
+    ) -> [[f32; B]; A] {
+        let mut acc = [[_mm256_setzero_ps(); B]; A];
+        let main = k - k % 8;
+        let mut i = 0;
+        while i < main {
+            let mut wv = [_mm256_setzero_ps(); B];
+            for b in 0..B {
+                wv[b] = _mm256_loadu_ps(w[b].add(i));
+            }
+            for a in 0..A {
+                let xv = _mm256_loadu_ps(x[a].add(i));
+                for b in 0..B {
+                    acc[a][b] = _mm256_fmadd_ps(xv, wv[b], acc[a][b]);
+                }
+            }
+            i += 8;
+        }
+        let mut out = [[0.0f32; B]; A];
+        for a in 0..A {
+            for b in 0..B {
+                let v = acc[a][b];
+                let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+                let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+                let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+                let mut s = _mm_cvtss_f32(s1);
+                for t in main..k {
+                    s = (*x[a].add(t)).mul_add(*w[b].add(t), s);
+                }
+                out[a][b] = s;
+            }
+        }
+        out
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -112,33 +205,81 @@ fn block_body<const FMA: bool>(
     j1: usize,
 ) {
     let cols = j1 - j0;
-    for r in 0..rows {
-        let xr = &x[r * k..(r + 1) * k];
+    let xrow = |r: usize| &x[r * k..(r + 1) * k];
+    let wrow = |c: usize| &wb[c * k..(c + 1) * k];
+    let store = |r: usize, c: usize, v: f32| {
+        // SAFETY: r < rows and j0 + c < j1 <= n: in bounds, and owned by this block.
+        unsafe { *out.0.add(r * n + j0 + c) = v };
+    };
+    let mut r = 0;
+    while r < rows {
+        let rx = (rows - r).min(RX);
         let mut c = 0;
-        while c + 4 <= cols {
-            let d = dot4::<FMA>(
-                xr,
-                &wb[c * k..(c + 1) * k],
-                &wb[(c + 1) * k..(c + 2) * k],
-                &wb[(c + 2) * k..(c + 3) * k],
-                &wb[(c + 3) * k..(c + 4) * k],
-            );
-            for (i, v) in d.into_iter().enumerate() {
-                // SAFETY: r < rows and j0 + c + i < j1 <= n: in bounds, and owned by this block.
-                unsafe { *out.0.add(r * n + j0 + c + i) = v };
-            }
-            c += 4;
-        }
         while c < cols {
-            let v = dot::<FMA>(xr, &wb[c * k..(c + 1) * k]);
-            // SAFETY: as above.
-            unsafe { *out.0.add(r * n + j0 + c) = v };
-            c += 1;
+            let rw = (cols - c).min(RW);
+            // Full 3×4 register tiles in the bulk, smaller ones at the edges.
+            match (rx, rw) {
+                (3, 4) => emit(
+                    tile::<FMA, 3, 4>(
+                        [xrow(r), xrow(r + 1), xrow(r + 2)],
+                        [wrow(c), wrow(c + 1), wrow(c + 2), wrow(c + 3)],
+                    ),
+                    r,
+                    c,
+                    &store,
+                ),
+                (2, 4) => emit(
+                    tile::<FMA, 2, 4>(
+                        [xrow(r), xrow(r + 1)],
+                        [wrow(c), wrow(c + 1), wrow(c + 2), wrow(c + 3)],
+                    ),
+                    r,
+                    c,
+                    &store,
+                ),
+                (1, 4) => emit(
+                    tile::<FMA, 1, 4>([xrow(r)], [wrow(c), wrow(c + 1), wrow(c + 2), wrow(c + 3)]),
+                    r,
+                    c,
+                    &store,
+                ),
+                _ => {
+                    for i in 0..rx {
+                        for j in 0..rw {
+                            store(
+                                r + i,
+                                c + j,
+                                tile::<FMA, 1, 1>([xrow(r + i)], [wrow(c + j)])[0][0],
+                            );
+                        }
+                    }
+                }
+            }
+            c += rw;
         }
+        r += rx;
     }
 }
 
+/// Input rows × weight rows per register tile: 12 accumulators of 8 lanes plus 7 loads per
+/// 12 FMAs, which keeps two FMA ports busy without exhausting the 16 AVX registers.
+const RX: usize = 3;
+const RW: usize = 4;
 const LANES: usize = 8;
+
+#[inline(always)]
+fn emit<const A: usize, const B: usize>(
+    t: [[f32; B]; A],
+    r: usize,
+    c: usize,
+    store: &impl Fn(usize, usize, f32),
+) {
+    for (i, row) in t.iter().enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            store(r + i, c + j, v);
+        }
+    }
+}
 
 #[inline(always)]
 fn fmadd<const FMA: bool>(acc: f32, a: f32, b: f32) -> f32 {
@@ -149,55 +290,39 @@ fn fmadd<const FMA: bool>(acc: f32, a: f32, b: f32) -> f32 {
     }
 }
 
+/// Dot products of `A` input rows with `B` weight rows (all of length k).
 #[inline(always)]
-fn dot4<const FMA: bool>(x: &[f32], w0: &[f32], w1: &[f32], w2: &[f32], w3: &[f32]) -> [f32; 4] {
-    let k = x.len();
+fn tile<const FMA: bool, const A: usize, const B: usize>(
+    x: [&[f32]; A],
+    w: [&[f32]; B],
+) -> [[f32; B]; A] {
+    let k = x[0].len();
     let main = k - k % LANES;
-    let mut acc = [[0.0f32; LANES]; 4];
+    let mut acc = [[[0.0f32; LANES]; B]; A];
     let mut i = 0;
     while i < main {
-        let xs = &x[i..i + LANES];
-        let ws = [
-            &w0[i..i + LANES],
-            &w1[i..i + LANES],
-            &w2[i..i + LANES],
-            &w3[i..i + LANES],
-        ];
-        for (a, w) in acc.iter_mut().zip(ws) {
-            for l in 0..LANES {
-                a[l] = fmadd::<FMA>(a[l], xs[l], w[l]);
+        for a in 0..A {
+            let xs = &x[a][i..i + LANES];
+            for b in 0..B {
+                let ws = &w[b][i..i + LANES];
+                for l in 0..LANES {
+                    acc[a][b][l] = fmadd::<FMA>(acc[a][b][l], xs[l], ws[l]);
+                }
             }
         }
         i += LANES;
     }
-    let mut out = [0.0f32; 4];
-    for (o, (a, w)) in out.iter_mut().zip(acc.iter().zip([w0, w1, w2, w3])) {
-        let mut s = hsum(a);
-        for t in main..k {
-            s = fmadd::<FMA>(s, x[t], w[t]);
+    let mut out = [[0.0f32; B]; A];
+    for a in 0..A {
+        for b in 0..B {
+            let mut s = hsum(&acc[a][b]);
+            for t in main..k {
+                s = fmadd::<FMA>(s, x[a][t], w[b][t]);
+            }
+            out[a][b] = s;
         }
-        *o = s;
     }
     out
-}
-
-#[inline(always)]
-fn dot<const FMA: bool>(x: &[f32], w: &[f32]) -> f32 {
-    let k = x.len();
-    let main = k - k % LANES;
-    let mut acc = [0.0f32; LANES];
-    let mut i = 0;
-    while i < main {
-        for l in 0..LANES {
-            acc[l] = fmadd::<FMA>(acc[l], x[i + l], w[i + l]);
-        }
-        i += LANES;
-    }
-    let mut s = hsum(&acc);
-    for t in main..k {
-        s = fmadd::<FMA>(s, x[t], w[t]);
-    }
-    s
 }
 
 #[inline(always)]

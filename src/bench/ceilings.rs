@@ -1,0 +1,95 @@
+//! Measured CPU ceilings: memory copy bandwidth (bytes read + written per second, all threads)
+//! and peak f32 FMA throughput (independent register-resident FMA chains, all threads).
+//! Roofline fractions divide an operation's achieved rate by these, not by datasheet numbers.
+
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+
+/// Median wall time of `iters` runs of `f` after one warm-up run.
+pub fn time_median(iters: usize, f: impl FnMut()) -> Duration {
+    let times = time_runs(iters, f);
+    times[times.len() / 2]
+}
+
+/// Fastest of `iters` runs after a warm-up: a ceiling is what the machine can do, so noise
+/// (other processes, frequency ramps) must not lower it.
+fn time_best(iters: usize, f: impl FnMut()) -> Duration {
+    time_runs(iters, f)[0]
+}
+
+fn time_runs(iters: usize, mut f: impl FnMut()) -> Vec<Duration> {
+    f();
+    let mut times: Vec<Duration> = (0..iters.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .collect();
+    times.sort();
+    times
+}
+
+/// Copy bandwidth in bytes/s over `bytes`-sized buffers (well past the last-level cache),
+/// counting each byte read and each byte written, as the roofline of a streaming op counts them.
+pub fn cpu_copy_bandwidth(bytes: usize) -> f64 {
+    let n = bytes / 4;
+    let src = vec![1.0f32; n];
+    let mut dst = vec![0.0f32; n];
+    let chunk = n.div_ceil(rayon::current_num_threads() * 4).max(1 << 16);
+    let t = time_best(7, || {
+        dst.par_chunks_mut(chunk)
+            .zip(src.par_chunks(chunk))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+    });
+    std::hint::black_box(&dst);
+    (2 * n * 4) as f64 / t.as_secs_f64()
+}
+
+/// Peak f32 FLOP/s (an FMA counts 2) with every rayon thread running independent FMA chains.
+pub fn cpu_peak_flops() -> f64 {
+    const REPS: usize = 1_000_000;
+    let threads = rayon::current_num_threads();
+    let t = time_best(7, || {
+        let s: f32 = (0..threads)
+            .into_par_iter()
+            .map(|i| fma_chains(i as f32, REPS))
+            .sum();
+        std::hint::black_box(s);
+    });
+    (threads * REPS * CHAINS * LANES * 2) as f64 / t.as_secs_f64()
+}
+
+const CHAINS: usize = 12;
+const LANES: usize = 8;
+
+fn fma_chains(seed: f32, reps: usize) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports AVX2 and FMA (checked above).
+        return unsafe { fma_chains_avx2(seed, reps) };
+    }
+    fma_chains_body::<false>(seed, reps)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_chains_avx2(seed: f32, reps: usize) -> f32 {
+    fma_chains_body::<true>(seed, reps)
+}
+
+#[inline(always)]
+fn fma_chains_body<const FMA: bool>(seed: f32, reps: usize) -> f32 {
+    let mut acc = [[seed; LANES]; CHAINS];
+    let a = std::hint::black_box(0.999_999f32);
+    let b = std::hint::black_box(1e-7f32);
+    for _ in 0..reps {
+        for c in acc.iter_mut() {
+            for v in c.iter_mut() {
+                *v = if FMA { v.mul_add(a, b) } else { *v * a + b };
+            }
+        }
+    }
+    acc.iter().flatten().sum()
+}

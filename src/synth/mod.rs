@@ -1,0 +1,6 @@
+//! Synthetic models: random-weight Llamas of any shape, generated in memory, for benchmarks
+//! and tests (and, with the skill implants of the demo, for `cycleqd-engine synth`).
+
+pub mod random;
+
+pub use random::{random_llama, LlamaShape};

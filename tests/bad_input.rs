@@ -1,0 +1,271 @@
+//! Bad input through the CLI: each case exits non-zero with one line that names the file (or
+//! argument) and the problem, and never panics.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use serde_json::Value;
+
+/// Runs `generate` on `dir` and returns stderr, asserting a clean failure.
+fn generate_fails(dir: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--max-new-tokens",
+        "2",
+    ];
+    if !extra.contains(&"--ids") {
+        args.extend(["--prompt", "Simple is better than"]);
+    }
+    args.extend(extra);
+    let o = run(&args);
+    let err = stderr(&o);
+    assert!(
+        !o.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "expected one line: {err}"
+    );
+    err
+}
+
+fn fixture(name: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join(name);
+    copy_dir(&llama_dir(name), &dir);
+    (tmp, dir)
+}
+
+/// Splits a safetensors file into (header JSON, data section).
+fn split(path: &Path) -> (Value, Vec<u8>) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    (
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap(),
+        bytes[8 + n..].to_vec(),
+    )
+}
+
+fn join(path: &Path, header: &Value, data: &[u8]) {
+    let h = serde_json::to_vec(header).unwrap();
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&h);
+    out.extend_from_slice(data);
+    std::fs::write(path, out).unwrap();
+}
+
+fn edit_header(dir: &Path, f: impl FnOnce(&mut Value)) {
+    let p = dir.join("model.safetensors");
+    let (mut h, data) = split(&p);
+    f(&mut h);
+    join(&p, &h, &data);
+}
+
+fn has(err: &str, parts: &[&str]) {
+    for p in parts {
+        assert!(err.contains(p), "`{p}` not in: {err}");
+    }
+}
+
+#[test]
+fn missing_config() {
+    let (_t, dir) = fixture("tiny-gqa-bf16");
+    std::fs::remove_file(dir.join("config.json")).unwrap();
+    has(&generate_fails(&dir, &[]), &["config.json", "No such file"]);
+}
+
+#[test]
+fn unknown_model_type() {
+    let (_t, dir) = fixture("tiny-gqa-bf16");
+    let p = dir.join("config.json");
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("\"llama\"", "\"mamba\"");
+    std::fs::write(&p, text).unwrap();
+    has(
+        &generate_fails(&dir, &[]),
+        &["config.json", "unknown model_type `mamba`"],
+    );
+}
+
+#[test]
+fn truncated_safetensors() {
+    let (_t, dir) = fixture("tiny-gqa-bf16");
+    let p = dir.join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    has(
+        &generate_fails(&dir, &[]),
+        &["model.safetensors", "truncated"],
+    );
+    std::fs::write(&p, &bytes[..5]).unwrap();
+    has(
+        &generate_fails(&dir, &[]),
+        &["model.safetensors", "truncated"],
+    );
+}
+
+#[test]
+fn header_length_past_end_of_file() {
+    let (_t, dir) = fixture("tiny-gqa-bf16");
+    let p = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&p).unwrap();
+    let past = bytes.len() as u64 + 10;
+    bytes[..8].copy_from_slice(&past.to_le_bytes());
+    std::fs::write(&p, &bytes).unwrap();
+    has(
+        &generate_fails(&dir, &[]),
+        &["model.safetensors", "header length", "past the end"],
+    );
+}
+
+#[test]
+fn overlapping_tensor_offsets() {
+    let (_t, dir) = fixture("tiny-gqa-bf16");
+    edit_header(&dir, |h| {
+        let a = h["model.norm.weight"]["data_offsets"].clone();
+        // Point another tensor of the same size at the same bytes.
+        h["model.layers.0.input_layernorm.weight"]["data_offsets"] = a;
+    });
+    has(
+        &generate_fails(&dir, &[]),
+        &["model.safetensors", "overlap"],
+    );
+}
+
+#[test]
+fn out_of_bounds_tensor_offsets() {
+    let (_t, dir) = fixture("tiny-gqa-bf16");
+    let data_len = split(&dir.join("model.safetensors")).1.len() as u64;
+    edit_header(&dir, |h| {
+        h["model.norm.weight"]["data_offsets"] = serde_json::json!([data_len, data_len + 128]);
+    });
+    has(
+        &generate_fails(&dir, &[]),
+        &["model.safetensors", "`model.norm.weight`", "past the end"],
+    );
+}
+
+#[test]
+fn unsupported_dtype() {
+    let (_t, dir) = fixture("tiny-gqa-bf16");
+    edit_header(&dir, |h| h["model.norm.weight"]["dtype"] = "I16".into());
+    has(
+        &generate_fails(&dir, &[]),
+        &[
+            "model.safetensors",
+            "`model.norm.weight`",
+            "I16",
+            "not supported",
+        ],
+    );
+}
+
+#[test]
+fn tensor_missing_from_index() {
+    let (_t, src) = fixture("tiny-gqa-bf16");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("sharded");
+    let store = cycleqd_engine::model::ModelStore::open(&src).unwrap();
+    let tensors: Vec<_> = store
+        .names()
+        .map(|n| (n.to_string(), store.tensor(n).unwrap()))
+        .collect();
+    cycleqd_engine::model::export_tensors(
+        &dir,
+        &tensors,
+        &store.config().to_json_with_dtype(store.dominant_dtype()),
+        Some(&src),
+        50_000,
+    )
+    .unwrap();
+    let p = dir.join("model.safetensors.index.json");
+    let mut index: Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    index["weight_map"]
+        .as_object_mut()
+        .unwrap()
+        .remove("model.layers.1.mlp.up_proj.weight");
+    std::fs::write(&p, serde_json::to_vec(&index).unwrap()).unwrap();
+    has(
+        &generate_fails(&dir, &[]),
+        &[
+            "model.safetensors.index.json",
+            "`model.layers.1.mlp.up_proj.weight`",
+            "missing",
+        ],
+    );
+}
+
+#[test]
+fn shape_disagrees_with_config() {
+    let (_t, dir) = fixture("tiny-gqa-bf16");
+    edit_header(&dir, |h| {
+        h["model.layers.0.mlp.up_proj.weight"]["shape"] = serde_json::json!([64, 176]);
+    });
+    has(
+        &generate_fails(&dir, &[]),
+        &[
+            "model.safetensors",
+            "`model.layers.0.mlp.up_proj.weight`",
+            "[64, 176]",
+            "[176, 64]",
+            "config.json",
+        ],
+    );
+}
+
+#[test]
+fn tokenizer_missing_or_invalid() {
+    let (_t, dir) = fixture("tiny-mha-tied-f16");
+    std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
+    has(&generate_fails(&dir, &[]), &["tokenizer.json", "missing"]);
+    std::fs::write(dir.join("tokenizer.json"), b"{\"model\": 3}").unwrap();
+    has(&generate_fails(&dir, &[]), &["tokenizer.json", "invalid"]);
+}
+
+#[test]
+fn token_id_out_of_vocab() {
+    let dir = llama_dir("tiny-mha-tied-f16");
+    has(
+        &generate_fails(&dir, &["--ids", "0,12,400"]),
+        &["token id 400", "vocab_size 400", "config.json"],
+    );
+}
+
+#[test]
+fn prompt_longer_than_max_positions() {
+    let dir = llama_dir("tiny-mha-tied-f16");
+    let ids = vec!["5"; 129].join(",");
+    has(
+        &generate_fails(&dir, &["--ids", &ids]),
+        &["129 tokens", "max_position_embeddings (128)"],
+    );
+}
+
+#[test]
+fn inspect_reports_problems_with_nonzero_exit() {
+    let (_t, dir) = fixture("tiny-gqa-bf16");
+    edit_header(&dir, |h| {
+        h["model.layers.0.mlp.up_proj.weight"]["shape"] = serde_json::json!([64, 176]);
+    });
+    let o = run(&["inspect", dir.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("problem:") && out.contains("up_proj"), "{out}");
+    let ok = run(&[
+        "inspect",
+        llama_dir("tiny-gqa-bf16").to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok.status.success());
+    let v: Value = serde_json::from_slice(&ok.stdout).unwrap();
+    assert_eq!(v["parameters_stored"], v["parameters_config"]);
+    assert_eq!(v["problems"].as_array().unwrap().len(), 0);
+}
