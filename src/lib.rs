@@ -6,7 +6,9 @@
 
 pub mod backend;
 pub mod error;
+pub mod evolve;
 pub mod llama;
+pub mod merge;
 pub mod model;
 
 pub use error::{Error, Result};

@@ -9,7 +9,8 @@
 pub mod cpu;
 
 use crate::error::Result;
-use crate::model::HostTensor;
+use crate::evolve::merge::{MergeOp, Sink};
+use crate::model::{DType, HostTensor};
 
 /// Geometry of one attention call over a paged-by-slot KV cache.
 ///
@@ -113,5 +114,17 @@ pub trait Backend: Send + Sync {
         x: &Self::Buf,
         rows: &[u32],
         width: usize,
+    ) -> Result<()>;
+
+    /// Merges one tensor from host inputs (see [`crate::evolve::merge`]), handing the result
+    /// to `sink` in `out_dtype`, piece by piece.
+    fn merge(
+        &self,
+        name: &str,
+        op: &MergeOp,
+        base: Option<&HostTensor>,
+        models: &[&HostTensor],
+        out_dtype: DType,
+        sink: &Sink,
     ) -> Result<()>;
 }

@@ -3,6 +3,7 @@
 
 mod generate;
 mod inspect;
+mod merge;
 
 use std::process::ExitCode;
 
@@ -25,11 +26,14 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Summarise a checkpoint directory and report any problem found.
     Inspect(inspect::InspectArgs),
+    /// Merge models as a mergekit YAML configuration says (linear, task_arithmetic, ties, slerp).
+    Merge(merge::MergeArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Merge(a) => merge::run(a),
     }
 }

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::Value;
 
@@ -37,7 +37,7 @@ struct Slot {
     shard: usize,
     offset: u64,
     spec: TensorSpec,
-    written: AtomicBool,
+    written_bytes: AtomicUsize,
 }
 
 struct ShardFile {
@@ -118,7 +118,7 @@ impl CheckpointWriter {
                         shard: i,
                         offset: header.len() as u64 + off as u64,
                         spec,
-                        written: AtomicBool::new(false),
+                        written_bytes: AtomicUsize::new(0),
                     },
                 );
             }
@@ -129,42 +129,58 @@ impl CheckpointWriter {
 
     /// Writes one tensor's bytes (its storage dtype, little-endian). Callable from many threads.
     pub fn write(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        self.write_part(name, 0, bytes)
+    }
+
+    /// Writes `bytes` at byte `offset` within tensor `name`, so a producer can stream a large
+    /// tensor in pieces from several threads. The pieces must not overlap.
+    pub fn write_part(&self, name: &str, offset: usize, bytes: &[u8]) -> Result<()> {
         let slot = self.slots.get(name).ok_or_else(|| {
             Error::invalid(format!("tensor `{name}` was not declared for this export"))
         })?;
-        if bytes.len() != slot.spec.nbytes() {
+        let need = slot.spec.nbytes();
+        if offset + bytes.len() > need {
             return Err(Error::tensor(
                 name,
                 format!(
-                    "export got {} bytes, its spec needs {}",
-                    bytes.len(),
-                    slot.spec.nbytes()
+                    "export got bytes [{offset}, {}) past its {need} bytes",
+                    offset + bytes.len()
                 ),
             ));
         }
-        if slot.written.swap(true, Ordering::AcqRel) {
+        if slot.written_bytes.fetch_add(bytes.len(), Ordering::AcqRel) + bytes.len() > need {
             return Err(Error::tensor(name, "written twice during export"));
         }
         let shard = &self.shards[slot.shard];
         shard
             .file
-            .write_all_at(bytes, slot.offset)
+            .write_all_at(bytes, slot.offset + offset as u64)
             .map_err(|e| Error::io(self.tmp_dir.join(&shard.name), e))
+    }
+
+    /// Adds a small file (e.g. the merge recipe) to the checkpoint being written.
+    pub fn add_file(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        write_synced(&self.tmp_dir.join(name), bytes)
     }
 
     /// Checks every tensor was written, writes the index (when sharded), `config_json` and the
     /// companion files found in `companions_from`, syncs, and moves the directory into place
     /// (replacing an existing one only once the new one is complete).
     pub fn finish(mut self, config_json: &Value, companions_from: Option<&Path>) -> Result<()> {
-        if let Some(missing) = self
-            .order
-            .iter()
-            .find(|n| !self.slots[*n].written.load(Ordering::Acquire))
-        {
-            return Err(Error::tensor(
-                missing.as_str(),
-                "never written during export",
-            ));
+        for name in &self.order {
+            let slot = &self.slots[name];
+            let done = slot.written_bytes.load(Ordering::Acquire);
+            if done != slot.spec.nbytes() {
+                let what = if done == 0 {
+                    "never written".to_string()
+                } else {
+                    format!("only {done} of {} bytes written", slot.spec.nbytes())
+                };
+                return Err(Error::tensor(
+                    name.as_str(),
+                    format!("{what} during export"),
+                ));
+            }
         }
         for s in &self.shards {
             s.file

@@ -57,6 +57,23 @@ impl HostTensor {
         self.shape.iter().product()
     }
 
+    /// Drops this tensor's pages from the process's mapping once it has been consumed, so a
+    /// stream over a large checkpoint does not accumulate it in resident memory (the page cache
+    /// keeps the data; a later read faults it back in). No-op for owned tensors.
+    pub fn release_pages(&self) {
+        if let TensorBytes::Mapped { map, range } = &self.bytes {
+            // SAFETY: the map is a read-only private file mapping: MADV_DONTNEED only drops the
+            // mapped pages, and any later access reads the same bytes back from the file.
+            let _ = unsafe {
+                map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    range.start,
+                    range.len(),
+                )
+            };
+        }
+    }
+
     /// The values upcast to f32 (a copy).
     pub fn to_f32(&self) -> Vec<f32> {
         dtype::to_f32_vec(self.dtype, self.data())

@@ -8,7 +8,8 @@ use rayon::prelude::*;
 
 use super::{AttentionGeometry, Backend};
 use crate::error::{Error, Result};
-use crate::model::{dtype, HostTensor};
+use crate::evolve::merge::{merge_tensor, MergeOp, Sink};
+use crate::model::{dtype, DType, HostTensor};
 
 pub use attention::attention;
 pub use matmul::matmul_t;
@@ -230,6 +231,18 @@ impl Backend for CpuBackend {
             o.copy_from_slice(&x[r * width..(r + 1) * width]);
         }
         Ok(())
+    }
+
+    fn merge(
+        &self,
+        name: &str,
+        op: &MergeOp,
+        base: Option<&HostTensor>,
+        models: &[&HostTensor],
+        out_dtype: DType,
+        sink: &Sink,
+    ) -> Result<()> {
+        merge_tensor(name, op, base, models, out_dtype, sink)
     }
 }
 

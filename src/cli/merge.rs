@@ -1,0 +1,51 @@
+//! `cycleqd-engine merge CONFIG.yml OUT_DIR`: mergekit-compatible merging.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+
+use cycleqd_engine::backend::cpu::CpuBackend;
+use cycleqd_engine::merge::run_merge;
+use cycleqd_engine::model::DEFAULT_MAX_SHARD_BYTES;
+
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// mergekit YAML configuration (model paths relative to the current directory).
+    config: PathBuf,
+    /// Output checkpoint directory (written atomically; an existing one is replaced).
+    out_dir: PathBuf,
+    /// Largest shard in bytes (mergekit's and transformers' default: 5 GB).
+    #[arg(long, default_value_t = DEFAULT_MAX_SHARD_BYTES)]
+    max_shard_bytes: u64,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: MergeArgs) -> anyhow::Result<ExitCode> {
+    let report = run_merge(
+        &CpuBackend,
+        &a.config,
+        &a.out_dir,
+        a.max_shard_bytes,
+        !a.json,
+    )
+    .with_context(|| format!("merge {}", a.config.display()))?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        let gb = (report.bytes_read + report.bytes_written) as f64 / 1e9;
+        println!(
+            "merged {} tensors ({}) into {} in {:.2} s: {:.2} GB read + written, {:.2} GB/s",
+            report.tensors,
+            report.out_dtype,
+            a.out_dir.display(),
+            report.seconds,
+            gb,
+            gb / report.seconds
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,222 @@
+//! `merge` against mergekit's own outputs (`../shared/testdata/merge/set`), run as a user runs
+//! it (in the set's folder, model paths relative to it), plus half-precision inputs/outputs and
+//! configuration errors.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use cycleqd_engine::model::{
+    dtype, export_tensors, read_safetensors_file, DType, HostTensor, LlamaConfig, ModelStore,
+};
+
+const METHODS: [&str; 4] = ["linear", "task_arithmetic", "ties", "slerp"];
+
+fn set_dir() -> PathBuf {
+    testdata().join("merge/set")
+}
+
+/// Runs `cycleqd-engine merge CONFIG OUT` in `cwd`; returns (success, stderr).
+fn merge_in(cwd: &Path, config: &str, out: &Path) -> (bool, String) {
+    let o = bin()
+        .current_dir(cwd)
+        .args(["merge", config, out.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    (o.status.success(), stderr(&o))
+}
+
+#[test]
+fn merges_match_mergekit() {
+    let tmp = tempfile::tempdir().unwrap();
+    for m in METHODS {
+        let out = tmp.path().join(m);
+        let (ok, err) = merge_in(&set_dir(), &format!("{m}.yml"), &out);
+        assert!(ok, "{m}: {err}");
+        let got = read_safetensors_file(&out.join("model.safetensors")).unwrap();
+        let want =
+            read_safetensors_file(&set_dir().join(format!("mergekit_out/{m}/model.safetensors")))
+                .unwrap();
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>(),
+            "{m}: tensor names"
+        );
+        let mut worst = 0.0f32;
+        for (name, w) in &want {
+            let g = &got[name];
+            assert_eq!((g.dtype, &g.shape), (w.dtype, &w.shape), "{m} {name}");
+            worst = worst.max(max_abs_diff(&g.to_f32(), &w.to_f32()));
+        }
+        eprintln!("{m}: max |Δ| vs mergekit = {worst:.2e}");
+        assert!(worst <= 1e-6, "{m}: max |Δ| {worst} > 1e-6");
+        // The config describes the same model, and the checkpoint loads as a Llama.
+        let a = LlamaConfig::from_dir(&out).unwrap();
+        let b = LlamaConfig::from_dir(&set_dir().join(format!("mergekit_out/{m}"))).unwrap();
+        assert_eq!(
+            format!(
+                "{:?}",
+                (
+                    a.hidden_size,
+                    a.num_hidden_layers,
+                    a.vocab_size,
+                    a.rope_theta,
+                    a.tie_word_embeddings,
+                    a.dtype
+                )
+            ),
+            format!(
+                "{:?}",
+                (
+                    b.hidden_size,
+                    b.num_hidden_layers,
+                    b.vocab_size,
+                    b.rope_theta,
+                    b.tie_word_embeddings,
+                    b.dtype
+                )
+            )
+        );
+        ModelStore::open_llama(&out).unwrap();
+        assert!(out.join("tokenizer.json").is_file() && out.join("mergekit_config.yml").is_file());
+    }
+}
+
+/// Copies the merge set with every tensor rounded to `dt`, and returns its folder.
+fn cast_set(dst: &Path, dt: DType) {
+    for m in ["base", "expert_a", "expert_b", "expert_c"] {
+        let src = set_dir().join(m);
+        let store = ModelStore::open(&src).unwrap();
+        let tensors: Vec<(String, HostTensor)> = store
+            .names()
+            .map(|n| {
+                let t = store.tensor(n).unwrap();
+                (
+                    n.to_string(),
+                    HostTensor::from_f32(&t.to_f32(), t.shape.clone(), dt),
+                )
+            })
+            .collect();
+        export_tensors(
+            &dst.join(m),
+            &tensors,
+            &store.config().to_json_with_dtype(dt),
+            Some(&src),
+            u64::MAX,
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn half_precision_inputs_and_outputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (h16, h32) = (tmp.path().join("bf16"), tmp.path().join("f32"));
+    cast_set(&h16, DType::BF16);
+    // The same bf16-rounded values stored as f32: the engine upcasts exactly and rounds once, so
+    // merging the bf16 files must equal merging these and rounding the result.
+    {
+        let src = h16.clone();
+        for m in ["base", "expert_a", "expert_b", "expert_c"] {
+            let store = ModelStore::open(src.join(m)).unwrap();
+            let tensors: Vec<_> = store
+                .names()
+                .map(|n| {
+                    let t = store.tensor(n).unwrap();
+                    (
+                        n.to_string(),
+                        HostTensor::from_f32(&t.to_f32(), t.shape.clone(), DType::F32),
+                    )
+                })
+                .collect();
+            export_tensors(
+                &h32.join(m),
+                &tensors,
+                &store.config().to_json_with_dtype(DType::F32),
+                Some(&src.join(m)),
+                u64::MAX,
+            )
+            .unwrap();
+        }
+    }
+    for m in METHODS {
+        let yml = std::fs::read_to_string(set_dir().join(format!("{m}.yml"))).unwrap();
+        for (dir, out_dtype) in [(&h16, "bfloat16"), (&h16, "float16"), (&h32, "float32")] {
+            let text = yml.replace("dtype: float32", &format!("dtype: {out_dtype}"));
+            std::fs::write(dir.join(format!("{m}-{out_dtype}.yml")), text).unwrap();
+        }
+        let out = |d: &Path, t: &str| d.join(format!("out-{m}-{t}"));
+        for (dir, t) in [(&h16, "bfloat16"), (&h16, "float16"), (&h32, "float32")] {
+            let (ok, err) = merge_in(dir, &format!("{m}-{t}.yml"), &out(dir, t));
+            assert!(ok, "{m} {t}: {err}");
+        }
+        let exact = read_safetensors_file(&out(&h32, "float32").join("model.safetensors")).unwrap();
+        let mergekit =
+            read_safetensors_file(&set_dir().join(format!("mergekit_out/{m}/model.safetensors")))
+                .unwrap();
+        for (t, dt) in [("bfloat16", DType::BF16), ("float16", DType::F16)] {
+            let got = read_safetensors_file(&out(&h16, t).join("model.safetensors")).unwrap();
+            assert_eq!(
+                ModelStore::open_llama(out(&h16, t)).unwrap().config().dtype,
+                Some(dt)
+            );
+            for (name, g) in &got {
+                assert_eq!(g.dtype, dt, "{m} {name}");
+                let rounded = dtype::from_f32(dt, &exact[name].to_f32());
+                assert!(
+                    g.data() == rounded.as_slice(),
+                    "{m} {t} {name}: not the once-rounded f32 merge"
+                );
+                // And close to mergekit's f32 merge of the unrounded inputs (not for TIES: rounding
+                // the inputs moves entries across the magnitude cut, a legitimate change).
+                if m != "ties" {
+                    let d = max_abs_diff(&g.to_f32(), &mergekit[name].to_f32());
+                    assert!(d < 0.05, "{m} {t} {name}: {d} from mergekit's f32 result");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn mismatched_or_missing_models_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cwd = tmp.path();
+    copy_dir(&set_dir().join("base"), &cwd.join("base"));
+    copy_dir(&llama_dir("tiny-mha-tied-f16"), &cwd.join("other"));
+    std::fs::write(
+        cwd.join("bad.yml"),
+        "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: other\n    parameters: {weight: 1}\n",
+    )
+    .unwrap();
+    let (ok, err) = merge_in(cwd, "bad.yml", &cwd.join("out"));
+    assert!(
+        !ok && err.contains("`other`") && err.contains("intermediate_size 160"),
+        "{err}"
+    );
+    std::fs::write(
+        cwd.join("missing.yml"),
+        "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: nowhere\n    parameters: {weight: 1}\n",
+    )
+    .unwrap();
+    let (ok, err) = merge_in(cwd, "missing.yml", &cwd.join("out"));
+    assert!(
+        !ok && err.contains("`nowhere`") && !err.contains("panicked"),
+        "{err}"
+    );
+    std::fs::write(
+        cwd.join("bad_key.yml"),
+        "merge_method: linear\nmodels: [{model: base, parameters: {weight: 1}}]\nslices: []\n",
+    )
+    .unwrap();
+    let (ok, err) = merge_in(cwd, "bad_key.yml", &cwd.join("out"));
+    assert!(
+        !ok && err.contains("bad_key.yml") && err.contains("`slices`"),
+        "{err}"
+    );
+    assert!(
+        !cwd.join("out").exists(),
+        "a failed merge left an output directory"
+    );
+}
