@@ -4,3 +4,11 @@
 pub mod ceilings;
 
 pub use ceilings::{cpu_copy_bandwidth, cpu_peak_flops, time_median};
+
+/// Peak resident set size of this process so far (`VmHWM`), in bytes; `None` off Linux.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

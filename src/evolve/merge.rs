@@ -24,8 +24,13 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::model::{dtype, DType, HostTensor};
 
-/// Elements per tile: 64 Ki × 4 B = 256 KiB per f32 buffer.
-const TILE: usize = 1 << 16;
+/// Elements per tile: 16 Ki × 4 B = 64 KiB per f32 buffer, so a tile's inputs and output stay
+/// in L2 between the upcast and the arithmetic.
+const TILE: usize = 1 << 14;
+/// Largest tensor whose TIES magnitudes are kept in memory (64 Mi elements: 256 MB of u32).
+const IN_MEMORY_BITS: usize = 1 << 26;
+/// Tiles per task and per sink call (1 Mi elements: 2–4 MB of output).
+const TILES_PER_CHUNK: usize = 64;
 
 /// A merge method with its resolved parameters (one weight/density per model, in model order).
 #[derive(Clone, Debug, PartialEq)]
@@ -96,12 +101,13 @@ pub fn merge_tensor(
                 ));
             }
             tiles(n, models, base, out_dtype, sink, |_, xs, _, out| {
-                for (j, o) in out.iter_mut().enumerate() {
-                    let mut acc = 0.0f32;
-                    for (x, &w) in xs.iter().zip(weights) {
-                        acc += w * x[j];
-                    }
-                    *o = if *normalize { acc / total } else { acc };
+                // Model-outer loops vectorise; the sum order per element is mergekit's.
+                out.fill(0.0);
+                for (x, &w) in xs.iter().zip(weights) {
+                    out.iter_mut().zip(*x).for_each(|(o, &x)| *o += w * x);
+                }
+                if *normalize {
+                    out.iter_mut().for_each(|o| *o /= total);
                 }
             })
         }
@@ -114,18 +120,22 @@ pub fn merge_tensor(
             let divisor = if sum.abs() < 1e-8 { 1.0 } else { sum };
             tiles(n, models, base, out_dtype, sink, |_, xs, b, out| {
                 let b = b.expect("checked above");
-                for (j, o) in out.iter_mut().enumerate() {
-                    let mut mixed = 0.0f32;
-                    for (x, &w) in xs.iter().zip(weights) {
-                        mixed += (x[j] - b[j]) * w;
-                    }
+                out.fill(0.0);
+                for (x, &w) in xs.iter().zip(weights) {
+                    out.iter_mut()
+                        .zip(*x)
+                        .zip(b)
+                        .for_each(|((o, &x), &b)| *o += (x - b) * w);
+                }
+                for (o, &b) in out.iter_mut().zip(b) {
+                    let mut mixed = *o;
                     if *normalize {
                         mixed /= divisor;
                     }
                     if *lambda != 1.0 {
                         mixed *= lambda;
                     }
-                    *o = b[j] + mixed;
+                    *o = b + mixed;
                 }
             })
         }
@@ -149,35 +159,11 @@ pub fn merge_tensor(
                 sink,
                 |tile, xs, b, out| {
                     let b = b.expect("base given");
-                    let mut seen_equal = vec![0usize; xs.len()];
-                    let mut wd = vec![0.0f32; xs.len()];
-                    for (j, o) in out.iter_mut().enumerate() {
-                        let mut sum = 0.0f32;
-                        for (i, (x, &w)) in xs.iter().zip(weights).enumerate() {
-                            let tau = x[j] - b[j];
-                            let keep = cuts[i].keeps(tau, tile, &mut seen_equal[i]);
-                            wd[i] = if keep { tau * w } else { 0.0 };
-                            sum += wd[i];
-                        }
-                        let elected_positive = sum >= 0.0;
-                        let (mut mixed, mut div) = (0.0f32, 0.0f32);
-                        for (&d, &w) in wd.iter().zip(weights) {
-                            if d != 0.0 && (d > 0.0) == elected_positive {
-                                mixed += d;
-                                div += w;
-                            }
-                        }
-                        if div == 0.0 {
-                            div = 1.0;
-                        }
-                        if *normalize {
-                            mixed /= div;
-                        }
-                        if *lambda != 1.0 {
-                            mixed *= lambda;
-                        }
-                        *o = b[j] + mixed;
-                    }
+                    SCRATCH.with_borrow_mut(|scratch| {
+                        ties_tile(
+                            tile, xs, b, weights, &cuts, *lambda, *normalize, out, scratch,
+                        )
+                    })
                 },
             )
         }
@@ -200,8 +186,10 @@ pub fn merge_tensor(
     }
 }
 
-/// Runs `f(tile_index, model tiles, base tile, out tile)` over all tiles in parallel and sinks
-/// each result rounded to `out_dtype`.
+/// Runs `f(tile_index, model tiles, base tile, out tile)` over all tiles and sinks the results
+/// rounded to `out_dtype`. Tasks take `TILES_PER_CHUNK` consecutive tiles, so that each sink
+/// call (a `pwrite` in the merge command) moves megabytes: per-tile writes from several threads
+/// contend on the output file's lock.
 fn tiles(
     n: usize,
     models: &[&HostTensor],
@@ -211,27 +199,133 @@ fn tiles(
     f: impl Fn(usize, &[&[f32]], Option<&[f32]>, &mut [f32]) + Sync,
 ) -> Result<()> {
     let m = models.len();
-    (0..n.div_ceil(TILE)).into_par_iter().try_for_each_init(
-        || (vec![0.0f32; TILE * (m + 2)], Vec::with_capacity(TILE * 4)),
-        |(buf, bytes), tile| {
-            let (lo, hi) = (tile * TILE, ((tile + 1) * TILE).min(n));
-            let len = hi - lo;
-            let (inputs, rest) = buf.split_at_mut(TILE * m);
-            let (base_buf, out) = rest.split_at_mut(TILE);
-            for (i, t) in models.iter().enumerate() {
-                upcast_range(t, lo, hi, &mut inputs[i * TILE..i * TILE + len]);
-            }
-            let b = base.map(|t| {
-                upcast_range(t, lo, hi, &mut base_buf[..len]);
-                &base_buf[..len]
-            });
-            let xs: Vec<&[f32]> = (0..m).map(|i| &inputs[i * TILE..i * TILE + len]).collect();
-            f(tile, &xs, b, &mut out[..len]);
+    let chunk = TILE * TILES_PER_CHUNK;
+    (0..n.div_ceil(chunk)).into_par_iter().try_for_each_init(
+        || (vec![0.0f32; TILE * (m + 2)], Vec::with_capacity(chunk * 4)),
+        |(buf, bytes), c| {
             bytes.clear();
-            dtype::from_f32_into(out_dtype, &out[..len], bytes);
-            sink(lo * out_dtype.size(), bytes)
+            let first = c * TILES_PER_CHUNK;
+            for tile in first..(first + TILES_PER_CHUNK).min(n.div_ceil(TILE)) {
+                let (lo, hi) = (tile * TILE, ((tile + 1) * TILE).min(n));
+                let len = hi - lo;
+                let (inputs, rest) = buf.split_at_mut(TILE * m);
+                let (base_buf, out) = rest.split_at_mut(TILE);
+                for (i, t) in models.iter().enumerate() {
+                    upcast_range(t, lo, hi, &mut inputs[i * TILE..i * TILE + len]);
+                }
+                let b = base.map(|t| {
+                    upcast_range(t, lo, hi, &mut base_buf[..len]);
+                    &base_buf[..len]
+                });
+                let xs: Vec<&[f32]> = (0..m).map(|i| &inputs[i * TILE..i * TILE + len]).collect();
+                f(tile, &xs, b, &mut out[..len]);
+                dtype::from_f32_into(out_dtype, &out[..len], bytes);
+            }
+            sink(c * chunk * out_dtype.size(), bytes)
         },
     )
+}
+
+thread_local! {
+    /// Per-thread scratch of the TIES tile: reused, because a fresh allocation of this size per
+    /// tile goes to mmap and costs page faults.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// One TIES tile, in model-outer loops that vectorise: sparsify and weight each task vector,
+/// elect the sign per entry, then average the agreeing entries.
+#[allow(clippy::too_many_arguments)]
+fn ties_tile(
+    tile: usize,
+    xs: &[&[f32]],
+    b: &[f32],
+    weights: &[f32],
+    cuts: &[MagnitudeCut],
+    lambda: f32,
+    normalize: bool,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let (len, m) = (out.len(), xs.len());
+    scratch.resize((m + 1) * len, 0.0);
+    let (wd, div) = scratch.split_at_mut(m * len);
+    for (i, (x, &w)) in xs.iter().zip(weights).enumerate() {
+        let d = &mut wd[i * len..(i + 1) * len];
+        let cut = &cuts[i];
+        if cut.keep_all {
+            d.iter_mut()
+                .zip(*x)
+                .zip(b)
+                .for_each(|((d, &x), &b)| *d = (x - b) * w);
+            continue;
+        }
+        // Quotas go to the lowest indices first, so every tile but one keeps all or none of
+        // its entries at the cut: only that one needs the scalar pass below.
+        let (quota, at_cut) = (cut.equal_quota[tile], cut.equal_count[tile]);
+        let keep_equal = quota == at_cut;
+        d.iter_mut().zip(*x).zip(b).for_each(|((d, &x), &b)| {
+            let tau = x - b;
+            let bits = tau.abs().to_bits();
+            *d = if bits > cut.bits || (keep_equal && bits == cut.bits) {
+                tau * w
+            } else {
+                0.0
+            };
+        });
+        if keep_equal {
+            continue;
+        }
+        let mut quota = quota;
+        for (j, d) in d.iter_mut().enumerate() {
+            if quota == 0 {
+                break;
+            }
+            let tau = x[j] - b[j];
+            if tau.abs().to_bits() == cut.bits {
+                *d = tau * w;
+                quota -= 1;
+            }
+        }
+    }
+    // Σ_i wd_i, in model order: its sign is the elected one (≥ 0 → +).
+    out.fill(0.0);
+    for i in 0..m {
+        out.iter_mut()
+            .zip(&wd[i * len..(i + 1) * len])
+            .for_each(|(s, &d)| *s += d);
+    }
+    // Keep entries agreeing with the elected sign; `out` turns from the sum into the mix.
+    div.fill(0.0);
+    for i in 0..m {
+        let w = weights[i];
+        for ((s, dv), d) in out
+            .iter()
+            .zip(div.iter_mut())
+            .zip(wd[i * len..(i + 1) * len].iter_mut())
+        {
+            // Non-zero and of the elected sign, written branch-free so that it vectorises.
+            let elected = if *s >= 0.0 { 1.0f32 } else { -1.0 };
+            let agrees = *d * elected > 0.0;
+            *d = if agrees { *d } else { 0.0 };
+            *dv += if agrees { w } else { 0.0 };
+        }
+    }
+    out.fill(0.0);
+    for i in 0..m {
+        out.iter_mut()
+            .zip(&wd[i * len..(i + 1) * len])
+            .for_each(|(o, &d)| *o += d);
+    }
+    for ((o, &dv), &b) in out.iter_mut().zip(div.iter()).zip(b) {
+        let mut mixed = *o;
+        if normalize {
+            mixed /= if dv == 0.0 { 1.0 } else { dv };
+        }
+        if lambda != 1.0 {
+            mixed *= lambda;
+        }
+        *o = b + mixed;
+    }
 }
 
 fn upcast_range(t: &HostTensor, lo: usize, hi: usize, dst: &mut [f32]) {
@@ -245,10 +339,13 @@ struct MagnitudeCut {
     keep_all: bool,
     bits: u32,
     equal_quota: Vec<usize>,
+    /// Entries exactly at the cut, per tile.
+    equal_count: Vec<usize>,
 }
 
+#[cfg(test)]
 impl MagnitudeCut {
-    /// Whether this entry survives; `seen_equal` counts this tile's entries at the cut so far.
+    /// Whether this entry survives (the per-entry form of `ties_tile`'s rule); `seen_equal` counts this tile's entries at the cut so far.
     #[inline]
     fn keeps(&self, tau: f32, tile: usize, seen_equal: &mut usize) -> bool {
         if self.keep_all {
@@ -280,6 +377,7 @@ fn magnitude_cut(
             keep_all: true,
             bits: 0,
             equal_quota: vec![],
+            equal_count: vec![],
         });
     }
     let k = (density * n as f64) as usize;
@@ -289,31 +387,63 @@ fn magnitude_cut(
             format!("density {density} keeps no entry of its {n} elements; raise density"),
         ));
     }
-    let abs_bits = |tile: usize, f: &mut dyn FnMut(u32)| {
+    let n_tiles = n.div_ceil(TILE);
+    // |τ| bit patterns of one tile, into `bits` (scratch `b`, `x`); a vectorisable loop.
+    let tile_bits = |tile: usize, bits: &mut Vec<u32>, b: &mut Vec<f32>, x: &mut Vec<f32>| {
         let (lo, hi) = (tile * TILE, ((tile + 1) * TILE).min(n));
-        let mut b = vec![0.0f32; hi - lo];
-        let mut x = vec![0.0f32; hi - lo];
-        upcast_range(base, lo, hi, &mut b);
-        upcast_range(model, lo, hi, &mut x);
-        for (x, b) in x.iter().zip(&b) {
-            f((x - b).abs().to_bits());
+        b.resize(hi - lo, 0.0);
+        x.resize(hi - lo, 0.0);
+        bits.resize(hi - lo, 0);
+        upcast_range(base, lo, hi, b);
+        upcast_range(model, lo, hi, x);
+        for ((o, x), b) in bits.iter_mut().zip(x.iter()).zip(b.iter()) {
+            *o = (x - b).abs().to_bits();
         }
     };
-    let n_tiles = n.div_ceil(TILE);
-    let histogram = |select: &(dyn Fn(u32) -> Option<usize> + Sync)| -> Vec<usize> {
-        (0..n_tiles)
+    // One contiguous range of tiles per thread, so that only `threads` histograms are merged.
+    let workers = rayon::current_num_threads().max(1);
+    let per_worker = n_tiles.div_ceil(workers);
+    // Tensors up to IN_MEMORY_BITS elements keep their |τ| bits in memory for the three scans;
+    // larger ones (a Llama-3 embedding) recompute them per scan to bound memory.
+    let in_memory: Option<Vec<u32>> = (n <= IN_MEMORY_BITS).then(|| {
+        let mut all = vec![0u32; n];
+        all.par_chunks_mut(TILE).enumerate().for_each_init(
+            || (vec![], vec![], vec![]),
+            |(bits, b, x), (tile, out)| {
+                tile_bits(tile, bits, b, x);
+                out.copy_from_slice(bits);
+            },
+        );
+        all
+    });
+    let for_each_tile = |w: usize, f: &mut dyn FnMut(usize, &[u32])| {
+        let (mut bits, mut b, mut x) = (vec![], vec![], vec![]);
+        for tile in w * per_worker..((w + 1) * per_worker).min(n_tiles) {
+            match &in_memory {
+                Some(all) => f(tile, &all[tile * TILE..((tile + 1) * TILE).min(n)]),
+                None => {
+                    tile_bits(tile, &mut bits, &mut b, &mut x);
+                    f(tile, &bits);
+                }
+            }
+        }
+    };
+    // Histogram of the upper 16 bits (`within: None`) or of the lower 16 bits of the entries
+    // whose upper 16 bits are `within`.
+    let histogram = |within: Option<u32>| -> Vec<usize> {
+        (0..workers)
             .into_par_iter()
-            .fold(
-                || vec![0usize; 1 << 16],
-                |mut h, tile| {
-                    abs_bits(tile, &mut |bits| {
-                        if let Some(bin) = select(bits) {
-                            h[bin] += 1;
-                        }
-                    });
-                    h
-                },
-            )
+            .map(|w| {
+                let mut h = vec![0usize; 1 << 16];
+                for_each_tile(w, &mut |_, bits| match within {
+                    None => bits.iter().for_each(|&v| h[(v >> 16) as usize] += 1),
+                    Some(top) => bits
+                        .iter()
+                        .filter(|&&v| v >> 16 == top)
+                        .for_each(|&v| h[(v & 0xFFFF) as usize] += 1),
+                });
+                h
+            })
             .reduce(
                 || vec![0usize; 1 << 16],
                 |mut a, b| {
@@ -333,23 +463,26 @@ fn magnitude_cut(
         }
         (0, above)
     };
-    let hi_hist = histogram(&|bits| Some((bits >> 16) as usize));
-    let (hi, above_hi) = find(&hi_hist, k);
-    let lo_hist =
-        histogram(&|bits| ((bits >> 16) as usize == hi).then_some((bits & 0xFFFF) as usize));
-    let (lo, above_lo) = find(&lo_hist, k - above_hi);
+    let (hi, above_hi) = find(&histogram(None), k);
+    let (lo, above_lo) = find(&histogram(Some(hi as u32)), k - above_hi);
     let cut = ((hi as u32) << 16) | lo as u32;
     let mut equal_needed = k - above_hi - above_lo;
 
     // Ties at the cut: the lowest flat indices win, so hand out the quota tile by tile in order.
-    let equal_per_tile: Vec<usize> = (0..n_tiles)
+    let mut equal_per_tile = vec![0usize; n_tiles];
+    let counts: Vec<Vec<(usize, usize)>> = (0..workers)
         .into_par_iter()
-        .map(|tile| {
-            let mut c = 0;
-            abs_bits(tile, &mut |bits| c += (bits == cut) as usize);
+        .map(|w| {
+            let mut c = vec![];
+            for_each_tile(w, &mut |tile, bits| {
+                c.push((tile, bits.iter().filter(|&&v| v == cut).count()))
+            });
             c
         })
         .collect();
+    for (tile, c) in counts.into_iter().flatten() {
+        equal_per_tile[tile] = c;
+    }
     let equal_quota = equal_per_tile
         .iter()
         .map(|&c| {
@@ -362,6 +495,7 @@ fn magnitude_cut(
         keep_all: false,
         bits: cut,
         equal_quota,
+        equal_count: equal_per_tile,
     })
 }
 
@@ -483,6 +617,76 @@ mod tests {
             run(&ta, Some(&base), &[&a, &b]),
             [1.0 + 2.0 * (1.0 + 1.5), 1.0 + 2.0 * (-1.0 + 1.0)]
         );
+    }
+
+    /// TIES on multi-tile tensors full of ties at the cut, against a slow per-entry reference
+    /// (sort for the top-k, lowest index first among equals).
+    #[test]
+    fn ties_matches_slow_reference_across_tiles() {
+        let n = 3 * TILE + 77;
+        let mut s = 5u64;
+        let mut level = |m: u64| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) % m) as f32 / 8.0 - 1.0
+        };
+        let base: Vec<f32> = (0..n).map(|_| level(5) * 0.5).collect();
+        let models: Vec<Vec<f32>> = (0..3)
+            .map(|_| base.iter().map(|b| b + level(17)).collect())
+            .collect();
+        let (weights, densities) = (vec![1.0f32, 0.7, -0.4], vec![0.3, 0.55, 1.0]);
+        let op = MergeOp::Ties {
+            weights: weights.clone(),
+            densities: densities.clone(),
+            lambda: 0.8,
+            normalize: true,
+        };
+        let bt = t(&base);
+        let mt: Vec<HostTensor> = models.iter().map(|m| t(m)).collect();
+        let got = run(&op, Some(&bt), &mt.iter().collect::<Vec<_>>());
+
+        let kept: Vec<Vec<bool>> = models
+            .iter()
+            .zip(&densities)
+            .map(|(m, &d)| {
+                let tau: Vec<f32> = m.iter().zip(&base).map(|(x, b)| x - b).collect();
+                if d >= 1.0 {
+                    return vec![true; n];
+                }
+                let k = (d * n as f64) as usize;
+                let mut order: Vec<usize> = (0..n).collect();
+                order.sort_by(|&a, &b| tau[b].abs().total_cmp(&tau[a].abs()).then(a.cmp(&b)));
+                let mut keep = vec![false; n];
+                order[..k].iter().for_each(|&j| keep[j] = true);
+                keep
+            })
+            .collect();
+        for j in 0..n {
+            let wd: Vec<f32> = (0..3)
+                .map(|i| {
+                    if kept[i][j] {
+                        (models[i][j] - base[j]) * weights[i]
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let sum: f32 = wd.iter().sum();
+            let (mut mixed, mut div) = (0.0f32, 0.0f32);
+            for i in 0..3 {
+                if wd[i] != 0.0 && (wd[i] > 0.0) == (sum >= 0.0) {
+                    mixed += wd[i];
+                    div += weights[i];
+                }
+            }
+            let want = base[j] + mixed / if div == 0.0 { 1.0 } else { div } * 0.8;
+            assert!(
+                (got[j] - want).abs() <= 1e-6,
+                "entry {j}: {} vs {want}",
+                got[j]
+            );
+        }
     }
 
     #[test]

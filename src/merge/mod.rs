@@ -25,6 +25,8 @@ pub struct MergeReport {
     pub bytes_read: u64,
     pub bytes_written: u64,
     pub seconds: f64,
+    /// Peak resident memory of the process (Linux), mapped input pages included.
+    pub peak_rss_bytes: Option<u64>,
 }
 
 const LM_HEAD: &str = "lm_head.weight";
@@ -153,6 +155,7 @@ pub fn run_merge<B: Backend>(
         bytes_read,
         bytes_written,
         seconds: started.elapsed().as_secs_f64(),
+        peak_rss_bytes: crate::bench::peak_rss_bytes(),
     })
 }
 

@@ -83,8 +83,12 @@ pub fn to_f32(dtype: DType, src: &[u8], dst: &mut [f32]) {
                 }
             }
         },
-        DType::BF16 => match bytemuck::try_cast_slice::<u8, bf16>(src) {
-            Ok(s) => s.convert_to_f32_slice(dst),
+        DType::BF16 => match bytemuck::try_cast_slice::<u8, u16>(src) {
+            // A bf16 is the upper half of an f32: the shift vectorises (half's loop does not).
+            Ok(s) => dst
+                .iter_mut()
+                .zip(s)
+                .for_each(|(d, &b)| *d = f32::from_bits((b as u32) << 16)),
             Err(_) => {
                 for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
                     *d = bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
@@ -115,15 +119,29 @@ pub fn from_f32_into(dtype: DType, src: &[f32], dst: &mut Vec<u8>) {
     match dtype {
         DType::F32 => dst.extend_from_slice(bytemuck::cast_slice(src)),
         DType::BF16 => {
-            let mut tmp = vec![bf16::ZERO; src.len()];
-            tmp.convert_from_f32_slice(src);
-            dst.extend_from_slice(bytemuck::cast_slice(&tmp));
+            let start = dst.len();
+            dst.resize(start + 2 * src.len(), 0);
+            for (d, &x) in dst[start..].chunks_exact_mut(2).zip(src) {
+                d.copy_from_slice(&f32_to_bf16_bits(x).to_le_bytes());
+            }
         }
         DType::F16 => {
             let mut tmp = vec![f16::ZERO; src.len()];
             tmp.convert_from_f32_slice(src);
             dst.extend_from_slice(bytemuck::cast_slice(&tmp));
         }
+    }
+}
+
+/// f32 → bf16 bits, round to nearest even (torch's rounding); NaN stays a quiet NaN.
+#[inline(always)]
+pub fn f32_to_bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+    if x.is_nan() {
+        ((b >> 16) as u16) | 0x0040
+    } else {
+        rounded
     }
 }
 
@@ -159,6 +177,26 @@ mod tests {
             let mut out = [0.0f32; 3];
             to_f32(dt, &shifted[1..], &mut out);
             assert_eq!(out, vals, "{dt}");
+        }
+    }
+
+    #[test]
+    fn bf16_conversion_agrees_with_half() {
+        let mut x = 0x3C00_0001u32;
+        for _ in 0..100_000 {
+            x = x.wrapping_mul(2_654_435_761).wrapping_add(12345);
+            let f = f32::from_bits(x);
+            let want = bf16::from_f32(f);
+            let got = f32_to_bf16_bits(f);
+            if f.is_nan() {
+                assert!(bf16::from_bits(got).is_nan());
+            } else {
+                assert_eq!(got, want.to_bits(), "{f:e}");
+            }
+            assert_eq!(
+                to_f32_vec(DType::BF16, &got.to_le_bytes())[0].to_bits(),
+                bf16::from_bits(got).to_f32().to_bits()
+            );
         }
     }
 

@@ -1,0 +1,237 @@
+//! Merge throughput on a ~1.1B-parameter synthetic set (TinyLlama shape; base + 3 experts,
+//! bf16, generated here on first run): `task_arithmetic` and `ties` through the release binary,
+//! reported as GB/s of input read + output written, as a fraction of this machine's measured
+//! copy bandwidth, with peak RSS; and the same configs through `mergekit-yaml` when
+//! `MERGEKIT_YAML` names it (e.g. `MERGEKIT_YAML=/work/pyenv/bin/mergekit-yaml`).
+//!
+//! Napkin math: a task-arithmetic merge of 4 bf16 inputs reads 4 × 2.2 GB and writes 2.2 GB;
+//! it is memory-bound, so its ceiling is the copy bandwidth. TIES reads each (base, expert) pair
+//! three more times to find the magnitude cuts (2 histogram passes + 1 tie count), which this
+//! accounting does not credit: its GB/s counts each byte once.
+//!
+//! Run: `cargo build --release && cargo bench --bench merge_cpu` (set `CYCLEQD_BENCH_DIR` to
+//! choose where the 9 GB of inputs go; default `target/merge-bench`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use cycleqd_engine::bench::cpu_copy_bandwidth;
+use cycleqd_engine::model::{dtype, CheckpointWriter, DType, TensorSpec};
+use cycleqd_engine::synth::LlamaShape;
+
+const SHAPE: LlamaShape = LlamaShape {
+    hidden_size: 2048,
+    num_hidden_layers: 22,
+    num_attention_heads: 32,
+    num_key_value_heads: 4,
+    intermediate_size: 5632,
+    vocab_size: 32000,
+    max_position_embeddings: 2048,
+    tie_word_embeddings: false,
+};
+const MODELS: [&str; 4] = ["base", "expert_1", "expert_2", "expert_3"];
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo test --benches` lists targets: nothing to run.
+    }
+    let dir = std::env::var_os("CYCLEQD_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/merge-bench"));
+    std::fs::create_dir_all(&dir).unwrap();
+    generate_set(&dir);
+    write_configs(&dir);
+    let engine = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/cycleqd-engine");
+    assert!(
+        engine.is_file(),
+        "build the binary first: cargo build --release"
+    );
+
+    let bw = cpu_copy_bandwidth(1 << 30);
+    println!(
+        "copy bandwidth (read + write): {:.1} GB/s, {} threads",
+        bw / 1e9,
+        rayon::current_num_threads()
+    );
+    warm_page_cache(&dir);
+    println!(
+        "{:<28} {:>9} {:>9} {:>9} {:>10}",
+        "merge", "seconds", "GB/s", "fraction", "peak RSS"
+    );
+    let mergekit = std::env::var_os("MERGEKIT_YAML");
+    for method in ["task_arithmetic", "ties"] {
+        let out = dir.join(format!("out-engine-{method}"));
+        let o = Command::new(&engine)
+            .current_dir(&dir)
+            .args([
+                "merge",
+                &format!("{method}.yml"),
+                out.to_str().unwrap(),
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let bytes = r["bytes_read"].as_f64().unwrap() + r["bytes_written"].as_f64().unwrap();
+        let secs = r["seconds"].as_f64().unwrap();
+        let rss = r["peak_rss_bytes"].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "{:<28} {:>9.2} {:>9.2} {:>8.1}% {:>7.2} GB",
+            format!("engine/{method}"),
+            secs,
+            bytes / secs / 1e9,
+            100.0 * bytes / secs / bw,
+            rss / 1e9
+        );
+        let _ = std::fs::remove_dir_all(&out);
+        if let Some(mk) = &mergekit {
+            let out = dir.join(format!("out-mergekit-{method}"));
+            let t = Instant::now();
+            // Offline: mergekit's model card otherwise asks the Hub whether paths are repos.
+            let o = Command::new("python3")
+                .current_dir(&dir)
+                .env("HF_HUB_OFFLINE", "1")
+                .args([
+                    "-c",
+                    "import resource,subprocess,sys; r=subprocess.run(sys.argv[1:]); \
+                     print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)",
+                ])
+                .arg(mk)
+                .args([&format!("{method}.yml"), out.to_str().unwrap()])
+                .output()
+                .unwrap();
+            let secs_mk = t.elapsed().as_secs_f64();
+            assert!(
+                o.status.success(),
+                "mergekit failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let rss_kb: f64 = String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .lines()
+                .last()
+                .unwrap()
+                .parse()
+                .unwrap();
+            println!(
+                "{:<28} {:>9.2} {:>9.2} {:>8.1}% {:>7.2} GB   (engine {:.1}× faster)",
+                format!("mergekit/{method}"),
+                secs_mk,
+                bytes / secs_mk / 1e9,
+                100.0 * bytes / secs_mk / bw,
+                rss_kb * 1024.0 / 1e9,
+                secs_mk / secs
+            );
+            let _ = std::fs::remove_dir_all(&out);
+        }
+    }
+    if mergekit.is_none() {
+        println!("mergekit comparison skipped: set MERGEKIT_YAML to a mergekit-yaml executable");
+    }
+}
+
+/// base ~ N(0, 0.02²) (uniform of equal variance, for speed); expert e = base + a sparse-ish
+/// task vector, so TIES has real magnitude structure to cut.
+fn generate_set(dir: &Path) {
+    if MODELS
+        .iter()
+        .all(|m| dir.join(m).join("config.json").is_file())
+    {
+        return;
+    }
+    let cfg = SHAPE.config(DType::BF16).unwrap();
+    let specs: Vec<TensorSpec> = cfg
+        .expected_tensors()
+        .into_iter()
+        .map(|(name, shape)| TensorSpec {
+            name,
+            dtype: DType::BF16,
+            shape,
+        })
+        .collect();
+    println!(
+        "generating {} params × {} models (bf16) in {} ...",
+        cfg.num_parameters(),
+        MODELS.len(),
+        dir.display()
+    );
+    let writers: Vec<CheckpointWriter> = MODELS
+        .iter()
+        .map(|m| CheckpointWriter::create(&dir.join(m), specs.clone(), 2_000_000_000).unwrap())
+        .collect();
+    for (ti, spec) in specs.iter().enumerate() {
+        let n: usize = spec.shape.iter().product();
+        let chunk = 1 << 20;
+        let base: Vec<f32> = (0..n.div_ceil(chunk))
+            .into_par_iter()
+            .flat_map_iter(|c| {
+                let mut rng = ChaCha8Rng::seed_from_u64((ti * 100_000 + c) as u64);
+                let len = chunk.min(n - c * chunk);
+                (0..len).map(move |_| rng.random_range(-0.0346f32..0.0346))
+            })
+            .collect();
+        writers[0]
+            .write(&spec.name, &dtype::from_f32(DType::BF16, &base))
+            .unwrap();
+        for (e, w) in writers.iter().enumerate().skip(1) {
+            let expert: Vec<f32> = base
+                .par_chunks(chunk)
+                .enumerate()
+                .flat_map_iter(|(c, b)| {
+                    let mut rng =
+                        ChaCha8Rng::seed_from_u64((e * 1_000_000_007 + ti * 100_000 + c) as u64);
+                    b.iter()
+                        .map(move |&x| {
+                            let u: f32 = rng.random();
+                            x + if u < 0.1 {
+                                (u - 0.05) * 0.1
+                            } else {
+                                (u - 0.55) * 0.002
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            w.write(&spec.name, &dtype::from_f32(DType::BF16, &expert))
+                .unwrap();
+        }
+    }
+    for w in writers {
+        w.finish(&SHAPE.config_json(DType::BF16), None).unwrap();
+    }
+}
+
+fn write_configs(dir: &Path) {
+    let models = "models:\n  - model: expert_1\n    parameters: {weight: 0.7, density: 0.3}\n  - model: expert_2\n    parameters: {weight: 0.5, density: 0.3}\n  - model: expert_3\n    parameters: {weight: 0.3, density: 0.3}\n";
+    std::fs::write(
+        dir.join("task_arithmetic.yml"),
+        format!(
+            "merge_method: task_arithmetic\nbase_model: base\n{}dtype: bfloat16\n",
+            models.replace(", density: 0.3", "")
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("ties.yml"),
+        format!("merge_method: ties\nbase_model: base\n{models}parameters: {{normalize: true}}\ndtype: bfloat16\n"),
+    )
+    .unwrap();
+}
+
+/// Reads every input once so that both tools start from the same (warm) page cache.
+fn warm_page_cache(dir: &Path) {
+    for m in MODELS {
+        for e in std::fs::read_dir(dir.join(m)).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "safetensors") {
+                let _ = std::fs::read(&p).map(|b| std::hint::black_box(b.len()));
+            }
+        }
+    }
+}
