@@ -93,7 +93,7 @@ fn main() {
         if let Some(mk) = &mergekit {
             let out = dir.join(format!("out-mergekit-{method}"));
             let t = Instant::now();
-            // Offline: mergekit's model card otherwise asks the Hub whether paths are repos.
+            // No model card, offline: writing the card asks the Hub whether local paths are repos.
             let o = Command::new("python3")
                 .current_dir(&dir)
                 .env("HF_HUB_OFFLINE", "1")
@@ -103,7 +103,7 @@ fn main() {
                      print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)",
                 ])
                 .arg(mk)
-                .args([&format!("{method}.yml"), out.to_str().unwrap()])
+                .args([&format!("{method}.yml"), out.to_str().unwrap(), "--no-write-model-card"])
                 .output()
                 .unwrap();
             let secs_mk = t.elapsed().as_secs_f64();

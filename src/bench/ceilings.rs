@@ -47,40 +47,64 @@ pub fn cpu_copy_bandwidth(bytes: usize) -> f64 {
     (2 * n * 4) as f64 / t.as_secs_f64()
 }
 
-/// Peak f32 FLOP/s (an FMA counts 2) with every rayon thread running independent FMA chains.
+/// Peak f32 FLOP/s (an FMA counts 2) with every rayon thread running independent FMA chains
+/// in the widest vectors the CPU has (the ones the matmul kernels use).
 pub fn cpu_peak_flops() -> f64 {
     const REPS: usize = 1_000_000;
     let threads = rayon::current_num_threads();
+    let lanes = fma_chains(0.0, 1).1;
     let t = time_best(7, || {
         let s: f32 = (0..threads)
             .into_par_iter()
-            .map(|i| fma_chains(i as f32, REPS))
+            .map(|i| fma_chains(i as f32, REPS).0)
             .sum();
         std::hint::black_box(s);
     });
-    (threads * REPS * CHAINS * LANES * 2) as f64 / t.as_secs_f64()
+    (threads * REPS * CHAINS * lanes * 2) as f64 / t.as_secs_f64()
 }
 
 const CHAINS: usize = 12;
-const LANES: usize = 8;
 
-fn fma_chains(seed: f32, reps: usize) -> f32 {
+/// Runs the chains; returns their sum and the vector width used.
+fn fma_chains(seed: f32, reps: usize) -> (f32, usize) {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports AVX2 and FMA (checked above).
-        return unsafe { fma_chains_avx2(seed, reps) };
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked above).
+            return (unsafe { fma_chains_avx512(seed, reps) }, 16);
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA (checked above).
+            return (unsafe { fma_chains_avx2(seed, reps) }, 8);
+        }
     }
-    fma_chains_body::<false>(seed, reps)
+    (fma_chains_body::<false, 8>(seed, reps), 8)
+}
+
+/// Explicit zmm chains: LLVM's default tuning may keep plain arrays in 256-bit registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_chains_avx512(seed: f32, reps: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_set1_ps(seed); CHAINS];
+    let a = _mm512_set1_ps(std::hint::black_box(0.999_999f32));
+    let b = _mm512_set1_ps(std::hint::black_box(1e-7f32));
+    for _ in 0..reps {
+        for c in acc.iter_mut() {
+            *c = _mm512_fmadd_ps(*c, a, b);
+        }
+    }
+    acc.iter().map(|&v| _mm512_reduce_add_ps(v)).sum()
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn fma_chains_avx2(seed: f32, reps: usize) -> f32 {
-    fma_chains_body::<true>(seed, reps)
+    fma_chains_body::<true, 8>(seed, reps)
 }
 
 #[inline(always)]
-fn fma_chains_body<const FMA: bool>(seed: f32, reps: usize) -> f32 {
+fn fma_chains_body<const FMA: bool, const LANES: usize>(seed: f32, reps: usize) -> f32 {
     let mut acc = [[seed; LANES]; CHAINS];
     let a = std::hint::black_box(0.999_999f32);
     let b = std::hint::black_box(1e-7f32);

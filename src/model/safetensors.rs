@@ -239,7 +239,7 @@ pub fn build_header(
         at = end;
     }
     let mut json = serde_json::to_vec(&Value::Object(obj)).expect("a JSON map serialises");
-    while (8 + json.len()) % 8 != 0 {
+    while !(8 + json.len()).is_multiple_of(8) {
         json.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + json.len());

@@ -1,6 +1,6 @@
 //! `out[rows, n] = x[rows, k] · wᵀ`, `w` `[n, k]` in f16/bf16/f32, f32 accumulation.
 //!
-//! Work is split over blocks of `W_BLOCK` weight rows: each task upcasts its block into an
+//! Work is split over blocks of weight rows (`block_rows`): each task upcasts its block into an
 //! L1/L2-resident f32 buffer once and reuses it for every input row, so decode (few rows) reads
 //! each weight byte exactly once — the memory-bandwidth roofline — and prefill (many rows) reuses
 //! the upcast block `rows` times. The inner kernel takes 4 weight rows × 1 input row per pass so
@@ -11,8 +11,24 @@ use rayon::prelude::*;
 use crate::model::dtype;
 use crate::model::HostTensor;
 
-/// Weight rows per task: 16 rows × k=4096 × 4 B = 256 KiB upcast buffer (fits L2).
+/// Weight rows per task when many input rows reuse each block: 16 rows × k=4096 × 4 B =
+/// 256 KiB upcast buffer (fits L2).
 const W_BLOCK: usize = 16;
+/// Input rows up to which a task is memory-bound (decode): blocks then grow so that each
+/// rayon task streams at least `MIN_TASK_BYTES` of weights, amortising scheduling.
+const FEW_ROWS: usize = 4;
+const MIN_TASK_BYTES: usize = 128 << 10;
+
+/// Weight rows per task for this shape: a multiple of 4 (the register tile).
+fn block_rows(rows: usize, n: usize, k: usize, esize: usize) -> usize {
+    if rows > FEW_ROWS {
+        return W_BLOCK;
+    }
+    let by_bytes = MIN_TASK_BYTES.div_ceil(k * esize);
+    // Still at least 4 tasks per thread, for load balance.
+    let by_balance = n / (4 * rayon::current_num_threads()).max(1);
+    by_bytes.min(by_balance).max(W_BLOCK).next_multiple_of(4)
+}
 
 /// A raw output pointer that tasks write disjoint elements through.
 #[derive(Clone, Copy)]
@@ -22,7 +38,58 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+/// The instruction set a kernel runs with, best first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Avx512,
+    Avx2Fma,
+    Generic,
+}
+
+impl Isa {
+    /// What this CPU supports, detected once.
+    pub fn detect() -> Isa {
+        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if is_x86_feature_detected!("avx512f") {
+                    return Isa::Avx512;
+                }
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    return Isa::Avx2Fma;
+                }
+            }
+            Isa::Generic
+        })
+    }
+
+    /// This ISA and every weaker one, for tests that cover all paths the CPU can run.
+    pub fn available() -> Vec<Isa> {
+        let all = [Isa::Avx512, Isa::Avx2Fma, Isa::Generic];
+        let best = all.iter().position(|&i| i == Isa::detect()).unwrap_or(2);
+        all[best..].to_vec()
+    }
+}
+
 pub fn matmul_t(out: &mut [f32], x: &[f32], w: &HostTensor, rows: usize, n: usize, k: usize) {
+    matmul_t_isa(Isa::detect(), out, x, w, rows, n, k)
+}
+
+/// [`matmul_t`] with a chosen instruction set (must be one of [`Isa::available`]).
+pub fn matmul_t_isa(
+    isa: Isa,
+    out: &mut [f32],
+    x: &[f32],
+    w: &HostTensor,
+    rows: usize,
+    n: usize,
+    k: usize,
+) {
+    assert!(
+        Isa::available().contains(&isa),
+        "{isa:?} is not supported by this CPU"
+    );
     assert_eq!(
         w.numel(),
         n * k,
@@ -36,36 +103,26 @@ pub fn matmul_t(out: &mut [f32], x: &[f32], w: &HostTensor, rows: usize, n: usiz
     let data = w.data();
     let esize = w.dtype.size();
     let out_ptr = OutPtr(out.as_mut_ptr());
-    let use_fma = has_fma();
 
-    (0..n.div_ceil(W_BLOCK)).into_par_iter().for_each_init(
-        || vec![0.0f32; W_BLOCK * k],
+    let block = block_rows(rows, n, k, esize);
+    (0..n.div_ceil(block)).into_par_iter().for_each_init(
+        || vec![0.0f32; block * k],
         |wbuf, blk| {
-            let j0 = blk * W_BLOCK;
-            let j1 = (j0 + W_BLOCK).min(n);
+            let j0 = blk * block;
+            let j1 = (j0 + block).min(n);
             let wb = &mut wbuf[..(j1 - j0) * k];
             dtype::to_f32(w.dtype, &data[j0 * k * esize..j1 * k * esize], wb);
-            #[cfg(target_arch = "x86_64")]
-            if use_fma {
-                // SAFETY: the CPU supports AVX2 and FMA (checked by `has_fma`).
-                unsafe { block_fma(out_ptr, x, wb, rows, n, k, j0, j1) };
-                return;
+            match isa {
+                // SAFETY: `isa` is one this CPU supports (asserted above).
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => unsafe { block_avx512(out_ptr, x, wb, rows, n, k, j0, j1) },
+                // SAFETY: as above.
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2Fma => unsafe { block_fma(out_ptr, x, wb, rows, n, k, j0, j1) },
+                _ => block_generic(out_ptr, x, wb, rows, n, k, j0, j1),
             }
-            let _ = use_fma;
-            block_generic(out_ptr, x, wb, rows, n, k, j0, j1);
         },
     );
-}
-
-fn has_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -126,6 +183,127 @@ unsafe fn block_fma(
             c += rw;
         }
         r += rx;
+    }
+}
+
+/// AVX-512 register tiles: 6 input rows × 4 weight rows = 24 zmm accumulators, 4 weight and
+/// 1 input registers per step (29 of 32), 2.4 FMAs per load.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_avx512(
+    out: OutPtr,
+    x: &[f32],
+    wb: &[f32],
+    rows: usize,
+    n: usize,
+    k: usize,
+    j0: usize,
+    j1: usize,
+) {
+    let cols = j1 - j0;
+    let xp = x.as_ptr();
+    let wp = wb.as_ptr();
+    let store = |r: usize, c: usize, v: f32| {
+        // SAFETY: r < rows and j0 + c < j1 <= n: in bounds, and owned by this block.
+        unsafe { *out.0.add(r * n + j0 + c) = v };
+    };
+    let mut r = 0;
+    while r < rows {
+        let rx = (rows - r).min(6);
+        let xs = |i: usize| xp.add((r + i) * k);
+        let mut c = 0;
+        while c < cols {
+            let rw = (cols - c).min(4);
+            let ws = |j: usize| wp.add((c + j) * k);
+            let w4 = [ws(0), ws(1), ws(2), ws(3)];
+            match (rx, rw) {
+                (6, 4) => emit(
+                    avx512::tile::<6, 4>([xs(0), xs(1), xs(2), xs(3), xs(4), xs(5)], w4, k),
+                    r,
+                    c,
+                    &store,
+                ),
+                (5, 4) => emit(
+                    avx512::tile::<5, 4>([xs(0), xs(1), xs(2), xs(3), xs(4)], w4, k),
+                    r,
+                    c,
+                    &store,
+                ),
+                (4, 4) => emit(
+                    avx512::tile::<4, 4>([xs(0), xs(1), xs(2), xs(3)], w4, k),
+                    r,
+                    c,
+                    &store,
+                ),
+                (3, 4) => emit(
+                    avx512::tile::<3, 4>([xs(0), xs(1), xs(2)], w4, k),
+                    r,
+                    c,
+                    &store,
+                ),
+                (2, 4) => emit(avx512::tile::<2, 4>([xs(0), xs(1)], w4, k), r, c, &store),
+                (1, 4) => emit(avx512::tile::<1, 4>([xs(0)], w4, k), r, c, &store),
+                _ => {
+                    for i in 0..rx {
+                        for j in 0..rw {
+                            store(
+                                r + i,
+                                c + j,
+                                avx512::tile::<1, 1>([xs(i)], [ws(j)], k)[0][0],
+                            );
+                        }
+                    }
+                }
+            }
+            c += rw;
+        }
+        r += rx;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// Dot products of `A` input rows with `B` weight rows of length `k` in zmm accumulators;
+    /// the tail past a multiple of 16 is done in scalar FMAs.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; every pointer must be valid for `k` reads.
+    #[inline(always)]
+    pub unsafe fn tile<const A: usize, const B: usize>(
+        x: [*const f32; A],
+        w: [*const f32; B],
+        k: usize,
+    ) -> [[f32; B]; A] {
+        let mut acc = [[_mm512_setzero_ps(); B]; A];
+        let main = k - k % 16;
+        let mut i = 0;
+        while i < main {
+            let mut wv = [_mm512_setzero_ps(); B];
+            for b in 0..B {
+                wv[b] = _mm512_loadu_ps(w[b].add(i));
+            }
+            for a in 0..A {
+                let xv = _mm512_loadu_ps(x[a].add(i));
+                for b in 0..B {
+                    acc[a][b] = _mm512_fmadd_ps(xv, wv[b], acc[a][b]);
+                }
+            }
+            i += 16;
+        }
+        let mut out = [[0.0f32; B]; A];
+        for a in 0..A {
+            for b in 0..B {
+                let mut s = _mm512_reduce_add_ps(acc[a][b]);
+                for t in main..k {
+                    s = (*x[a].add(t)).mul_add(*w[b].add(t), s);
+                }
+                out[a][b] = s;
+            }
+        }
+        out
     }
 }
 
@@ -357,7 +535,7 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
         };
-        for (rows, n, k) in [(1, 37, 19), (5, 16, 64), (3, 70, 129)] {
+        for (rows, n, k) in [(1, 37, 19), (5, 16, 64), (3, 70, 129), (13, 40, 300)] {
             let x: Vec<f32> = (0..rows * k).map(|_| rnd()).collect();
             let wv: Vec<f32> = (0..n * k).map(|_| rnd()).collect();
             for dt in [DType::F32, DType::BF16, DType::F16] {
