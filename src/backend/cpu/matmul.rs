@@ -38,6 +38,16 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// A writer of block-local `(row, column)` results into `out[row * n + j0 + column]`.
+    #[inline(always)]
+    fn storer(self, n: usize, j0: usize) -> impl Fn(usize, usize, f32) {
+        // SAFETY: callers pass r < rows and j0 + c < j1 <= n (in bounds), and each block owns
+        // its columns, so no other thread writes these elements.
+        move |r, c, v| unsafe { *self.0.add(r * n + j0 + c) = v }
+    }
+}
+
 /// The instruction set a kernel runs with, best first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
@@ -125,6 +135,8 @@ pub fn matmul_t_isa(
     );
 }
 
+/// AVX2 register tiles: 3 input rows × 4 weight rows = 12 ymm accumulators plus 7 loads per
+/// 12 FMAs, which keeps two FMA ports busy within the 16 ymm registers.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
@@ -138,52 +150,29 @@ unsafe fn block_fma(
     j0: usize,
     j1: usize,
 ) {
-    let cols = j1 - j0;
-    let xp = x.as_ptr();
-    let wp = wb.as_ptr();
-    let store = |r: usize, c: usize, v: f32| {
-        // SAFETY: r < rows and j0 + c < j1 <= n: in bounds, and owned by this block.
-        unsafe { *out.0.add(r * n + j0 + c) = v };
-    };
-    let mut r = 0;
-    while r < rows {
-        let rx = (rows - r).min(RX);
-        let xs = |i: usize| xp.add((r + i) * k);
-        let mut c = 0;
-        while c < cols {
-            let rw = (cols - c).min(RW);
-            let ws = |j: usize| wp.add((c + j) * k);
-            match (rx, rw) {
-                (3, 4) => emit(
-                    avx2::tile::<3, 4>([xs(0), xs(1), xs(2)], [ws(0), ws(1), ws(2), ws(3)], k),
+    let (xp, wp) = (x.as_ptr(), wb.as_ptr());
+    let xs = |i: usize| xp.add(i * k);
+    let ws = |j: usize| wp.add(j * k);
+    let store = out.storer(n, j0);
+    walk_tiles(
+        rows,
+        j1 - j0,
+        3,
+        |r, rx, c| {
+            let w4 = [ws(c), ws(c + 1), ws(c + 2), ws(c + 3)];
+            match rx {
+                3 => emit(
+                    avx2::tile::<3, 4>([xs(r), xs(r + 1), xs(r + 2)], w4, k),
                     r,
                     c,
                     &store,
                 ),
-                (2, 4) => emit(
-                    avx2::tile::<2, 4>([xs(0), xs(1)], [ws(0), ws(1), ws(2), ws(3)], k),
-                    r,
-                    c,
-                    &store,
-                ),
-                (1, 4) => emit(
-                    avx2::tile::<1, 4>([xs(0)], [ws(0), ws(1), ws(2), ws(3)], k),
-                    r,
-                    c,
-                    &store,
-                ),
-                _ => {
-                    for i in 0..rx {
-                        for j in 0..rw {
-                            store(r + i, c + j, avx2::tile::<1, 1>([xs(i)], [ws(j)], k)[0][0]);
-                        }
-                    }
-                }
+                2 => emit(avx2::tile::<2, 4>([xs(r), xs(r + 1)], w4, k), r, c, &store),
+                _ => emit(avx2::tile::<1, 4>([xs(r)], w4, k), r, c, &store),
             }
-            c += rw;
-        }
-        r += rx;
-    }
+        },
+        |r, c| store(r, c, avx2::tile::<1, 1>([xs(r)], [ws(c)], k)[0][0]),
+    );
 }
 
 /// AVX-512 register tiles: 6 input rows × 4 weight rows = 24 zmm accumulators, 4 weight and
@@ -201,65 +190,48 @@ unsafe fn block_avx512(
     j0: usize,
     j1: usize,
 ) {
-    let cols = j1 - j0;
-    let xp = x.as_ptr();
-    let wp = wb.as_ptr();
-    let store = |r: usize, c: usize, v: f32| {
-        // SAFETY: r < rows and j0 + c < j1 <= n: in bounds, and owned by this block.
-        unsafe { *out.0.add(r * n + j0 + c) = v };
-    };
-    let mut r = 0;
-    while r < rows {
-        let rx = (rows - r).min(6);
-        let xs = |i: usize| xp.add((r + i) * k);
-        let mut c = 0;
-        while c < cols {
-            let rw = (cols - c).min(4);
-            let ws = |j: usize| wp.add((c + j) * k);
-            let w4 = [ws(0), ws(1), ws(2), ws(3)];
-            match (rx, rw) {
-                (6, 4) => emit(
-                    avx512::tile::<6, 4>([xs(0), xs(1), xs(2), xs(3), xs(4), xs(5)], w4, k),
+    let (xp, wp) = (x.as_ptr(), wb.as_ptr());
+    let xs = |i: usize| xp.add(i * k);
+    let ws = |j: usize| wp.add(j * k);
+    let store = out.storer(n, j0);
+    walk_tiles(
+        rows,
+        j1 - j0,
+        6,
+        |r, rx, c| {
+            let w4 = [ws(c), ws(c + 1), ws(c + 2), ws(c + 3)];
+            let x = |i: usize| xs(r + i);
+            match rx {
+                6 => emit(
+                    avx512::tile::<6, 4>([x(0), x(1), x(2), x(3), x(4), x(5)], w4, k),
                     r,
                     c,
                     &store,
                 ),
-                (5, 4) => emit(
-                    avx512::tile::<5, 4>([xs(0), xs(1), xs(2), xs(3), xs(4)], w4, k),
+                5 => emit(
+                    avx512::tile::<5, 4>([x(0), x(1), x(2), x(3), x(4)], w4, k),
                     r,
                     c,
                     &store,
                 ),
-                (4, 4) => emit(
-                    avx512::tile::<4, 4>([xs(0), xs(1), xs(2), xs(3)], w4, k),
+                4 => emit(
+                    avx512::tile::<4, 4>([x(0), x(1), x(2), x(3)], w4, k),
                     r,
                     c,
                     &store,
                 ),
-                (3, 4) => emit(
-                    avx512::tile::<3, 4>([xs(0), xs(1), xs(2)], w4, k),
+                3 => emit(
+                    avx512::tile::<3, 4>([x(0), x(1), x(2)], w4, k),
                     r,
                     c,
                     &store,
                 ),
-                (2, 4) => emit(avx512::tile::<2, 4>([xs(0), xs(1)], w4, k), r, c, &store),
-                (1, 4) => emit(avx512::tile::<1, 4>([xs(0)], w4, k), r, c, &store),
-                _ => {
-                    for i in 0..rx {
-                        for j in 0..rw {
-                            store(
-                                r + i,
-                                c + j,
-                                avx512::tile::<1, 1>([xs(i)], [ws(j)], k)[0][0],
-                            );
-                        }
-                    }
-                }
+                2 => emit(avx512::tile::<2, 4>([x(0), x(1)], w4, k), r, c, &store),
+                _ => emit(avx512::tile::<1, 4>([x(0)], w4, k), r, c, &store),
             }
-            c += rw;
-        }
-        r += rx;
-    }
+        },
+        |r, c| store(r, c, avx512::tile::<1, 1>([xs(r)], [ws(c)], k)[0][0]),
+    );
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -356,6 +328,8 @@ mod avx2 {
     }
 }
 
+/// Portable tiles: 3 input rows × 4 weight rows of 8-lane accumulators (what LLVM can keep in
+/// SSE registers).
 #[allow(clippy::too_many_arguments)]
 fn block_generic(
     out: OutPtr,
@@ -367,83 +341,56 @@ fn block_generic(
     j0: usize,
     j1: usize,
 ) {
-    block_body::<false>(out, x, wb, rows, n, k, j0, j1)
+    let xs = |r: usize| &x[r * k..(r + 1) * k];
+    let ws = |c: usize| &wb[c * k..(c + 1) * k];
+    let store = out.storer(n, j0);
+    walk_tiles(
+        rows,
+        j1 - j0,
+        3,
+        |r, rx, c| {
+            let w4 = [ws(c), ws(c + 1), ws(c + 2), ws(c + 3)];
+            match rx {
+                3 => emit(
+                    tile::<3, 4>([xs(r), xs(r + 1), xs(r + 2)], w4),
+                    r,
+                    c,
+                    &store,
+                ),
+                2 => emit(tile::<2, 4>([xs(r), xs(r + 1)], w4), r, c, &store),
+                _ => emit(tile::<1, 4>([xs(r)], w4), r, c, &store),
+            }
+        },
+        |r, c| store(r, c, tile::<1, 1>([xs(r)], [ws(c)])[0][0]),
+    );
 }
 
+/// Walks a block's `rows × cols` output in register tiles of up to `rx_max × 4`: `tile(r, rx, c)`
+/// computes the `rx × 4` tile at `(r, c)`; the last `cols % 4` columns go through `one(r, c)`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn block_body<const FMA: bool>(
-    out: OutPtr,
-    x: &[f32],
-    wb: &[f32],
+fn walk_tiles(
     rows: usize,
-    n: usize,
-    k: usize,
-    j0: usize,
-    j1: usize,
+    cols: usize,
+    rx_max: usize,
+    mut tile: impl FnMut(usize, usize, usize),
+    mut one: impl FnMut(usize, usize),
 ) {
-    let cols = j1 - j0;
-    let xrow = |r: usize| &x[r * k..(r + 1) * k];
-    let wrow = |c: usize| &wb[c * k..(c + 1) * k];
-    let store = |r: usize, c: usize, v: f32| {
-        // SAFETY: r < rows and j0 + c < j1 <= n: in bounds, and owned by this block.
-        unsafe { *out.0.add(r * n + j0 + c) = v };
-    };
     let mut r = 0;
     while r < rows {
-        let rx = (rows - r).min(RX);
+        let rx = (rows - r).min(rx_max);
         let mut c = 0;
-        while c < cols {
-            let rw = (cols - c).min(RW);
-            // Full 3×4 register tiles in the bulk, smaller ones at the edges.
-            match (rx, rw) {
-                (3, 4) => emit(
-                    tile::<FMA, 3, 4>(
-                        [xrow(r), xrow(r + 1), xrow(r + 2)],
-                        [wrow(c), wrow(c + 1), wrow(c + 2), wrow(c + 3)],
-                    ),
-                    r,
-                    c,
-                    &store,
-                ),
-                (2, 4) => emit(
-                    tile::<FMA, 2, 4>(
-                        [xrow(r), xrow(r + 1)],
-                        [wrow(c), wrow(c + 1), wrow(c + 2), wrow(c + 3)],
-                    ),
-                    r,
-                    c,
-                    &store,
-                ),
-                (1, 4) => emit(
-                    tile::<FMA, 1, 4>([xrow(r)], [wrow(c), wrow(c + 1), wrow(c + 2), wrow(c + 3)]),
-                    r,
-                    c,
-                    &store,
-                ),
-                _ => {
-                    for i in 0..rx {
-                        for j in 0..rw {
-                            store(
-                                r + i,
-                                c + j,
-                                tile::<FMA, 1, 1>([xrow(r + i)], [wrow(c + j)])[0][0],
-                            );
-                        }
-                    }
-                }
+        while c + 4 <= cols {
+            tile(r, rx, c);
+            c += 4;
+        }
+        for c in c..cols {
+            for i in r..r + rx {
+                one(i, c);
             }
-            c += rw;
         }
         r += rx;
     }
 }
-
-/// Input rows × weight rows per register tile: 12 accumulators of 8 lanes plus 7 loads per
-/// 12 FMAs, which keeps two FMA ports busy without exhausting the 16 AVX registers.
-const RX: usize = 3;
-const RW: usize = 4;
-const LANES: usize = 8;
 
 #[inline(always)]
 fn emit<const A: usize, const B: usize>(
@@ -459,21 +406,12 @@ fn emit<const A: usize, const B: usize>(
     }
 }
 
-#[inline(always)]
-fn fmadd<const FMA: bool>(acc: f32, a: f32, b: f32) -> f32 {
-    if FMA {
-        a.mul_add(b, acc)
-    } else {
-        acc + a * b
-    }
-}
+/// Lanes of the portable accumulators (one SSE/AVX register's worth for LLVM).
+const LANES: usize = 8;
 
 /// Dot products of `A` input rows with `B` weight rows (all of length k).
 #[inline(always)]
-fn tile<const FMA: bool, const A: usize, const B: usize>(
-    x: [&[f32]; A],
-    w: [&[f32]; B],
-) -> [[f32; B]; A] {
+fn tile<const A: usize, const B: usize>(x: [&[f32]; A], w: [&[f32]; B]) -> [[f32; B]; A] {
     let k = x[0].len();
     let main = k - k % LANES;
     let mut acc = [[[0.0f32; LANES]; B]; A];
@@ -484,7 +422,7 @@ fn tile<const FMA: bool, const A: usize, const B: usize>(
             for b in 0..B {
                 let ws = &w[b][i..i + LANES];
                 for l in 0..LANES {
-                    acc[a][b][l] = fmadd::<FMA>(acc[a][b][l], xs[l], ws[l]);
+                    acc[a][b][l] += xs[l] * ws[l];
                 }
             }
         }
@@ -495,7 +433,7 @@ fn tile<const FMA: bool, const A: usize, const B: usize>(
         for b in 0..B {
             let mut s = hsum(&acc[a][b]);
             for t in main..k {
-                s = fmadd::<FMA>(s, x[a][t], w[b][t]);
+                s += x[a][t] * w[b][t];
             }
             out[a][b] = s;
         }
