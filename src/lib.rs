@@ -10,6 +10,7 @@ pub mod evolve;
 pub mod llama;
 pub mod merge;
 pub mod model;
+pub mod qd;
 
 pub use error::{Error, Result};
 pub mod bench;
