@@ -1,8 +1,10 @@
-//! Evolution operators. Merging (mergekit's methods) is here; task vectors, factorisation,
-//! genomes, crossover, mutation and materialisation join it.
+//! Evolution operators: merging (mergekit's methods), task-vector factorisation, genomes with
+//! crossover, SVD mutation and materialisation.
 
 pub mod factorize;
+pub mod genome;
 pub mod merge;
 
 pub use factorize::{exact_svd, randomized_svd, Factors, RandomizedSvd};
+pub use genome::{is_factorised, ExpertSet, Genome, Rank, TensorGenes};
 pub use merge::{merge_tensor, MergeOp};

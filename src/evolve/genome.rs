@@ -1,0 +1,281 @@
+//! Genomes: every individual CycleQD produces, as coefficients over the experts' factored task
+//! vectors (`cycleqd.md` §7). Per 2-D tensor,
+//! `θ = θ_b + Σ_e [a_e·R_e + U_e·diag(γ_e)·V_eᵀ]` with `R_e = τ_e − U_e diag(S_e) V_eᵀ`;
+//! per 1-D (or `norm`) tensor, `θ = θ_b + Σ_e a_e·τ_e`. Crossover, SVD mutation and the final
+//! merge are linear in these coefficients, so they act on genomes (KBs–MBs) and weights are
+//! materialised only to evaluate a child.
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use super::factorize::{exact_svd, randomized_svd, Factors, RandomizedSvd};
+use crate::error::{Error, Result};
+use crate::model::{HostTensor, ModelStore};
+
+/// Rank of the task-vector factors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Rank {
+    /// Exact thin SVD: genomes reproduce the dense algorithm exactly.
+    Full,
+    /// Randomized truncated SVD of this rank (clamped to each matrix's min(m, n)).
+    Truncated(usize),
+}
+
+/// One tensor of the expert set: its shape and, when it is mutated (2-D, no `norm` in the
+/// name), each expert's task-vector factors.
+#[derive(Clone, Debug)]
+pub struct TensorFactors {
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// Per expert; empty for tensors that are not factorised.
+    pub factors: Vec<Factors>,
+    /// Per expert: `‖τ − U S Vᵀ‖ / ‖τ‖`.
+    pub relative_error: Vec<f64>,
+}
+
+/// The base, the experts and their factored task vectors.
+pub struct ExpertSet {
+    pub base: ModelStore,
+    pub experts: Vec<ModelStore>,
+    pub tensors: Vec<TensorFactors>,
+    pub rank: Rank,
+}
+
+/// Whether SVD mutation (and so factorisation) applies to a tensor, as in CycleQD's code.
+pub fn is_factorised(name: &str, shape: &[usize]) -> bool {
+    shape.len() == 2 && !name.contains("norm")
+}
+
+impl ExpertSet {
+    /// Checks the experts against the base and factorises every mutated tensor's task vector.
+    pub fn build(
+        base: ModelStore,
+        experts: Vec<ModelStore>,
+        rank: Rank,
+        seed: u64,
+    ) -> Result<Self> {
+        if experts.len() < 2 {
+            return Err(Error::invalid(format!(
+                "CycleQD needs at least 2 experts, got {}",
+                experts.len()
+            )));
+        }
+        let names: Vec<String> = base.names().map(str::to_string).collect();
+        for e in &experts {
+            let theirs: Vec<&str> = e.names().collect();
+            if let Some(extra) = theirs.iter().find(|n| !base.contains(n)) {
+                return Err(Error::invalid(format!(
+                    "expert {}: tensor `{extra}` is not in the base model",
+                    e.dir().display()
+                )));
+            }
+        }
+        let mut tensors = Vec::with_capacity(names.len());
+        for name in names {
+            let b = base.tensor(&name)?;
+            let mut taus = Vec::with_capacity(experts.len());
+            for e in &experts {
+                let where_ = || format!("expert {}: tensor `{name}`", e.dir().display());
+                let t = e
+                    .tensor(&name)
+                    .map_err(|_| Error::invalid(format!("{}: missing", where_())))?;
+                if t.shape != b.shape || t.dtype != b.dtype {
+                    return Err(Error::invalid(format!(
+                        "{}: {} {:?} differs from the base's {} {:?}",
+                        where_(),
+                        t.dtype,
+                        t.shape,
+                        b.dtype,
+                        b.shape
+                    )));
+                }
+                let x = t.to_f32();
+                if x.iter().any(|v| !v.is_finite()) {
+                    return Err(Error::invalid(format!("{}: holds NaN or Inf", where_())));
+                }
+                taus.push(
+                    x.iter()
+                        .zip(b.to_f32())
+                        .map(|(x, b)| x - b)
+                        .collect::<Vec<f32>>(),
+                );
+            }
+            let (mut factors, mut relative_error) = (vec![], vec![]);
+            if is_factorised(&name, &b.shape) {
+                let (m, n) = (b.shape[0], b.shape[1]);
+                for (i, tau) in taus.iter().enumerate() {
+                    let f = match rank {
+                        Rank::Full => exact_svd(tau, m, n, m.min(n))?,
+                        Rank::Truncated(r) => {
+                            if r == 0 {
+                                return Err(Error::invalid("factor rank must be at least 1"));
+                            }
+                            let opts = RandomizedSvd {
+                                seed: seed ^ i as u64,
+                                ..RandomizedSvd::default()
+                            };
+                            randomized_svd(tau, m, n, r.min(m.min(n)), opts)?
+                        }
+                    };
+                    relative_error.push(f.relative_error(tau));
+                    factors.push(f);
+                }
+            }
+            tensors.push(TensorFactors {
+                name,
+                shape: b.shape.clone(),
+                factors,
+                relative_error,
+            });
+        }
+        Ok(ExpertSet {
+            base,
+            experts,
+            tensors,
+            rank,
+        })
+    }
+
+    /// Materialises one tensor of `genome`:
+    /// `θ = (1 − Σ a_e)·θ_b + Σ a_e·θ_e + Σ_e U_e·diag(γ_e − a_e S_e)·V_eᵀ`, in the base dtype.
+    pub fn materialize_tensor(&self, genome: &Genome, t: usize) -> Result<HostTensor> {
+        let tf = &self.tensors[t];
+        let genes = &genome.tensors[t];
+        let b = self.base.tensor(&tf.name)?;
+        let xs: Vec<Vec<f32>> = self
+            .experts
+            .iter()
+            .map(|e| e.tensor(&tf.name).map(|x| x.to_f32()))
+            .collect::<Result<_>>()?;
+        let a_sum: f32 = genes.a.iter().sum();
+        let mut out: Vec<f32> = b.to_f32().iter().map(|&v| (1.0 - a_sum) * v).collect();
+        for (x, &a) in xs.iter().zip(&genes.a) {
+            out.iter_mut().zip(x).for_each(|(o, &x)| *o += a * x);
+        }
+        if !tf.factors.is_empty() {
+            let n = tf.shape[1];
+            for ((f, gamma), &a) in tf.factors.iter().zip(&genes.gamma).zip(&genes.a) {
+                let r = f.rank();
+                let coef: Vec<f32> = (0..r).map(|k| gamma[k] - a * f.s[k]).collect();
+                for (i, row) in out.chunks_exact_mut(n).enumerate() {
+                    for (k, &ck) in coef.iter().enumerate() {
+                        let c = f.u[i * r + k] * ck;
+                        if c != 0.0 {
+                            row.iter_mut()
+                                .enumerate()
+                                .for_each(|(j, o)| *o += c * f.v[j * r + k]);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(HostTensor::from_f32(&out, tf.shape.clone(), b.dtype))
+    }
+}
+
+/// Coefficients of one tensor: `a[e]` and `gamma[e][k]` (empty for unfactorised tensors).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TensorGenes {
+    pub a: Vec<f32>,
+    pub gamma: Vec<Vec<f32>>,
+}
+
+/// An individual, as coefficients per tensor in the expert set's order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Genome {
+    pub tensors: Vec<TensorGenes>,
+}
+
+impl Genome {
+    /// Expert `e` itself: `a_e = 1, γ_e = S_e`, every other expert 0.
+    pub fn seed(set: &ExpertSet, e: usize) -> Genome {
+        let k = set.experts.len();
+        Genome {
+            tensors: set
+                .tensors
+                .iter()
+                .map(|tf| TensorGenes {
+                    a: (0..k).map(|i| if i == e { 1.0 } else { 0.0 }).collect(),
+                    gamma: tf
+                        .factors
+                        .iter()
+                        .enumerate()
+                        .map(|(i, f)| {
+                            if i == e {
+                                f.s.clone()
+                            } else {
+                                vec![0.0; f.rank()]
+                            }
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// `Σ_k w_k · g_k` over genomes with weights `w` (each coefficient).
+    pub fn weighted_sum(genomes: &[&Genome], w: &[f32]) -> Genome {
+        let mut out = genomes[0].clone();
+        for (t, tg) in out.tensors.iter_mut().enumerate() {
+            for (e, a) in tg.a.iter_mut().enumerate() {
+                *a = genomes
+                    .iter()
+                    .zip(w)
+                    .map(|(g, &w)| w * g.tensors[t].a[e])
+                    .sum();
+            }
+            for (e, gamma) in tg.gamma.iter_mut().enumerate() {
+                for (k, v) in gamma.iter_mut().enumerate() {
+                    *v = genomes
+                        .iter()
+                        .zip(w)
+                        .map(|(g, &w)| w * g.tensors[t].gamma[e][k])
+                        .sum();
+                }
+            }
+        }
+        out
+    }
+
+    /// CycleQD crossover (model-wise coefficients): `(ω₁ g₁ + ω₂ g₂) / (ω₁ + ω₂)`.
+    pub fn crossover(p1: &Genome, p2: &Genome, w1: f32, w2: f32) -> Genome {
+        let s = w1 + w2;
+        Genome::weighted_sum(&[p1, p2], &[w1 / s, w2 / s])
+    }
+
+    /// SVD mutation toward expert `q` (the code's form): `γ_q += w ⊙ S_q` on every factorised
+    /// tensor, with `w[t][k]` drawn by the caller; with truncated factors the residual gets its
+    /// expected share, `a_q += E[w] = w_max / 2`.
+    pub fn mutate(&mut self, set: &ExpertSet, q: usize, w: &[Vec<f32>], w_max: f32) {
+        for ((tg, tf), wt) in self.tensors.iter_mut().zip(&set.tensors).zip(w) {
+            if tf.factors.is_empty() {
+                continue;
+            }
+            let s = &tf.factors[q].s;
+            tg.gamma[q]
+                .iter_mut()
+                .zip(s)
+                .zip(wt)
+                .for_each(|((g, s), w)| *g += w * s);
+            if set.rank != Rank::Full {
+                tg.a[q] += w_max / 2.0;
+            }
+        }
+    }
+
+    /// Draws the mutation weights `w ~ U[0, w_max)` for every factorised tensor.
+    pub fn draw_mutation(
+        set: &ExpertSet,
+        q: usize,
+        w_max: f32,
+        rng: &mut impl Rng,
+    ) -> Vec<Vec<f32>> {
+        set.tensors
+            .iter()
+            .map(|tf| match tf.factors.get(q) {
+                Some(f) => (0..f.rank()).map(|_| rng.random::<f32>() * w_max).collect(),
+                None => vec![],
+            })
+            .collect()
+    }
+}
