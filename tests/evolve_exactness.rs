@@ -146,3 +146,51 @@ fn expert_set_rejects_bad_experts() {
         "{e}"
     );
 }
+
+#[test]
+fn softmax_merge_ids_and_truncated_rank() {
+    let experts = || {
+        ["expert_a", "expert_b", "expert_c"]
+            .iter()
+            .map(|e| open(e))
+            .collect::<Vec<_>>()
+    };
+    let set = ExpertSet::build(open("base"), experts(), Rank::Full, 0).unwrap();
+    let g: Vec<Genome> = (0..3).map(|e| Genome::seed(&set, e)).collect();
+    // Equal objectives: the plain average; the a coefficients sum to 1 per tensor.
+    let m = Genome::softmax_merge(&[&g[0], &g[1], &g[2]], &[0.5, 0.5, 0.5]);
+    assert!(m
+        .tensors
+        .iter()
+        .all(|t| t.a.iter().all(|a| (a - 1.0 / 3.0).abs() < 1e-6)));
+    let f = [0.2f64, 0.9, 0.4];
+    let m = Genome::softmax_merge(&[&g[0], &g[1], &g[2]], &f);
+    let z: f64 = f.iter().map(|x| x.exp()).sum();
+    assert!((m.tensors[0].a[1] as f64 - 0.9f64.exp() / z).abs() < 1e-6);
+    // Ids are stable and distinguish genomes; serialisation round-trips.
+    assert_eq!(g[0].content_id(), Genome::seed(&set, 0).content_id());
+    assert_ne!(g[0].content_id(), g[1].content_id());
+    let back: Genome = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+    assert_eq!(back.content_id(), m.content_id());
+    // Truncated ranks: reported errors are relative and below 1; too large a rank is an error.
+    let t = ExpertSet::build(open("base"), experts(), Rank::Truncated(8), 1).unwrap();
+    let errs: Vec<f64> = t
+        .tensors
+        .iter()
+        .flat_map(|t| t.relative_error.clone())
+        .collect();
+    assert!(
+        !errs.is_empty() && errs.iter().all(|e| (0.0..1.0).contains(e)),
+        "{errs:?}"
+    );
+    let e = ExpertSet::build(open("base"), experts(), Rank::Truncated(65), 1)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("rank 65") && e.contains("tensor `"), "{e}");
+    let e = ExpertSet::build(open("base"), experts(), Rank::Truncated(0), 1)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("rank 0"), "{e}");
+}

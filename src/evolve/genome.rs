@@ -17,7 +17,7 @@ use crate::model::{HostTensor, ModelStore};
 pub enum Rank {
     /// Exact thin SVD: genomes reproduce the dense algorithm exactly.
     Full,
-    /// Randomized truncated SVD of this rank (clamped to each matrix's min(m, n)).
+    /// Randomized truncated SVD of this rank (at most every factorised matrix's min(m, n)).
     Truncated(usize),
 }
 
@@ -107,14 +107,17 @@ impl ExpertSet {
                     let f = match rank {
                         Rank::Full => exact_svd(tau, m, n, m.min(n))?,
                         Rank::Truncated(r) => {
-                            if r == 0 {
-                                return Err(Error::invalid("factor rank must be at least 1"));
+                            if r == 0 || r > m.min(n) {
+                                return Err(Error::invalid(format!(
+                                    "rank {r} is outside 1..={} for tensor `{name}` ({m}×{n})",
+                                    m.min(n)
+                                )));
                             }
                             let opts = RandomizedSvd {
                                 seed: seed ^ i as u64,
                                 ..RandomizedSvd::default()
                             };
-                            randomized_svd(tau, m, n, r.min(m.min(n)), opts)?
+                            randomized_svd(tau, m, n, r, opts)?
                         }
                     };
                     relative_error.push(f.relative_error(tau));
@@ -261,6 +264,31 @@ impl Genome {
                 tg.a[q] += w_max / 2.0;
             }
         }
+    }
+
+    /// The final model of CycleQD (§6): `Σ_k softmax(f)_k · g_k` over the best elite of each
+    /// archive, `f` their objectives.
+    pub fn softmax_merge(genomes: &[&Genome], objectives: &[f64]) -> Genome {
+        let max = objectives.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = objectives.iter().map(|f| (f - max).exp()).collect();
+        let z: f64 = e.iter().sum();
+        let beta: Vec<f32> = e.iter().map(|x| (x / z) as f32).collect();
+        Genome::weighted_sum(genomes, &beta)
+    }
+
+    /// A stable content id: FNV-1a (64-bit) over the little-endian coefficients in order.
+    pub fn content_id(&self) -> String {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |x: f32| {
+            for b in x.to_le_bytes() {
+                h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        };
+        for t in &self.tensors {
+            t.a.iter().copied().for_each(&mut eat);
+            t.gamma.iter().flatten().copied().for_each(&mut eat);
+        }
+        format!("{h:016x}")
     }
 
     /// Draws the mutation weights `w ~ U[0, w_max)` for every factorised tensor.
