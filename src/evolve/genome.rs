@@ -8,6 +8,9 @@
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use std::path::Path;
+
+use super::cache;
 use super::factorize::{exact_svd, randomized_svd, Factors, RandomizedSvd};
 use crate::error::{Error, Result};
 use crate::model::{HostTensor, ModelStore};
@@ -39,6 +42,20 @@ pub struct ExpertSet {
     pub experts: Vec<ModelStore>,
     pub tensors: Vec<TensorFactors>,
     pub rank: Rank,
+    pub cache_status: CacheStatus,
+}
+
+/// What the factor cache did for this build.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// No cache directory was given.
+    Disabled,
+    /// Factors were read from a valid cache file.
+    Hit,
+    /// No cache file for these inputs: factorised and written.
+    Miss,
+    /// A cache file was invalid (the reason): factorised and rewritten.
+    Rebuilt(String),
 }
 
 /// Whether SVD mutation (and so factorisation) applies to a tensor, as in CycleQD's code.
@@ -54,30 +71,39 @@ impl ExpertSet {
         rank: Rank,
         seed: u64,
     ) -> Result<Self> {
+        Self::build_cached(base, experts, rank, seed, None)
+    }
+
+    /// [`ExpertSet::build`], reusing factors cached under `cache_dir` when the inputs, rank and
+    /// seed are unchanged (and writing them there otherwise).
+    pub fn build_cached(
+        base: ModelStore,
+        experts: Vec<ModelStore>,
+        rank: Rank,
+        seed: u64,
+        cache_dir: Option<&Path>,
+    ) -> Result<Self> {
         if experts.len() < 2 {
             return Err(Error::invalid(format!(
                 "CycleQD needs at least 2 experts, got {}",
                 experts.len()
             )));
         }
-        let names: Vec<String> = base.names().map(str::to_string).collect();
         for e in &experts {
-            let theirs: Vec<&str> = e.names().collect();
-            if let Some(extra) = theirs.iter().find(|n| !base.contains(n)) {
+            if let Some(extra) = e.names().find(|n| !base.contains(n)) {
                 return Err(Error::invalid(format!(
                     "expert {}: tensor `{extra}` is not in the base model",
                     e.dir().display()
                 )));
             }
         }
-        let mut tensors = Vec::with_capacity(names.len());
-        for name in names {
-            let b = base.tensor(&name)?;
-            let mut taus = Vec::with_capacity(experts.len());
+        let mut tensors = vec![];
+        for name in base.names() {
+            let b = base.tensor(name)?;
             for e in &experts {
                 let where_ = || format!("expert {}: tensor `{name}`", e.dir().display());
                 let t = e
-                    .tensor(&name)
+                    .tensor(name)
                     .map_err(|_| Error::invalid(format!("{}: missing", where_())))?;
                 if t.shape != b.shape || t.dtype != b.dtype {
                     return Err(Error::invalid(format!(
@@ -89,53 +115,75 @@ impl ExpertSet {
                         b.shape
                     )));
                 }
-                let x = t.to_f32();
-                if x.iter().any(|v| !v.is_finite()) {
+                if t.to_f32().iter().any(|v| !v.is_finite()) {
                     return Err(Error::invalid(format!("{}: holds NaN or Inf", where_())));
                 }
-                taus.push(
-                    x.iter()
-                        .zip(b.to_f32())
-                        .map(|(x, b)| x - b)
-                        .collect::<Vec<f32>>(),
-                );
             }
-            let (mut factors, mut relative_error) = (vec![], vec![]);
-            if is_factorised(&name, &b.shape) {
+            if let (Rank::Truncated(r), true) = (rank, is_factorised(name, &b.shape)) {
                 let (m, n) = (b.shape[0], b.shape[1]);
-                for (i, tau) in taus.iter().enumerate() {
+                if r == 0 || r > m.min(n) {
+                    return Err(Error::invalid(format!(
+                        "rank {r} is outside 1..={} for tensor `{name}` ({m}×{n})",
+                        m.min(n)
+                    )));
+                }
+            }
+            tensors.push(TensorFactors {
+                name: name.to_string(),
+                shape: b.shape.clone(),
+                factors: vec![],
+                relative_error: vec![],
+            });
+        }
+
+        let rank_tag = format!("{rank:?}");
+        let path = cache_dir
+            .map(|d| cache::cache_path(d, &base, &experts, &rank_tag, seed))
+            .transpose()?;
+        let mut cache_status = CacheStatus::Disabled;
+        if let Some(p) = &path {
+            cache_status = match cache::load(p, &mut tensors, experts.len()) {
+                Ok(true) => CacheStatus::Hit,
+                Ok(false) => CacheStatus::Miss,
+                Err(e) => CacheStatus::Rebuilt(e.to_string()),
+            };
+        }
+        if cache_status != CacheStatus::Hit {
+            for tf in tensors
+                .iter_mut()
+                .filter(|t| is_factorised(&t.name, &t.shape))
+            {
+                let (m, n) = (tf.shape[0], tf.shape[1]);
+                let b = base.tensor(&tf.name)?.to_f32();
+                tf.factors.clear();
+                tf.relative_error.clear();
+                for (i, e) in experts.iter().enumerate() {
+                    let x = e.tensor(&tf.name)?.to_f32();
+                    let tau: Vec<f32> = x.iter().zip(&b).map(|(x, b)| x - b).collect();
                     let f = match rank {
-                        Rank::Full => exact_svd(tau, m, n, m.min(n))?,
+                        Rank::Full => exact_svd(&tau, m, n, m.min(n))?,
                         Rank::Truncated(r) => {
-                            if r == 0 || r > m.min(n) {
-                                return Err(Error::invalid(format!(
-                                    "rank {r} is outside 1..={} for tensor `{name}` ({m}×{n})",
-                                    m.min(n)
-                                )));
-                            }
                             let opts = RandomizedSvd {
                                 seed: seed ^ i as u64,
                                 ..RandomizedSvd::default()
                             };
-                            randomized_svd(tau, m, n, r, opts)?
+                            randomized_svd(&tau, m, n, r, opts)?
                         }
                     };
-                    relative_error.push(f.relative_error(tau));
-                    factors.push(f);
+                    tf.relative_error.push(f.relative_error(&tau));
+                    tf.factors.push(f);
                 }
             }
-            tensors.push(TensorFactors {
-                name,
-                shape: b.shape.clone(),
-                factors,
-                relative_error,
-            });
+            if let Some(p) = &path {
+                cache::save(p, &tensors)?;
+            }
         }
         Ok(ExpertSet {
             base,
             experts,
             tensors,
             rank,
+            cache_status,
         })
     }
 
