@@ -9,6 +9,7 @@
 pub mod cpu;
 
 use crate::error::Result;
+use crate::evolve::materialize::LowRank;
 use crate::evolve::merge::{MergeOp, Sink};
 use crate::model::{DType, HostTensor};
 
@@ -126,5 +127,20 @@ pub trait Backend: Send + Sync {
         models: &[&HostTensor],
         out_dtype: DType,
         sink: &Sink,
+    ) -> Result<()>;
+
+    /// A genome tensor to dense weights (see [`crate::evolve::materialize`]): `[m, n]` of
+    /// `out_dtype` into `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn materialize(
+        &self,
+        out: &mut [u8],
+        out_dtype: DType,
+        base: &HostTensor,
+        experts: &[&HostTensor],
+        a: &[f32],
+        low_rank: &[LowRank],
+        m: usize,
+        n: usize,
     ) -> Result<()>;
 }

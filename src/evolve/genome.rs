@@ -12,6 +12,8 @@ use std::path::Path;
 
 use super::cache;
 use super::factorize::{exact_svd, randomized_svd, Factors, RandomizedSvd};
+use super::materialize::LowRank;
+use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::{HostTensor, ModelStore};
 
@@ -187,40 +189,61 @@ impl ExpertSet {
         })
     }
 
-    /// Materialises one tensor of `genome`:
+    /// Materialises one tensor of `genome` on the CPU backend:
     /// `θ = (1 − Σ a_e)·θ_b + Σ a_e·θ_e + Σ_e U_e·diag(γ_e − a_e S_e)·V_eᵀ`, in the base dtype.
     pub fn materialize_tensor(&self, genome: &Genome, t: usize) -> Result<HostTensor> {
+        self.materialize_tensor_with(&crate::backend::cpu::CpuBackend, genome, t)
+    }
+
+    /// [`ExpertSet::materialize_tensor`] through a backend's `materialize`.
+    pub fn materialize_tensor_with<B: Backend>(
+        &self,
+        backend: &B,
+        genome: &Genome,
+        t: usize,
+    ) -> Result<HostTensor> {
         let tf = &self.tensors[t];
         let genes = &genome.tensors[t];
         let b = self.base.tensor(&tf.name)?;
-        let xs: Vec<Vec<f32>> = self
+        let xs: Vec<HostTensor> = self
             .experts
             .iter()
-            .map(|e| e.tensor(&tf.name).map(|x| x.to_f32()))
+            .map(|e| e.tensor(&tf.name))
             .collect::<Result<_>>()?;
-        let a_sum: f32 = genes.a.iter().sum();
-        let mut out: Vec<f32> = b.to_f32().iter().map(|&v| (1.0 - a_sum) * v).collect();
-        for (x, &a) in xs.iter().zip(&genes.a) {
-            out.iter_mut().zip(x).for_each(|(o, &x)| *o += a * x);
-        }
-        if !tf.factors.is_empty() {
-            let n = tf.shape[1];
-            for ((f, gamma), &a) in tf.factors.iter().zip(&genes.gamma).zip(&genes.a) {
+        let (m, n) = match tf.shape[..] {
+            [m, n] => (m, n),
+            _ => (1, b.numel()),
+        };
+        // Vᵀ makes each low-rank update a contiguous row AXPY.
+        let vts: Vec<Vec<f32>> = tf
+            .factors
+            .iter()
+            .map(|f| {
                 let r = f.rank();
-                let coef: Vec<f32> = (0..r).map(|k| gamma[k] - a * f.s[k]).collect();
-                for (i, row) in out.chunks_exact_mut(n).enumerate() {
-                    for (k, &ck) in coef.iter().enumerate() {
-                        let c = f.u[i * r + k] * ck;
-                        if c != 0.0 {
-                            row.iter_mut()
-                                .enumerate()
-                                .for_each(|(j, o)| *o += c * f.v[j * r + k]);
-                        }
-                    }
-                }
-            }
-        }
-        Ok(HostTensor::from_f32(&out, tf.shape.clone(), b.dtype))
+                (0..r)
+                    .flat_map(|k| (0..f.n).map(move |j| f.v[j * r + k]))
+                    .collect()
+            })
+            .collect();
+        let low_rank: Vec<LowRank> = tf
+            .factors
+            .iter()
+            .zip(&vts)
+            .zip(genes.gamma.iter().zip(&genes.a))
+            .map(|((f, vt), (gamma, &a))| LowRank {
+                u: &f.u,
+                vt,
+                coef: gamma.iter().zip(&f.s).map(|(g, s)| g - a * s).collect(),
+            })
+            .collect();
+        let mut out = vec![0u8; b.data().len()];
+        let refs: Vec<&HostTensor> = xs.iter().collect();
+        backend.materialize(&mut out, b.dtype, &b, &refs, &genes.a, &low_rank, m, n)?;
+        Ok(HostTensor {
+            dtype: b.dtype,
+            shape: tf.shape.clone(),
+            bytes: crate::model::TensorBytes::Owned(std::sync::Arc::new(out)),
+        })
     }
 }
 

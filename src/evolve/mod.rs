@@ -4,6 +4,7 @@
 pub mod cache;
 pub mod factorize;
 pub mod genome;
+pub mod materialize;
 pub mod merge;
 
 pub use factorize::{exact_svd, randomized_svd, Factors, RandomizedSvd};

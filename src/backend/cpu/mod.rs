@@ -8,6 +8,7 @@ use rayon::prelude::*;
 
 use super::{AttentionGeometry, Backend};
 use crate::error::{Error, Result};
+use crate::evolve::materialize::{materialize, LowRank};
 use crate::evolve::merge::{merge_tensor, MergeOp, Sink};
 use crate::model::{dtype, DType, HostTensor};
 
@@ -243,6 +244,28 @@ impl Backend for CpuBackend {
         sink: &Sink,
     ) -> Result<()> {
         merge_tensor(name, op, base, models, out_dtype, sink)
+    }
+
+    fn materialize(
+        &self,
+        out: &mut [u8],
+        out_dtype: DType,
+        base: &HostTensor,
+        experts: &[&HostTensor],
+        a: &[f32],
+        low_rank: &[LowRank],
+        m: usize,
+        n: usize,
+    ) -> Result<()> {
+        let need = m * n * out_dtype.size();
+        if out.len() != need || base.numel() != m * n || experts.iter().any(|x| x.numel() != m * n)
+        {
+            return Err(Error::invalid(format!(
+                "materialize: buffers do not match a {m}×{n} tensor of {out_dtype}"
+            )));
+        }
+        materialize(out, out_dtype, base, experts, a, low_rank, m, n);
+        Ok(())
     }
 }
 
