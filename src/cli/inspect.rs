@@ -34,9 +34,9 @@ pub fn run(a: InspectArgs) -> anyhow::Result<ExitCode> {
         Ok(_) => {}
         Err(e) => problems.push(e.to_string()),
     }
-    let stored: usize = store.dtype_counts().values().sum();
-    let dtypes: Vec<String> = store
-        .dtype_counts()
+    let dtype_counts = store.dtype_counts();
+    let stored: usize = dtype_counts.values().sum();
+    let dtypes: Vec<String> = dtype_counts
         .iter()
         .map(|(d, n)| format!("{d}: {n}"))
         .collect();
@@ -68,7 +68,7 @@ pub fn run(a: InspectArgs) -> anyhow::Result<ExitCode> {
             "config_dtype": cfg.dtype.map(|d| d.torch_name()),
             "parameters_config": cfg.num_parameters(),
             "parameters_stored": stored,
-            "dtypes": store.dtype_counts().iter().map(|(d, n)| (d.torch_name(), *n)).collect::<std::collections::BTreeMap<_, _>>(),
+            "dtypes": dtype_counts.iter().map(|(d, n)| (d.torch_name(), *n)).collect::<std::collections::BTreeMap<_, _>>(),
             "shards": shards,
             "problems": problems,
         });

@@ -11,8 +11,8 @@ use rayon::prelude::*;
 use super::factorize::Factors;
 use super::genome::TensorFactors;
 use crate::error::{Error, Result};
-use crate::model::safetensors::{build_header, TensorSpec};
-use crate::model::{read_safetensors_file, DType, ModelStore};
+use crate::model::safetensors::{build_header, parse_header, TensorSpec};
+use crate::model::{dtype, DType, ModelStore};
 
 /// Bumped whenever the factorisation or the file layout changes.
 const CACHE_VERSION: &str = "1";
@@ -127,23 +127,34 @@ pub fn load(path: &Path, tensors: &mut [TensorFactors], experts: usize) -> Resul
     if !path.is_file() {
         return Ok(false);
     }
-    let file = read_safetensors_file(path)?;
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let n = u64::from_le_bytes(bytes[..8].try_into().expect("validated header")) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n])
-        .map_err(|e| Error::format(path, format!("cache header: {e}")))?;
-    let meta = &header["__metadata__"];
-    let want = meta["checksum"].as_str().unwrap_or_default();
+    let header = parse_header(&bytes, path)?;
     // Tensors were written contiguously: the data section is everything after the header.
-    if format!("{:016x}", hash_bytes(&bytes[8 + n..])) != want {
+    let data_start = header
+        .tensors
+        .values()
+        .map(|t| t.start)
+        .min()
+        .unwrap_or(bytes.len());
+    let want = header
+        .metadata
+        .get("checksum")
+        .map(String::as_str)
+        .unwrap_or_default();
+    if format!("{:016x}", hash_bytes(&bytes[data_start..])) != want {
         return Err(Error::format(
             path,
             "factor cache checksum mismatch (corrupted)",
         ));
     }
-    let errors: BTreeMap<String, f64> =
-        serde_json::from_str(meta["relative_errors"].as_str().unwrap_or("{}"))
-            .map_err(|e| Error::format(path, format!("cache metadata: {e}")))?;
+    let errors: BTreeMap<String, f64> = serde_json::from_str(
+        header
+            .metadata
+            .get("relative_errors")
+            .map(String::as_str)
+            .unwrap_or("{}"),
+    )
+    .map_err(|e| Error::format(path, format!("cache metadata: {e}")))?;
     for tf in tensors
         .iter_mut()
         .filter(|t| super::genome::is_factorised(&t.name, &t.shape))
@@ -153,8 +164,10 @@ pub fn load(path: &Path, tensors: &mut [TensorFactors], experts: usize) -> Resul
         tf.relative_error.clear();
         for e in 0..experts {
             let get = |part: &str| {
-                file.get(&format!("{}::{e}::{part}", tf.name))
-                    .map(|t| t.to_f32())
+                header
+                    .tensors
+                    .get(&format!("{}::{e}::{part}", tf.name))
+                    .map(|t| dtype::to_f32_vec(t.dtype, &bytes[t.start..t.end]))
                     .ok_or_else(|| {
                         Error::format(path, format!("cache lacks `{}::{e}::{part}`", tf.name))
                     })

@@ -62,9 +62,7 @@ pub fn materialize(
                         }
                     }
                 }
-                let bytes = &mut Vec::with_capacity(len * esize);
-                dtype::from_f32_into(out_dtype, acc, bytes);
-                out_block.copy_from_slice(bytes);
+                dtype::from_f32_slice(out_dtype, acc, out_block);
             },
         );
 }

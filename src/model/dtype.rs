@@ -116,20 +116,30 @@ pub fn to_f32_vec(dtype: DType, src: &[u8]) -> Vec<f32> {
 /// Rounds `src` to `dtype` (round-to-nearest-even, as torch's `.to()`), appending little-endian
 /// bytes to `dst`.
 pub fn from_f32_into(dtype: DType, src: &[f32], dst: &mut Vec<u8>) {
+    let start = dst.len();
+    dst.resize(start + src.len() * dtype.size(), 0);
+    from_f32_slice(dtype, src, &mut dst[start..]);
+}
+
+/// Rounds `src` to `dtype` into `dst` (exactly `src.len()` elements' bytes), allocating nothing.
+pub fn from_f32_slice(dtype: DType, src: &[f32], dst: &mut [u8]) {
+    debug_assert_eq!(dst.len(), src.len() * dtype.size());
     match dtype {
-        DType::F32 => dst.extend_from_slice(bytemuck::cast_slice(src)),
+        DType::F32 => dst.copy_from_slice(bytemuck::cast_slice(src)),
         DType::BF16 => {
-            let start = dst.len();
-            dst.resize(start + 2 * src.len(), 0);
-            for (d, &x) in dst[start..].chunks_exact_mut(2).zip(src) {
+            for (d, &x) in dst.chunks_exact_mut(2).zip(src) {
                 d.copy_from_slice(&f32_to_bf16_bits(x).to_le_bytes());
             }
         }
-        DType::F16 => {
-            let mut tmp = vec![f16::ZERO; src.len()];
-            tmp.convert_from_f32_slice(src);
-            dst.extend_from_slice(bytemuck::cast_slice(&tmp));
-        }
+        DType::F16 => match bytemuck::try_cast_slice_mut::<u8, f16>(dst) {
+            // half's slice conversion uses F16C where the CPU has it.
+            Ok(d) => d.convert_from_f32_slice(src),
+            Err(_) => {
+                for (d, &x) in dst.chunks_exact_mut(2).zip(src) {
+                    d.copy_from_slice(&f16::from_f32(x).to_bits().to_le_bytes());
+                }
+            }
+        },
     }
 }
 
