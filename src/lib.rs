@@ -6,11 +6,13 @@
 
 pub mod backend;
 pub mod error;
+pub mod eval;
 pub mod evolve;
 pub mod llama;
 pub mod merge;
 pub mod model;
 pub mod qd;
+pub mod report;
 
 pub use error::{Error, Result};
 pub mod bench;

@@ -4,6 +4,8 @@
 mod generate;
 mod inspect;
 mod merge;
+mod run;
+mod synth;
 
 use std::process::ExitCode;
 
@@ -28,6 +30,10 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Merge models as a mergekit YAML configuration says (linear, task_arithmetic, ties, slerp).
     Merge(merge::MergeArgs),
+    /// Evolve multi-skill models (CycleQD); without --config, the built-in synthetic demo.
+    Run(run::RunArgs),
+    /// Build the synthetic demo: a tiny base, skill experts, task files and a run config.
+    Synth(synth::SynthArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -35,5 +41,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Merge(a) => merge::run(a),
+        Command::Synth(a) => synth::run(a),
+        Command::Run(a) => run::run(a),
     }
 }

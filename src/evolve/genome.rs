@@ -36,6 +36,24 @@ pub struct TensorFactors {
     pub factors: Vec<Factors>,
     /// Per expert: `‖τ − U S Vᵀ‖ / ‖τ‖`.
     pub relative_error: Vec<f64>,
+    /// Per expert: `Vᵀ` `[r, n]` row-major, so each low-rank update is a contiguous row AXPY
+    /// (kept beside the factors: materialisation runs once per child).
+    pub vt: Vec<Vec<f32>>,
+}
+
+impl TensorFactors {
+    fn fill_vt(&mut self) {
+        self.vt = self
+            .factors
+            .iter()
+            .map(|f| {
+                let r = f.rank();
+                (0..r)
+                    .flat_map(|k| (0..f.n).map(move |j| f.v[j * r + k]))
+                    .collect()
+            })
+            .collect();
+    }
 }
 
 /// The base, the experts and their factored task vectors.
@@ -135,6 +153,7 @@ impl ExpertSet {
                 shape: b.shape.clone(),
                 factors: vec![],
                 relative_error: vec![],
+                vt: vec![],
             });
         }
 
@@ -180,6 +199,7 @@ impl ExpertSet {
                 cache::save(p, &tensors)?;
             }
         }
+        tensors.iter_mut().for_each(TensorFactors::fill_vt);
         Ok(ExpertSet {
             base,
             experts,
@@ -193,6 +213,22 @@ impl ExpertSet {
     /// `θ = (1 − Σ a_e)·θ_b + Σ a_e·θ_e + Σ_e U_e·diag(γ_e − a_e S_e)·V_eᵀ`, in the base dtype.
     pub fn materialize_tensor(&self, genome: &Genome, t: usize) -> Result<HostTensor> {
         self.materialize_tensor_with(&crate::backend::cpu::CpuBackend, genome, t)
+    }
+
+    /// Every tensor of `genome`, in the expert set's order (what a child's inference reads).
+    pub fn materialize_model<B: Backend>(
+        &self,
+        backend: &B,
+        genome: &Genome,
+    ) -> Result<Vec<(String, HostTensor)>> {
+        (0..self.tensors.len())
+            .map(|t| {
+                Ok((
+                    self.tensors[t].name.clone(),
+                    self.materialize_tensor_with(backend, genome, t)?,
+                ))
+            })
+            .collect()
     }
 
     /// [`ExpertSet::materialize_tensor`] through a backend's `materialize`.
@@ -214,21 +250,11 @@ impl ExpertSet {
             [m, n] => (m, n),
             _ => (1, b.numel()),
         };
-        // Vᵀ makes each low-rank update a contiguous row AXPY.
-        let vts: Vec<Vec<f32>> = tf
-            .factors
-            .iter()
-            .map(|f| {
-                let r = f.rank();
-                (0..r)
-                    .flat_map(|k| (0..f.n).map(move |j| f.v[j * r + k]))
-                    .collect()
-            })
-            .collect();
+        let vts = &tf.vt;
         let low_rank: Vec<LowRank> = tf
             .factors
             .iter()
-            .zip(&vts)
+            .zip(vts)
             .zip(genes.gamma.iter().zip(&genes.a))
             .map(|((f, vt), (gamma, &a))| LowRank {
                 u: &f.u,
@@ -315,6 +341,65 @@ impl Genome {
     pub fn crossover(p1: &Genome, p2: &Genome, w1: f32, w2: f32) -> Genome {
         let s = w1 + w2;
         Genome::weighted_sum(&[p1, p2], &[w1 / s, w2 / s])
+    }
+
+    /// Crossover with one coefficient pair per tensor (`w1[t]`, `w2[t]`): the per-layer and
+    /// per-tensor options; equal to [`Genome::crossover`] when all pairs are equal.
+    pub fn crossover_per_tensor(p1: &Genome, p2: &Genome, w1: &[f32], w2: &[f32]) -> Genome {
+        let mut out = p1.clone();
+        for (t, tg) in out.tensors.iter_mut().enumerate() {
+            let s = w1[t] + w2[t];
+            let (c1, c2) = (w1[t] / s, w2[t] / s);
+            let (g1, g2) = (&p1.tensors[t], &p2.tensors[t]);
+            for (e, a) in tg.a.iter_mut().enumerate() {
+                *a = c1 * g1.a[e] + c2 * g2.a[e];
+            }
+            for (e, gamma) in tg.gamma.iter_mut().enumerate() {
+                for (k, v) in gamma.iter_mut().enumerate() {
+                    *v = c1 * g1.gamma[e][k] + c2 * g2.gamma[e][k];
+                }
+            }
+        }
+        out
+    }
+
+    /// All coefficients in order (per tensor: `a`, then each expert's `γ`): the genome's
+    /// on-disk form (an f32 tensor in checkpoints and archives).
+    pub fn to_flat(&self) -> Vec<f32> {
+        let mut v = vec![];
+        for t in &self.tensors {
+            v.extend_from_slice(&t.a);
+            t.gamma.iter().for_each(|g| v.extend_from_slice(g));
+        }
+        v
+    }
+
+    /// Inverse of [`Genome::to_flat`] for genomes of `set` (the layout comes from its factors).
+    pub fn from_flat(set: &ExpertSet, flat: &[f32]) -> Result<Genome> {
+        let k = set.experts.len();
+        let want: usize = set
+            .tensors
+            .iter()
+            .map(|tf| k + tf.factors.iter().map(|f| f.rank()).sum::<usize>())
+            .sum();
+        if flat.len() != want {
+            return Err(Error::invalid(format!(
+                "genome has {} coefficients, the expert set needs {want}",
+                flat.len()
+            )));
+        }
+        let mut it = flat.iter().copied();
+        let mut take = |n: usize| -> Vec<f32> { it.by_ref().take(n).collect() };
+        Ok(Genome {
+            tensors: set
+                .tensors
+                .iter()
+                .map(|tf| TensorGenes {
+                    a: take(k),
+                    gamma: tf.factors.iter().map(|f| take(f.rank())).collect(),
+                })
+                .collect(),
+        })
     }
 
     /// SVD mutation toward expert `q` (the code's form): `γ_q += w ⊙ S_q` on every factorised

@@ -7,4 +7,4 @@ pub mod model;
 pub use generate::{
     generate, score_continuations, GenerateOptions, Generation, Sampling, StopReason,
 };
-pub use model::{KvCache, LlamaModel, RunState, Step};
+pub use model::{KvCache, LlamaModel, Probe, RunState, Step};

@@ -57,6 +57,15 @@ pub struct RunState<B: Backend> {
     logits: B::Buf,
 }
 
+/// Activations of a step's logit rows, copied out by [`LlamaModel::forward_probed`].
+#[derive(Clone, Debug, Default)]
+pub struct Probe {
+    /// The last layer's `down_proj` input, `[logit_rows, intermediate_size]`.
+    pub last_mlp_input: Vec<f32>,
+    /// The final-norm output that feeds `lm_head`, `[logit_rows, hidden_size]`.
+    pub final_hidden: Vec<f32>,
+}
+
 /// One ragged batch of tokens.
 #[derive(Clone, Debug, Default)]
 pub struct Step {
@@ -208,6 +217,20 @@ impl<B: Backend> LlamaModel<B> {
         st: &mut RunState<B>,
         logits: &mut Vec<f32>,
     ) -> Result<()> {
+        self.forward_probed(backend, step, cache, st, logits, None)
+    }
+
+    /// [`LlamaModel::forward`], also copying internal activations of the logit rows into
+    /// `probe` (used to compute closed-form weight edits, e.g. by `synth`).
+    pub fn forward_probed(
+        &self,
+        backend: &B,
+        step: &Step,
+        cache: &mut KvCache<B>,
+        st: &mut RunState<B>,
+        logits: &mut Vec<f32>,
+        mut probe: Option<&mut Probe>,
+    ) -> Result<()> {
         let c = &self.config;
         let rows = step.tokens.len();
         if rows == 0 {
@@ -300,6 +323,12 @@ impl<B: Backend> LlamaModel<B> {
             backend.matmul_t(&mut st.gate, &st.xb, &layer.gate, rows, inter, h)?;
             backend.matmul_t(&mut st.up, &st.xb, &layer.up, rows, inter, h)?;
             backend.swiglu(&mut st.gate, &st.up, rows * inter)?;
+            if let (Some(p), true) = (probe.as_deref_mut(), l + 1 == self.layers.len()) {
+                // `up` is dead after SwiGLU: reuse it for the gathered rows.
+                backend.gather_rows(&mut st.up, &st.gate, &step.logit_rows, inter)?;
+                p.last_mlp_input.resize(n_logits * inter, 0.0);
+                backend.download(&mut p.last_mlp_input, &st.up)?;
+            }
             backend.matmul_t(&mut st.xb, &st.gate, &layer.down, rows, h, inter)?;
             backend.add_assign(&mut st.x, &st.xb, rows * h)?;
         }
@@ -311,6 +340,10 @@ impl<B: Backend> LlamaModel<B> {
         // Only the wanted rows go through the final norm and the (large) lm_head.
         backend.gather_rows(&mut st.xb, &st.x, &step.logit_rows, h)?;
         backend.rms_norm(&mut st.picked, &st.xb, &self.norm, n_logits, h, eps)?;
+        if let Some(p) = probe {
+            p.final_hidden.resize(n_logits * h, 0.0);
+            backend.download(&mut p.final_hidden, &st.picked)?;
+        }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         backend.matmul_t(&mut st.logits, &st.picked, head, n_logits, c.vocab_size, h)?;
         backend.download(logits, &st.logits)

@@ -12,6 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::evolve::MergeOp;
 use crate::model::{CheckpointWriter, HostTensor, LlamaConfig, ModelStore, TensorSpec};
 
 pub use config::{MergeConfig, Method, ResolvedMerge};
@@ -193,4 +194,40 @@ fn check_same_shape(a: &LlamaConfig, a_name: &str, b: &LlamaConfig, b_name: &str
         }
     }
     Ok(())
+}
+
+/// Merges every tensor of `base` with `models` in memory (the run's baseline merges), in the
+/// base's dtype and tensor order.
+pub fn merge_in_memory<B: Backend>(
+    backend: &B,
+    base: &ModelStore,
+    models: &[&ModelStore],
+    op: &MergeOp,
+) -> Result<Vec<(String, HostTensor)>> {
+    base.names()
+        .map(|name| {
+            let b = base.tensor(name)?;
+            let xs: Vec<HostTensor> = models
+                .iter()
+                .map(|m| m.tensor(name))
+                .collect::<Result<_>>()?;
+            let refs: Vec<&HostTensor> = xs.iter().collect();
+            let out = std::sync::Mutex::new(vec![0u8; b.data().len()]);
+            let sink = |off: usize, bytes: &[u8]| -> Result<()> {
+                out.lock().expect("merge sink")[off..off + bytes.len()].copy_from_slice(bytes);
+                Ok(())
+            };
+            let base_arg = op.needs_base().then_some(&b);
+            backend.merge(name, op, base_arg, &refs, b.dtype, &sink)?;
+            let bytes = out.into_inner().expect("merge sink");
+            Ok((
+                name.to_string(),
+                HostTensor {
+                    dtype: b.dtype,
+                    shape: b.shape.clone(),
+                    bytes: crate::model::TensorBytes::Owned(std::sync::Arc::new(bytes)),
+                },
+            ))
+        })
+        .collect()
 }

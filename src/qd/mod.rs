@@ -1,6 +1,11 @@
-//! Quality diversity: MAP-Elites archives and CycleQD's elite sampling. The cycle loop and
-//! checkpoint/resume join them.
+//! Quality diversity: MAP-Elites archives with CycleQD's elite sampling, the cycle loop over
+//! genomes, the run configuration and checkpoints.
 
 pub mod archive;
+pub mod checkpoint;
+pub mod config;
+pub mod cycle;
 
 pub use archive::{AddStatus, ArchiveStats, Elite, EliteSampling, GridArchive};
+pub use config::RunConfig;
+pub use cycle::{ChildEvent, Evaluator, Individual, Operators, Population};

@@ -4,3 +4,6 @@
 pub mod random;
 
 pub use random::{random_llama, LlamaShape};
+pub mod skills;
+
+pub use skills::{synthesize, SynthOptions, SynthReport};

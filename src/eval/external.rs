@@ -1,0 +1,173 @@
+//! External evaluators: a user command (an argument list, never a shell) run on an exported
+//! checkpoint of the child, for benchmarks the engine cannot run itself (agent tasks in
+//! sandboxes). `{model}` and `{task}` in the arguments are replaced by the checkpoint directory
+//! and the task's name; without `{model}` the directory is appended as the last argument. The
+//! command must exit 0 and print `{"score": x}` (x finite) as its last non-empty stdout line.
+//! Anything else — a crash, a timeout (the process is killed), garbage — is an
+//! [`ExternalFailure`] with the reason, so the caller can mark the child failed and go on.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How an external evaluation failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalFailure(pub String);
+
+impl std::fmt::Display for ExternalFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ExternalEvaluator {
+    pub command: Vec<String>,
+    pub timeout: Duration,
+}
+
+impl ExternalEvaluator {
+    /// The argument list for one evaluation.
+    pub fn arguments(&self, model_dir: &Path, task: &str) -> Vec<String> {
+        let dir = model_dir.display().to_string();
+        let mut args: Vec<String> = self
+            .command
+            .iter()
+            .map(|a| a.replace("{model}", &dir).replace("{task}", task))
+            .collect();
+        if !self.command.iter().any(|a| a.contains("{model}")) {
+            args.push(dir);
+        }
+        args
+    }
+
+    /// Runs the command on `model_dir` and returns its score.
+    pub fn score(&self, model_dir: &Path, task: &str) -> Result<f64, ExternalFailure> {
+        let args = self.arguments(model_dir, task);
+        let (program, rest) = args
+            .split_first()
+            .ok_or_else(|| ExternalFailure("the evaluator command is empty".into()))?;
+        let mut child = Command::new(program)
+            .args(rest)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| ExternalFailure(format!("cannot start `{program}`: {e}")))?;
+        // Drain both pipes on threads so a chatty evaluator cannot block on a full pipe.
+        let drain = |mut r: Box<dyn Read + Send>| {
+            std::thread::spawn(move || {
+                let mut s = Vec::new();
+                let _ = r.read_to_end(&mut s);
+                String::from_utf8_lossy(&s).into_owned()
+            })
+        };
+        let out = drain(Box::new(child.stdout.take().expect("piped stdout")));
+        let err = drain(Box::new(child.stderr.take().expect("piped stderr")));
+        let start = Instant::now();
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(s)) => break s,
+                Ok(None) if start.elapsed() >= self.timeout => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(ExternalFailure(format!(
+                        "`{program}` timed out after {:.1} s and was killed",
+                        self.timeout.as_secs_f64()
+                    )));
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => return Err(ExternalFailure(format!("waiting for `{program}`: {e}"))),
+            }
+        };
+        let stdout = out.join().unwrap_or_default();
+        let stderr = err.join().unwrap_or_default();
+        if !status.success() {
+            let last = stderr.lines().rev().find(|l| !l.trim().is_empty());
+            return Err(ExternalFailure(format!(
+                "`{program}` failed ({status}){}",
+                last.map(|l| format!(": {}", l.trim())).unwrap_or_default()
+            )));
+        }
+        parse_score(&stdout).map_err(|m| ExternalFailure(format!("`{program}`: {m}")))
+    }
+}
+
+/// The score in the last non-empty line of an evaluator's stdout.
+pub fn parse_score(stdout: &str) -> Result<f64, String> {
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .ok_or("printed nothing (expected {\"score\": x})")?;
+    let short: String = line.chars().take(80).collect();
+    let v: serde_json::Value = serde_json::from_str(line.trim())
+        .map_err(|_| format!("last line is not JSON: `{short}`"))?;
+    let x = v
+        .get("score")
+        .and_then(|s| s.as_f64())
+        .ok_or_else(|| format!("last line has no numeric `score`: `{short}`"))?;
+    if !x.is_finite() {
+        return Err(format!("score is not finite: {x}"));
+    }
+    Ok(x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str, timeout_ms: u64) -> ExternalEvaluator {
+        ExternalEvaluator {
+            command: vec!["sh".into(), "-c".into(), script.into(), "eval".into()],
+            timeout: Duration::from_millis(timeout_ms),
+        }
+    }
+
+    #[test]
+    fn substitutes_or_appends_the_model_dir() {
+        let e = ExternalEvaluator {
+            command: vec!["ev".into(), "--model={model}".into(), "{task}".into()],
+            timeout: Duration::from_secs(1),
+        };
+        assert_eq!(
+            e.arguments(Path::new("/m"), "code"),
+            ["ev", "--model=/m", "code"]
+        );
+        let e = ExternalEvaluator {
+            command: vec!["ev".into()],
+            timeout: Duration::from_secs(1),
+        };
+        assert_eq!(e.arguments(Path::new("/m"), "code"), ["ev", "/m"]);
+    }
+
+    #[test]
+    fn reads_the_score_and_reports_every_failure() {
+        let dir = Path::new("/tmp");
+        let ok = sh("echo progress; echo '{\"score\": 0.25}'", 5000);
+        assert_eq!(ok.score(dir, "t"), Ok(0.25));
+        // The model dir is the script's $1 (appended).
+        let echo_dir = sh("echo \"{\\\"score\\\": ${#1}}\"", 5000);
+        assert_eq!(echo_dir.score(dir, "t"), Ok(4.0));
+        for (script, timeout, want) in [
+            ("echo boom >&2; exit 3", 5000, "boom"),
+            ("echo not json", 5000, "not JSON"),
+            ("echo '{\"score\": \"high\"}'", 5000, "no numeric"),
+            ("true", 5000, "printed nothing"),
+            ("sleep 5", 200, "timed out"),
+        ] {
+            let e = sh(script, timeout).score(dir, "t").unwrap_err();
+            assert!(e.0.contains(want), "{script}: {e}");
+        }
+        let missing = ExternalEvaluator {
+            command: vec!["/nonexistent/evaluator".into()],
+            timeout: Duration::from_secs(1),
+        };
+        assert!(missing
+            .score(dir, "t")
+            .unwrap_err()
+            .0
+            .contains("cannot start"));
+    }
+}

@@ -1,0 +1,458 @@
+//! The run configuration (`cycleqd.toml`): the base, one expert and task per skill, the
+//! factorisation rank and the operators' parameters. Unknown keys are errors (a typo must not
+//! silently fall back to a default); every value is checked with an error naming its key.
+//! Paths are relative to the configuration file.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::evolve::Rank;
+use crate::qd::EliteSampling;
+
+/// `rank = "full"` or `rank = 64`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RankSpec {
+    Name(String),
+    Value(usize),
+}
+
+impl RankSpec {
+    pub fn resolve(&self) -> std::result::Result<Rank, String> {
+        match self {
+            RankSpec::Name(n) if n == "full" => Ok(Rank::Full),
+            RankSpec::Name(n) => Err(format!("`{n}` is not \"full\" or a positive integer")),
+            RankSpec::Value(0) => Err("must be at least 1".into()),
+            RankSpec::Value(r) => Ok(Rank::Truncated(*r)),
+        }
+    }
+}
+
+/// A measure range: `[lo, hi]`, or `"experts"` for the paper's rule (85% of the weakest
+/// expert's score to 115% of the strongest).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RangeSpec {
+    Explicit([f64; 2]),
+    Rule(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskConfig {
+    pub name: String,
+    /// The expert checkpoint of this task's skill.
+    pub expert: PathBuf,
+    /// JSONL examples scored as fitness (or use `evaluator`).
+    #[serde(default)]
+    pub fitness: Option<PathBuf>,
+    /// JSONL examples never used for selection, scored for the final table.
+    #[serde(default)]
+    pub heldout: Option<PathBuf>,
+    #[serde(default = "default_metric")]
+    pub metric: String,
+    #[serde(default)]
+    pub pattern: Option<String>,
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: usize,
+    #[serde(default)]
+    pub stop: Vec<String>,
+    /// Range of this task's score where it is a measure (default `[0, 1]`).
+    #[serde(default)]
+    pub measure_range: Option<RangeSpec>,
+    /// An external evaluator command (argument list) instead of `fitness`.
+    #[serde(default)]
+    pub evaluator: Option<Vec<String>>,
+    #[serde(default = "default_evaluator_timeout")]
+    pub evaluator_timeout_s: f64,
+}
+
+/// How crossover coefficients are drawn: one pair for the model (CycleQD's code), per layer,
+/// or per tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Granularity {
+    Model,
+    Layer,
+    Tensor,
+}
+
+/// Which model `final/` holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinalRule {
+    /// The archive elite with the highest mean fitness across tasks.
+    BestMean,
+    /// The paper's `Σ softmax(f)_k · g_k` over each archive's best elite.
+    Softmax,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Evolution {
+    #[serde(default = "default_generations")]
+    pub generations: u64,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "default_bins")]
+    pub bins: usize,
+    #[serde(default = "one")]
+    pub crossover_mean: f32,
+    #[serde(default = "default_crossover_std")]
+    pub crossover_std: f32,
+    #[serde(default = "default_granularity")]
+    pub crossover_granularity: Granularity,
+    #[serde(default = "default_w_max")]
+    pub mutation_w_max: f32,
+    /// `code` (weights in [0.5, 1.3]), `paper` ([alpha_low, alpha_high], default [0.5, 0.8])
+    /// or `uniform`.
+    #[serde(default = "default_sampling")]
+    pub elite_sampling: String,
+    #[serde(default)]
+    pub alpha_low: Option<f64>,
+    #[serde(default)]
+    pub alpha_high: Option<f64>,
+    #[serde(default = "default_final")]
+    pub final_model: FinalRule,
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+    #[serde(default = "one_usize")]
+    pub workers: usize,
+    /// Sequences per forward batch when scoring.
+    #[serde(default = "default_batch")]
+    pub eval_batch: usize,
+}
+
+impl Default for Evolution {
+    fn default() -> Self {
+        toml::from_str("").expect("every field has a default")
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub base: PathBuf,
+    #[serde(default = "default_rank")]
+    pub rank: RankSpec,
+    /// Where factors are cached (default: `factors/` in the run folder).
+    #[serde(default)]
+    pub factor_cache: Option<PathBuf>,
+    #[serde(default)]
+    pub evolution: Evolution,
+    pub tasks: Vec<TaskConfig>,
+}
+
+fn default_metric() -> String {
+    "exact_match".into()
+}
+fn default_max_new_tokens() -> usize {
+    32
+}
+fn default_evaluator_timeout() -> f64 {
+    600.0
+}
+fn default_generations() -> u64 {
+    1200
+}
+fn default_bins() -> usize {
+    15
+}
+fn one() -> f32 {
+    1.0
+}
+fn one_usize() -> usize {
+    1
+}
+fn default_crossover_std() -> f32 {
+    0.01
+}
+fn default_granularity() -> Granularity {
+    Granularity::Model
+}
+fn default_w_max() -> f32 {
+    0.1
+}
+fn default_sampling() -> String {
+    "code".into()
+}
+fn default_final() -> FinalRule {
+    FinalRule::BestMean
+}
+fn default_checkpoint_every() -> u64 {
+    25
+}
+fn default_batch() -> usize {
+    256
+}
+fn default_rank() -> RankSpec {
+    RankSpec::Name("full".into())
+}
+
+impl RunConfig {
+    /// Reads, resolves paths against the file's folder, and validates.
+    pub fn load(path: &Path) -> Result<RunConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let mut c: RunConfig = toml::from_str(&text).map_err(|e| {
+            // toml's messages span lines (a source excerpt): keep them on one.
+            let msg = e.message().to_string();
+            let at = e
+                .span()
+                .map(|s| format!("line {}: ", text[..s.start].lines().count().max(1)))
+                .unwrap_or_default();
+            Error::config(path, format!("{at}{msg}"))
+        })?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let abs = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        };
+        abs(&mut c.base);
+        if let Some(p) = &mut c.factor_cache {
+            abs(p);
+        }
+        for t in &mut c.tasks {
+            abs(&mut t.expert);
+            if let Some(p) = &mut t.fitness {
+                abs(p);
+            }
+            if let Some(p) = &mut t.heldout {
+                abs(p);
+            }
+        }
+        c.validate().map_err(|m| Error::config(path, m))?;
+        Ok(c)
+    }
+
+    /// Checks every value; the message names the key.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        self.rank.resolve().map_err(|m| format!("`rank`: {m}"))?;
+        if self.tasks.len() < 2 {
+            return Err(format!(
+                "`tasks`: CycleQD needs at least 2 tasks (one expert each), got {}",
+                self.tasks.len()
+            ));
+        }
+        for (i, t) in self.tasks.iter().enumerate() {
+            let key = |k: &str| format!("`tasks[{i}].{k}` ({})", t.name);
+            if t.name.is_empty() || t.name.contains(['/', '\\']) {
+                return Err(format!(
+                    "{}: must be non-empty, without slashes",
+                    key("name")
+                ));
+            }
+            if self.tasks[..i].iter().any(|o| o.name == t.name) {
+                return Err(format!("{}: duplicate task name", key("name")));
+            }
+            match (&t.fitness, &t.evaluator) {
+                (None, None) => {
+                    return Err(format!(
+                        "{}: a task needs `fitness` or `evaluator`",
+                        key("fitness")
+                    ))
+                }
+                (Some(_), Some(_)) => {
+                    return Err(format!(
+                        "{}: give `fitness` or `evaluator`, not both",
+                        key("evaluator")
+                    ))
+                }
+                (_, Some(cmd)) if cmd.is_empty() => {
+                    return Err(format!("{}: the command is empty", key("evaluator")))
+                }
+                _ => {}
+            }
+            if !(t.evaluator_timeout_s > 0.0 && t.evaluator_timeout_s.is_finite()) {
+                return Err(format!("{}: must be > 0", key("evaluator_timeout_s")));
+            }
+            crate::eval::Metric::parse(&t.metric, t.pattern.as_deref())
+                .map_err(|m| format!("{}: {m}", key("metric")))?;
+            if t.max_new_tokens == 0 {
+                return Err(format!("{}: must be at least 1", key("max_new_tokens")));
+            }
+            match &t.measure_range {
+                Some(RangeSpec::Explicit([lo, hi]))
+                    if lo.partial_cmp(hi) != Some(std::cmp::Ordering::Less) =>
+                {
+                    return Err(format!(
+                        "{}: lo ({lo}) must be below hi ({hi})",
+                        key("measure_range")
+                    ))
+                }
+                Some(RangeSpec::Rule(r)) if r != "experts" => {
+                    return Err(format!(
+                        "{}: `{r}` is not [lo, hi] or \"experts\"",
+                        key("measure_range")
+                    ))
+                }
+                _ => {}
+            }
+        }
+        let e = &self.evolution;
+        if e.bins == 0 {
+            return Err("`evolution.bins`: must be at least 1".into());
+        }
+        if !(e.crossover_mean.is_finite() && e.crossover_mean > 0.0) {
+            return Err("`evolution.crossover_mean`: must be > 0".into());
+        }
+        if !(e.crossover_std.is_finite() && e.crossover_std >= 0.0) {
+            return Err("`evolution.crossover_std`: must be ≥ 0".into());
+        }
+        if !(e.mutation_w_max.is_finite() && e.mutation_w_max >= 0.0) {
+            return Err("`evolution.mutation_w_max`: must be ≥ 0".into());
+        }
+        self.elite_sampling()?;
+        if e.checkpoint_every == 0 {
+            return Err("`evolution.checkpoint_every`: must be at least 1".into());
+        }
+        if e.workers != 1 {
+            return Err(format!(
+                "`evolution.workers`: {} workers need one device each; this build runs one (CPU) worker",
+                e.workers
+            ));
+        }
+        if e.eval_batch == 0 {
+            return Err("`evolution.eval_batch`: must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    pub fn rank(&self) -> Rank {
+        self.rank.resolve().expect("validated")
+    }
+
+    pub fn elite_sampling(&self) -> std::result::Result<EliteSampling, String> {
+        let e = &self.evolution;
+        let (lo, hi) = match e.elite_sampling.as_str() {
+            "code" => (0.5, 1.3),
+            "paper" => (0.5, 0.8),
+            "uniform" => {
+                if e.alpha_low.is_some() || e.alpha_high.is_some() {
+                    return Err(
+                        "`evolution.alpha_low`/`alpha_high`: not used by uniform sampling".into(),
+                    );
+                }
+                return Ok(EliteSampling::Uniform);
+            }
+            other => {
+                return Err(format!(
+                    "`evolution.elite_sampling`: `{other}` is not code, paper or uniform"
+                ))
+            }
+        };
+        let (alpha_low, alpha_high) = (e.alpha_low.unwrap_or(lo), e.alpha_high.unwrap_or(hi));
+        if !(alpha_low.is_finite()
+            && alpha_high.is_finite()
+            && 0.0 < alpha_low
+            && alpha_low <= alpha_high)
+        {
+            return Err(format!(
+                "`evolution.alpha_low`/`alpha_high`: need 0 < low ≤ high, got {alpha_low}, {alpha_high}"
+            ));
+        }
+        Ok(EliteSampling::Weighted {
+            alpha_low,
+            alpha_high,
+        })
+    }
+
+    /// The configuration as TOML (the run folder's `config.toml`, paths resolved).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the configuration serialises")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+base = "base"
+[evolution]
+generations = 10
+[[tasks]]
+name = "a"
+expert = "ea"
+fitness = "a.jsonl"
+[[tasks]]
+name = "b"
+expert = "eb"
+fitness = "b.jsonl"
+measure_range = [0.0, 0.5]
+"#;
+
+    fn load(text: &str) -> Result<RunConfig> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("cycleqd.toml");
+        std::fs::write(&p, text).unwrap();
+        RunConfig::load(&p)
+    }
+
+    #[test]
+    fn defaults_resolve_and_round_trip() {
+        let c = load(GOOD).unwrap();
+        assert_eq!(c.rank(), Rank::Full);
+        assert!(c.base.is_absolute() && c.tasks[0].fitness.as_ref().unwrap().is_absolute());
+        assert_eq!(c.evolution.generations, 10);
+        assert_eq!(c.evolution.mutation_w_max, 0.1);
+        assert_eq!(c.evolution.crossover_std, 0.01);
+        assert_eq!(c.evolution.final_model, FinalRule::BestMean);
+        assert_eq!(c.tasks[0].max_new_tokens, 32);
+        let again: RunConfig = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(again, c);
+    }
+
+    #[test]
+    fn every_bad_value_names_its_key() {
+        for (edit, want) in [
+            (
+                ("generations = 10", "generation = 10"),
+                "unknown field `generation`",
+            ),
+            (("[0.0, 0.5]", "[0.5, 0.5]"), "measure_range"),
+            (("[0.0, 0.5]", "\"paper\""), "measure_range"),
+            (
+                ("generations = 10", "generations = 10\nbins = 0"),
+                "evolution.bins",
+            ),
+            (
+                ("generations = 10", "generations = 10\nworkers = 2"),
+                "evolution.workers",
+            ),
+            (
+                (
+                    "generations = 10",
+                    "generations = 10\nelite_sampling = \"x\"",
+                ),
+                "elite_sampling",
+            ),
+            (
+                (
+                    "fitness = \"a.jsonl\"",
+                    "fitness = \"a.jsonl\"\nmetric = \"bleu\"",
+                ),
+                "tasks[0].metric",
+            ),
+            (
+                (
+                    "fitness = \"a.jsonl\"",
+                    "evaluator = [\"x\"]\nfitness = \"a.jsonl\"",
+                ),
+                "not both",
+            ),
+            (("base = \"base\"", "base = \"base\"\nrank = 0"), "`rank`"),
+            (("name = \"b\"", "name = \"a\""), "duplicate"),
+        ] {
+            let text = GOOD.replacen(edit.0, edit.1, 1);
+            let e = load(&text).unwrap_err().to_string();
+            assert!(
+                e.contains("cycleqd.toml") && e.contains(want),
+                "{edit:?}: {e}"
+            );
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+    }
+}

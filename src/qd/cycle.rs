@@ -1,0 +1,326 @@
+//! The CycleQD loop (`cycleqd.md` §1), on genomes: one archive per task; child `n` takes the
+//! quality task `n mod K`, draws two parents from that archive by elite sampling, crosses them
+//! over, mutates along the quality expert's singular directions, is scored on every task and
+//! offered to every archive. All randomness of child `n` comes from an RNG seeded by
+//! `(run seed, n)`, so a run replays exactly and can resume from any checkpoint.
+
+use std::collections::BTreeMap;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+use serde::{Deserialize, Serialize};
+
+use super::archive::{AddStatus, ArchiveStats, EliteSampling, GridArchive};
+use crate::error::{Error, Result};
+use crate::evolve::{ExpertSet, Genome};
+
+/// Scores a genome on every task: `Ok(Err(reason))` marks a failed child (the run goes on),
+/// `Err` is fatal (I/O, a broken invariant).
+pub trait Evaluator {
+    fn evaluate(
+        &mut self,
+        genome: &Genome,
+        id: &str,
+    ) -> Result<std::result::Result<Vec<f64>, String>>;
+}
+
+/// The operators' parameters.
+#[derive(Clone, Debug)]
+pub struct Operators {
+    pub seed: u64,
+    pub crossover_mean: f32,
+    pub crossover_std: f32,
+    /// Coefficient group of each tensor (all 0: model-wise; per layer; or one per tensor).
+    pub groups: Vec<usize>,
+    pub mutation_w_max: f32,
+    pub sampling: EliteSampling,
+}
+
+/// An evaluated individual; its genome is kept beside it while some archive holds it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Individual {
+    pub id: String,
+    /// Fitness per task, in task order.
+    pub fitness: Vec<f64>,
+}
+
+impl Individual {
+    pub fn mean_fitness(&self) -> f64 {
+        self.fitness.iter().sum::<f64>() / self.fitness.len().max(1) as f64
+    }
+}
+
+/// The archives' statistics after some number of evaluations.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HistoryPoint {
+    pub evaluations: u64,
+    pub stats: Vec<ArchiveStats>,
+}
+
+/// Everything the loop owns: the archives, the individuals they hold, and the history.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Population {
+    pub tasks: Vec<String>,
+    /// Children produced so far (child numbers are 1-based).
+    pub children_done: u64,
+    pub failed: u64,
+    pub archives: Vec<GridArchive<String>>,
+    /// Individuals held by at least one archive, by id.
+    pub individuals: BTreeMap<String, Individual>,
+    #[serde(skip)]
+    pub genomes: BTreeMap<String, Genome>,
+    /// The experts as first evaluated (kept for the report even once displaced).
+    pub experts: Vec<Individual>,
+    pub history: Vec<HistoryPoint>,
+}
+
+/// One line of `events.jsonl`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ChildEvent {
+    pub child: u64,
+    pub id: String,
+    pub quality_task: String,
+    /// The archive the parents came from (the quality task's, unless it had < 2 elites).
+    pub parents_from: String,
+    pub parents: [String; 2],
+    /// `[ω₁, ω₂]` per coefficient group.
+    pub crossover_weights: Vec<[f32; 2]>,
+    /// The RNG of this child is seeded by `(run seed, child)`.
+    pub seed: [u64; 2],
+    pub scores: Option<Vec<f64>>,
+    pub failed: Option<String>,
+    /// Archives the child entered, with how.
+    pub entered: BTreeMap<String, AddStatus>,
+    pub seconds: f64,
+}
+
+/// The RNG of child `n` of a run.
+pub fn child_rng(seed: u64, n: u64) -> ChaCha8Rng {
+    let mut s = [0u8; 32];
+    s[..8].copy_from_slice(&seed.to_le_bytes());
+    s[8..16].copy_from_slice(&n.to_le_bytes());
+    s[16..24].copy_from_slice(b"cycleqd!");
+    ChaCha8Rng::from_seed(s)
+}
+
+/// Coefficient groups for crossover: `model` → one, `layer` → one per `model.layers.{i}` plus
+/// one for all other tensors, `tensor` → one per tensor.
+pub fn coefficient_groups(names: &[&str], granularity: super::config::Granularity) -> Vec<usize> {
+    use super::config::Granularity::*;
+    match granularity {
+        Model => vec![0; names.len()],
+        Tensor => (0..names.len()).collect(),
+        Layer => names
+            .iter()
+            .map(|n| {
+                n.strip_prefix("model.layers.")
+                    .and_then(|r| r.split('.').next())
+                    .and_then(|i| i.parse::<usize>().ok())
+                    .map_or(0, |i| i + 1)
+            })
+            .collect(),
+    }
+}
+
+impl Population {
+    /// Archives for `tasks` (measure ranges per task, `bins` per measure), seeded with the
+    /// experts: expert `k` has `fitness[k]` and genome [`Genome::seed`]`(k)`.
+    pub fn new(
+        set: &ExpertSet,
+        tasks: Vec<String>,
+        ranges: &[(f64, f64)],
+        bins: usize,
+        expert_fitness: Vec<Vec<f64>>,
+    ) -> Result<Population> {
+        let k = tasks.len();
+        if set.experts.len() != k || ranges.len() != k || expert_fitness.len() != k {
+            return Err(Error::invalid(format!(
+                "{k} tasks need {k} experts, ranges and expert scores"
+            )));
+        }
+        let archives = (0..k)
+            .map(|q| {
+                let r = (0..k).filter(|&d| d != q).map(|d| ranges[d]).collect();
+                GridArchive::new(bins, r, 0.0)
+            })
+            .collect::<Result<_>>()?;
+        let mut pop = Population {
+            tasks,
+            children_done: 0,
+            failed: 0,
+            archives,
+            individuals: BTreeMap::new(),
+            genomes: BTreeMap::new(),
+            experts: vec![],
+            history: vec![],
+        };
+        for (e, fitness) in expert_fitness.into_iter().enumerate() {
+            let ind = Individual {
+                id: format!("expert-{}", pop.tasks[e]),
+                fitness,
+            };
+            pop.experts.push(ind.clone());
+            pop.offer(ind, Genome::seed(set, e))?;
+        }
+        pop.record(k as u64);
+        Ok(pop)
+    }
+
+    /// Offers an evaluated individual to every archive (objective `f[k]`, measures the other
+    /// scores); keeps it if any archive took it and drops individuals no archive holds.
+    pub fn offer(
+        &mut self,
+        ind: Individual,
+        genome: Genome,
+    ) -> Result<BTreeMap<String, AddStatus>> {
+        let mut entered = BTreeMap::new();
+        for (k, archive) in self.archives.iter_mut().enumerate() {
+            let measures: Vec<f64> = (0..ind.fitness.len())
+                .filter(|&d| d != k)
+                .map(|d| ind.fitness[d])
+                .collect();
+            let status = archive.add(ind.id.clone(), ind.fitness[k], &measures)?;
+            if status != AddStatus::NotAdded {
+                entered.insert(self.tasks[k].clone(), status);
+            }
+        }
+        if !entered.is_empty() {
+            self.genomes.insert(ind.id.clone(), genome);
+            self.individuals.insert(ind.id.clone(), ind);
+            let held: std::collections::BTreeSet<&String> = self
+                .archives
+                .iter()
+                .flat_map(|a| a.elites().map(|e| &e.solution))
+                .collect();
+            self.individuals.retain(|id, _| held.contains(id));
+            self.genomes.retain(|id, _| held.contains(id));
+        }
+        Ok(entered)
+    }
+
+    fn record(&mut self, evaluations: u64) {
+        self.history.push(HistoryPoint {
+            evaluations,
+            stats: self.archives.iter().map(|a| a.stats()).collect(),
+        });
+    }
+
+    /// Evaluations so far (experts included).
+    pub fn evaluations(&self) -> u64 {
+        self.tasks.len() as u64 + self.children_done
+    }
+
+    /// Produces, evaluates and offers the next child.
+    pub fn step(
+        &mut self,
+        set: &ExpertSet,
+        ops: &Operators,
+        evaluator: &mut dyn Evaluator,
+    ) -> Result<ChildEvent> {
+        let start = std::time::Instant::now();
+        let n = self.children_done + 1;
+        let k = self.tasks.len();
+        let q = ((n - 1) % k as u64) as usize;
+        let mut rng = child_rng(ops.seed, n);
+
+        // Parents: the quality archive, else the fullest one that can breed.
+        let from = if self.archives[q].len() >= 2 {
+            q
+        } else {
+            (0..k)
+                .filter(|&a| self.archives[a].len() >= 2)
+                .max_by_key(|&a| (self.archives[a].len(), std::cmp::Reverse(a)))
+                .ok_or_else(|| Error::invalid("no archive has 2 elites to breed from"))?
+        };
+        let (i1, i2) = ops.sampling.sample_pair(&self.archives[from], &mut rng)?;
+        let elites: Vec<&String> = self.archives[from].elites().map(|e| &e.solution).collect();
+        let (p1, p2) = (elites[i1].clone(), elites[i2].clone());
+
+        let groups = ops.groups.iter().copied().max().map_or(0, |g| g + 1);
+        let normal = Normal::new(ops.crossover_mean, ops.crossover_std)
+            .map_err(|e| Error::invalid(format!("crossover coefficients: {e}")))?;
+        let weights: Vec<[f32; 2]> = (0..groups)
+            .map(|_| {
+                // ω ≤ 0 would flip or blow up the normalised merge: redraw (never happens at
+                // the default σ = 0.01).
+                let mut draw = || loop {
+                    let w = normal.sample(&mut rng);
+                    if w > 0.0 {
+                        break w;
+                    }
+                };
+                [draw(), draw()]
+            })
+            .collect();
+        let (g1, g2) = (&self.genomes[&p1], &self.genomes[&p2]);
+        let w1: Vec<f32> = ops.groups.iter().map(|&g| weights[g][0]).collect();
+        let w2: Vec<f32> = ops.groups.iter().map(|&g| weights[g][1]).collect();
+        let mut child = Genome::crossover_per_tensor(g1, g2, &w1, &w2);
+        let w = Genome::draw_mutation(set, q, ops.mutation_w_max, &mut rng);
+        child.mutate(set, q, &w, ops.mutation_w_max);
+        // Keep the stream position independent of how many draws the operators made.
+        let _: u64 = rng.random();
+
+        let id = format!("child-{n}");
+        let outcome = evaluator.evaluate(&child, &id)?;
+        self.children_done = n;
+        let (scores, failed, entered) = match outcome {
+            Ok(f) if f.len() == k && f.iter().all(|x| x.is_finite()) => {
+                let entered = self.offer(
+                    Individual {
+                        id: id.clone(),
+                        fitness: f.clone(),
+                    },
+                    child,
+                )?;
+                (Some(f), None, entered)
+            }
+            Ok(f) => {
+                self.failed += 1;
+                (
+                    None,
+                    Some(format!("evaluator returned {} scores ({f:?})", f.len())),
+                    BTreeMap::new(),
+                )
+            }
+            Err(reason) => {
+                self.failed += 1;
+                (None, Some(reason), BTreeMap::new())
+            }
+        };
+        self.record(self.evaluations());
+        Ok(ChildEvent {
+            child: n,
+            id,
+            quality_task: self.tasks[q].clone(),
+            parents_from: self.tasks[from].clone(),
+            parents: [p1, p2],
+            crossover_weights: weights,
+            seed: [ops.seed, n],
+            scores,
+            failed,
+            entered,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Each archive's best elite (highest objective; the first cell on ties).
+    pub fn best_per_archive(&self) -> Vec<&Individual> {
+        self.archives
+            .iter()
+            .map(|a| &self.individuals[&a.best().expect("archives hold the experts").solution])
+            .collect()
+    }
+
+    /// The held individual with the highest mean fitness (the lowest id on ties).
+    pub fn best_mean(&self) -> &Individual {
+        let mut best: Option<&Individual> = None;
+        for ind in self.individuals.values() {
+            if best.is_none_or(|b| ind.mean_fitness() > b.mean_fitness()) {
+                best = Some(ind);
+            }
+        }
+        best.expect("archives hold the experts")
+    }
+}
