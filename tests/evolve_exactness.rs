@@ -194,3 +194,26 @@ fn softmax_merge_ids_and_truncated_rank() {
         .to_string();
     assert!(e.contains("rank 0"), "{e}");
 }
+
+#[test]
+fn genomes_round_trip_and_per_tensor_crossover_generalises_model_wise() {
+    let experts = ["expert_a", "expert_b", "expert_c"].map(open).to_vec();
+    let set = ExpertSet::build(open("base"), experts, Rank::Truncated(8), 3).unwrap();
+    let (g0, g1) = (Genome::seed(&set, 0), Genome::seed(&set, 1));
+    let child = Genome::crossover(&g0, &g1, 1.02, 0.97);
+    let flat = child.to_flat();
+    assert_eq!(Genome::from_flat(&set, &flat).unwrap(), child);
+    assert!(Genome::from_flat(&set, &flat[1..]).is_err());
+
+    let n = set.tensors.len();
+    let same = Genome::crossover_per_tensor(&g0, &g1, &vec![1.02; n], &vec![0.97; n]);
+    assert_eq!(same, child);
+    // Different coefficients per tensor: tensor t is exactly the model-wise merge with its pair.
+    let w1: Vec<f32> = (0..n).map(|t| 1.0 + 0.01 * t as f32).collect();
+    let w2: Vec<f32> = (0..n).map(|t| 1.0 - 0.005 * t as f32).collect();
+    let mixed = Genome::crossover_per_tensor(&g0, &g1, &w1, &w2);
+    for t in [0, n / 2, n - 1] {
+        let whole = Genome::crossover(&g0, &g1, w1[t], w2[t]);
+        assert_eq!(mixed.tensors[t], whole.tensors[t]);
+    }
+}

@@ -1,6 +1,8 @@
 //! Subcommands: argument parsing (clap derive) and dispatch. Each subcommand lives in its own
 //! module and returns `anyhow::Result` with context on every file and device call.
 
+mod eval;
+mod export;
 mod generate;
 mod inspect;
 mod merge;
@@ -30,6 +32,10 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Merge models as a mergekit YAML configuration says (linear, task_arithmetic, ties, slerp).
     Merge(merge::MergeArgs),
+    /// Score a checkpoint on a JSONL task file.
+    Eval(eval::EvalArgs),
+    /// Export a run's final model or an archive elite as a Hugging Face checkpoint.
+    Export(export::ExportArgs),
     /// Evolve multi-skill models (CycleQD); without --config, the built-in synthetic demo.
     Run(run::RunArgs),
     /// Build the synthetic demo: a tiny base, skill experts, task files and a run config.
@@ -43,5 +49,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Merge(a) => merge::run(a),
         Command::Synth(a) => synth::run(a),
         Command::Run(a) => run::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Export(a) => export::run(a),
     }
 }

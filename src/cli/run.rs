@@ -119,8 +119,9 @@ fn evolve(cfg: &RunConfig, out: &Path) -> anyhow::Result<()> {
     let events_path = out.join("events.jsonl");
     let summary_path = out.join("summary.json");
 
-    // Inputs.
+    // Inputs: the task files first (cheap to check), then the models and their factors.
     let base = ModelStore::open_llama(&cfg.base).context("base")?;
+    let (fitness, heldout, heldout_split) = build_suites(cfg, &base, out, &cfg.base)?;
     let experts = cfg
         .tasks
         .iter()
@@ -153,7 +154,6 @@ fn evolve(cfg: &RunConfig, out: &Path) -> anyhow::Result<()> {
         set.cache_status,
         t0.elapsed().as_secs_f64()
     );
-    let (fitness, heldout, heldout_split) = build_suites(cfg, &set, out, &base_dir)?;
     let task_names: Vec<String> = cfg.tasks.iter().map(|t| t.name.clone()).collect();
 
     // A finished run: show its table again.
@@ -334,7 +334,7 @@ fn same_run(saved: &str, cfg: &RunConfig, path: &Path) -> anyhow::Result<()> {
 /// The fitness and held-out suites, and per task which split the table shows.
 fn build_suites(
     cfg: &RunConfig,
-    set: &ExpertSet,
+    base: &ModelStore,
     out: &Path,
     base_dir: &Path,
 ) -> anyhow::Result<(TaskSuite, TaskSuite, Vec<&'static str>)> {
@@ -387,8 +387,8 @@ fn build_suites(
             (None, None) => unreachable!("validated"),
         }
     }
-    let config = set.base.config().clone();
-    let config_json = config.to_json_with_dtype(set.base.dominant_dtype());
+    let config = base.config().clone();
+    let config_json = config.to_json_with_dtype(base.dominant_dtype());
     let suite = |scorers| TaskSuite {
         names: cfg.tasks.iter().map(|t| t.name.clone()).collect(),
         scorers,
@@ -471,11 +471,6 @@ fn finish(
             &serde_json::to_vec_pretty(&doc)?,
         )?;
     }
-    checkpoint::write_genomes(
-        &adir.join("genomes.safetensors"),
-        &pop.genomes,
-        [("tasks".to_string(), names.join(","))].into(),
-    )?;
 
     // Candidates for the final model.
     let best = pop.best_per_archive();
@@ -595,6 +590,20 @@ fn finish(
     }
     bar.finish_and_clear();
     let chosen = chosen.expect("every rule has a candidate");
+
+    // The archives' genomes, with the final model's under `final` (for `export`).
+    let mut genomes = pop.genomes.clone();
+    let final_genome = candidates
+        .iter()
+        .find(|c| c.1 == cfg.evolution.final_model)
+        .map(|c| c.2.clone())
+        .expect("every rule has a candidate");
+    genomes.insert("final".into(), final_genome);
+    checkpoint::write_genomes(
+        &adir.join("genomes.safetensors"),
+        &genomes,
+        [("tasks".to_string(), names.join(","))].into(),
+    )?;
 
     export_tensors(
         &out.join("final"),

@@ -48,7 +48,12 @@ impl ExternalEvaluator {
         let (program, rest) = args
             .split_first()
             .ok_or_else(|| ExternalFailure("the evaluator command is empty".into()))?;
-        let mut child = Command::new(program)
+        let mut cmd = Command::new(program);
+        // Its own process group, so a timeout kills what it started too (a shell's children
+        // would otherwise hold the pipes open).
+        #[cfg(unix)]
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let mut child = cmd
             .args(rest)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -70,7 +75,7 @@ impl ExternalEvaluator {
             match child.try_wait() {
                 Ok(Some(s)) => break s,
                 Ok(None) if start.elapsed() >= self.timeout => {
-                    let _ = child.kill();
+                    kill_group(&mut child);
                     let _ = child.wait();
                     return Err(ExternalFailure(format!(
                         "`{program}` timed out after {:.1} s and was killed",
@@ -92,6 +97,16 @@ impl ExternalEvaluator {
         }
         parse_score(&stdout).map_err(|m| ExternalFailure(format!("`{program}`: {m}")))
     }
+}
+
+fn kill_group(child: &mut std::process::Child) {
+    #[cfg(unix)]
+    // SAFETY: kill(2) with a negative pid signals the process group the child leads (it was
+    // spawned with process_group(0)); no memory is shared.
+    unsafe {
+        libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL);
+    }
+    let _ = child.kill();
 }
 
 /// The score in the last non-empty line of an evaluator's stdout.

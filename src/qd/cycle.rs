@@ -324,3 +324,37 @@ impl Population {
         best.expect("archives hold the experts")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::config::Granularity;
+    use super::*;
+
+    #[test]
+    fn coefficient_groups_follow_the_granularity() {
+        let names = [
+            "model.embed_tokens.weight",
+            "model.layers.0.mlp.up_proj.weight",
+            "model.layers.0.input_layernorm.weight",
+            "model.layers.1.mlp.up_proj.weight",
+            "lm_head.weight",
+        ];
+        assert_eq!(coefficient_groups(&names, Granularity::Model), [0; 5]);
+        assert_eq!(
+            coefficient_groups(&names, Granularity::Layer),
+            [0, 1, 1, 2, 0]
+        );
+        assert_eq!(
+            coefficient_groups(&names, Granularity::Tensor),
+            [0, 1, 2, 3, 4]
+        );
+    }
+
+    #[test]
+    fn child_rngs_are_distinct_and_replayable() {
+        let draw = |s, n| child_rng(s, n).random::<u64>();
+        assert_eq!(draw(7, 3), draw(7, 3));
+        assert_ne!(draw(7, 3), draw(7, 4));
+        assert_ne!(draw(7, 3), draw(8, 3));
+    }
+}

@@ -139,7 +139,7 @@ fn heatmap_png(pop: &Population, q: usize) -> Canvas {
     }
     c.text(
         x0,
-        12,
+        6,
         &format!("ARCHIVE {} - OBJECTIVE 0 TO 1", pop.tasks[q].to_uppercase()),
         [0, 0, 0],
     );
@@ -150,8 +150,12 @@ fn heatmap_png(pop: &Population, q: usize) -> Canvas {
         [0, 0, 0],
     );
     if dims >= 2 {
-        c.text(4, y0, &measure_names[1].to_uppercase(), [0, 0, 0]);
-        c.text(4, y0 + 10, "^", [0, 0, 0]);
+        c.text(
+            4,
+            y0 - 14,
+            &format!("^ {}", measure_names[1].to_uppercase()),
+            [0, 0, 0],
+        );
     }
     for s in 0..=10 {
         let v = s as f64 / 10.0;

@@ -61,7 +61,7 @@ impl Default for SynthOptions {
             skills: 3,
             subjects: 8,
             fitness_per_subject: 12,
-            heldout_per_subject: 4,
+            heldout_per_subject: 8,
             expert_target: 0.9,
         }
     }

@@ -1,0 +1,354 @@
+//! `cycleqd-engine run` end to end on the synthetic demo: resume after SIGKILL equals an
+//! uninterrupted run, the outputs are complete and loadable, and bad inputs fail cleanly (or,
+//! for a failing external evaluator, mark the child failed and go on).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::{bin, run, stderr};
+use cycleqd_engine::model::ModelStore;
+
+/// The demo (synth output) in `dir/demo`, with `edit` applied to its `cycleqd.toml`.
+fn demo(dir: &Path, edit: impl Fn(String) -> String) -> PathBuf {
+    let d = dir.join("demo");
+    let o = run(&["synth", "--out", d.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "synth: {}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for r in report["requirements"].as_array().unwrap() {
+        assert!(
+            r[1].as_bool().unwrap(),
+            "synth requirement not met: {}",
+            r[0]
+        );
+    }
+    let cfg = d.join("cycleqd.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, edit(text)).unwrap();
+    cfg
+}
+
+fn set_key(text: String, key: &str, value: &str) -> String {
+    text.lines()
+        .map(|l| {
+            if l.starts_with(&format!("{key} =")) {
+                format!("{key} = {value}")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn run_to_end(cfg: &Path, out: &Path) -> std::process::Output {
+    let o = run(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "run: {}", stderr(&o));
+    o
+}
+
+fn read(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// The events without their timings.
+fn events(out: &Path) -> Vec<serde_json::Value> {
+    String::from_utf8(read(&out.join("events.jsonl")))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("seconds");
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn resume_after_sigkill_equals_an_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = demo(dir.path(), |t| {
+        set_key(set_key(t, "generations", "240"), "checkpoint_every", "9")
+    });
+
+    let whole = dir.path().join("whole");
+    run_to_end(&cfg, &whole);
+
+    // Kill the same run at several points (by children written), then let it finish.
+    let cut = dir.path().join("cut");
+    let mut kills = 0;
+    for at in [1usize, 40, 41, 120, 200] {
+        let mut child = bin()
+            .args(["run", "--config", cfg.to_str().unwrap(), "--out"])
+            .arg(&cut)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        loop {
+            let lines = std::fs::read_to_string(cut.join("events.jsonl"))
+                .map(|s| s.lines().count())
+                .unwrap_or(0);
+            if lines >= at || start.elapsed() > Duration::from_secs(60) {
+                break;
+            }
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL
+            kills += 1;
+        }
+        child.wait().unwrap();
+    }
+    assert!(kills >= 3, "only {kills} kills landed mid-run");
+    run_to_end(&cfg, &cut);
+
+    for f in [
+        "alpha.json",
+        "beta.json",
+        "gamma.json",
+        "genomes.safetensors",
+    ] {
+        assert!(
+            read(&whole.join("archives").join(f)) == read(&cut.join("archives").join(f)),
+            "archives/{f} differs after resuming"
+        );
+    }
+    assert_eq!(events(&whole), events(&cut), "events.jsonl differs");
+    assert_eq!(events(&cut).len(), 240);
+    assert_eq!(
+        read(&whole.join("final/model.safetensors")),
+        read(&cut.join("final/model.safetensors"))
+    );
+
+    // A finished run is not redone: the same command prints its table again.
+    let again = run_to_end(&cfg, &cut);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("← final/"));
+    assert_eq!(events(&cut).len(), 240);
+}
+
+#[test]
+fn a_run_writes_loadable_outputs_and_its_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = demo(dir.path(), |t| set_key(t, "generations", "60"));
+    let out = dir.path().join("run");
+    let o = run_to_end(&cfg, &out);
+    let table = String::from_utf8_lossy(&o.stdout).into_owned();
+    for row in [
+        "base",
+        "expert alpha",
+        "linear merge",
+        "task arithmetic λ=0.5",
+        "task arithmetic λ=1",
+        "TIES",
+        "CycleQD softmax merge",
+        "CycleQD best-mean elite",
+        "← final/",
+    ] {
+        assert!(table.contains(row), "table lacks `{row}`:\n{table}");
+    }
+    let summary: serde_json::Value =
+        serde_json::from_slice(&read(&out.join("summary.json"))).unwrap();
+    assert_eq!(summary["children"], 60);
+    assert_eq!(summary["table"].as_array().unwrap().len(), 1 + 3 + 4 + 2);
+    // The table's final row is the model in final/: re-score final/ with `eval`.
+    let chosen = summary["final"]["model"].as_str().unwrap();
+    let row = summary["table"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["model"] == chosen)
+        .unwrap();
+    let demo_dir = cfg.parent().unwrap();
+    let o = run(&[
+        "eval",
+        "--model",
+        out.join("final").to_str().unwrap(),
+        "--task",
+        demo_dir.join("tasks/beta.heldout.jsonl").to_str().unwrap(),
+        "--max-new-tokens",
+        "1",
+        "--json",
+    ]);
+    assert!(o.status.success(), "eval: {}", stderr(&o));
+    let e: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(e["score"], row["heldout"][1]);
+
+    ModelStore::open_llama(out.join("final"))
+        .unwrap()
+        .validate_llama()
+        .unwrap();
+    assert!(out.join("final/tokenizer.json").is_file());
+    for f in [
+        "curves.json",
+        "curves.png",
+        "archive_alpha.png",
+        "archive_gamma.png",
+    ] {
+        let b = read(&out.join("report").join(f));
+        assert!(b.len() > 100, "report/{f} is nearly empty");
+    }
+    assert!(read(&out.join("report/curves.png")).starts_with(b"\x89PNG"));
+
+    // export --final reproduces final/ from its genome; an elite exports too.
+    let again = dir.path().join("again");
+    let o = run(&[
+        "export",
+        out.to_str().unwrap(),
+        "--final",
+        "--out",
+        again.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "export: {}", stderr(&o));
+    assert_eq!(
+        read(&again.join("model.safetensors")),
+        read(&out.join("final/model.safetensors"))
+    );
+    let o = run(&[
+        "export",
+        out.to_str().unwrap(),
+        "--elite",
+        "expert-gamma",
+        "--out",
+        dir.path().join("eg").to_str().unwrap(),
+    ]);
+    // The expert may have been displaced from every archive; either way the answer is clean.
+    assert!(
+        o.status.success() || stderr(&o).contains("no genome `expert-gamma`"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn bad_run_inputs_fail_with_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = demo(dir.path(), |t| set_key(t, "generations", "5"));
+    let demo_dir = cfg.parent().unwrap().to_path_buf();
+    let original = std::fs::read_to_string(&cfg).unwrap();
+    let fitness = demo_dir.join("tasks/alpha.fitness.jsonl");
+    let good_fitness = std::fs::read_to_string(&fitness).unwrap();
+    let bad_line = format!("{good_fitness}{{\"prompt\": 3}}\n");
+    let at_line = format!("alpha.fitness.jsonl:{}", good_fitness.lines().count() + 1);
+    let bad_range = original.replacen(
+        "max_new_tokens = 1",
+        "max_new_tokens = 1\nmeasure_range = [0.5, 0.2]",
+        1,
+    );
+    // (what, cycleqd.toml, alpha's fitness file, expected in the error)
+    let cases = [
+        (
+            "unknown key",
+            original.replace("bins = 15", "binz = 15"),
+            good_fitness.clone(),
+            "unknown field `binz`",
+        ),
+        (
+            "missing expert",
+            original.replace("experts/beta", "experts/nope"),
+            good_fitness.clone(),
+            "experts/nope",
+        ),
+        (
+            "range lo >= hi",
+            bad_range,
+            good_fitness.clone(),
+            "measure_range",
+        ),
+        (
+            "invalid task line",
+            original.clone(),
+            bad_line,
+            at_line.as_str(),
+        ),
+        (
+            "empty task",
+            original.clone(),
+            "\n".to_string(),
+            "no examples",
+        ),
+    ];
+    for (what, config_text, fitness_text, want) in cases {
+        std::fs::write(&cfg, config_text).unwrap();
+        std::fs::write(&fitness, fitness_text).unwrap();
+        let out = dir.path().join(format!("out-{}", what.replace(' ', "-")));
+        let o = run(&[
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{what}: {e}");
+        assert!(e.contains(want), "{what}: `{e}` lacks `{want}`");
+        let errors: Vec<&str> = e.lines().filter(|l| l.starts_with("error")).collect();
+        assert_eq!(errors.len(), 1, "{what}: not one error line: {e}");
+        assert!(errors[0].contains(want), "{what}: {e}");
+        assert!(!e.contains("panicked"), "{what}: {e}");
+    }
+}
+
+#[test]
+fn failing_external_evaluators_mark_children_failed_and_the_run_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    // Experts score; children crash, hang (killed at the timeout) or print garbage in turn.
+    let script = dir.path().join("ev.sh");
+    std::fs::write(
+        &script,
+        "case \"$1\" in\n\
+         *child-1) echo boom >&2; exit 3;;\n\
+         *child-2) sleep 20;;\n\
+         *child-3) echo 'not json'; exit 0;;\n\
+         esac\n\
+         echo '{\"score\": 0.5}'\n",
+    )
+    .unwrap();
+    let script_s = script.to_str().unwrap().to_string();
+    let cfg = demo(dir.path(), |t| {
+        let t = set_key(t, "generations", "5");
+        // Task gamma is scored by the script instead of its JSONL file.
+        t.replace(
+            "fitness = \"tasks/gamma.fitness.jsonl\"\nheldout = \"tasks/gamma.heldout.jsonl\"",
+            &format!(
+                "evaluator = [\"sh\", \"{script_s}\", \"{{model}}\"]\nevaluator_timeout_s = 1.0"
+            ),
+        )
+    });
+    assert!(std::fs::read_to_string(&cfg)
+        .unwrap()
+        .contains("evaluator = "));
+    let out = dir.path().join("run");
+    let start = Instant::now();
+    let o = run_to_end(&cfg, &out);
+    assert!(
+        start.elapsed() < Duration::from_secs(15),
+        "the hang was not cut at the timeout"
+    );
+    let ev = events(&out);
+    assert_eq!(ev.len(), 5);
+    for (i, want) in [(0, "boom"), (1, "timed out"), (2, "not JSON")] {
+        let f = ev[i]["failed"]
+            .as_str()
+            .unwrap_or_else(|| panic!("child {} not failed", i + 1));
+        assert!(f.contains(want), "child {}: {f}", i + 1);
+        assert!(ev[i]["scores"].is_null());
+    }
+    assert!(ev[3]["failed"].is_null() && ev[3]["scores"][2] == 0.5);
+    let summary: serde_json::Value =
+        serde_json::from_slice(&read(&out.join("summary.json"))).unwrap();
+    assert_eq!(summary["failed_children"], 3);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("gamma(external)"));
+}
