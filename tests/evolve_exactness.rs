@@ -197,7 +197,7 @@ fn softmax_merge_ids_and_truncated_rank() {
 
 #[test]
 fn genomes_round_trip_and_per_tensor_crossover_generalises_model_wise() {
-    let experts = ["expert_a", "expert_b", "expert_c"].map(open).to_vec();
+    let experts = Vec::from(["expert_a", "expert_b", "expert_c"].map(open));
     let set = ExpertSet::build(open("base"), experts, Rank::Truncated(8), 3).unwrap();
     let (g0, g1) = (Genome::seed(&set, 0), Genome::seed(&set, 1));
     let child = Genome::crossover(&g0, &g1, 1.02, 0.97);
