@@ -156,10 +156,16 @@ fn evolve(cfg: &RunConfig, out: &Path) -> anyhow::Result<()> {
     );
     let task_names: Vec<String> = cfg.tasks.iter().map(|t| t.name.clone()).collect();
 
-    // A finished run: show its table again.
-    if summary_path.is_file() && ckpt_path.is_file() {
+    let saved = if ckpt_path.is_file() {
         let (pop, meta) = checkpoint::load(&ckpt_path, &set)?;
         same_run(&meta.config, cfg, &ckpt_path)?;
+        Some((pop, meta))
+    } else {
+        None
+    };
+
+    // A finished run: show its table again.
+    if let (true, Some((pop, _))) = (summary_path.is_file(), &saved) {
         if pop.children_done >= cfg.evolution.generations {
             let s: serde_json::Value =
                 serde_json::from_slice(&std::fs::read(&summary_path)?).context("summary.json")?;
@@ -184,9 +190,7 @@ fn evolve(cfg: &RunConfig, out: &Path) -> anyhow::Result<()> {
         set: &set,
         suite: &fitness,
     };
-    let (mut pop, mut events_len) = if ckpt_path.is_file() {
-        let (pop, meta) = checkpoint::load(&ckpt_path, &set)?;
-        same_run(&meta.config, cfg, &ckpt_path)?;
+    let (mut pop, mut events_len) = if let Some((pop, meta)) = saved {
         let f = OpenOptions::new()
             .write(true)
             .open(&events_path)
@@ -338,15 +342,11 @@ fn build_suites(
     out: &Path,
     base_dir: &Path,
 ) -> anyhow::Result<(TaskSuite, TaskSuite, Vec<&'static str>)> {
-    let needs_tokenizer = cfg.tasks.iter().any(|t| t.fitness.is_some());
-    let load_tok = || -> anyhow::Result<Option<Tokenizer>> {
-        Ok(if needs_tokenizer {
-            Some(Tokenizer::from_dir(base_dir)?)
-        } else {
-            None
-        })
+    let tok = if cfg.tasks.iter().any(|t| t.fitness.is_some()) {
+        Some(Tokenizer::from_dir(base_dir)?)
+    } else {
+        None
     };
-    let tok = load_tok()?;
     let mut fit = vec![];
     let mut held = vec![];
     let mut split = vec![];
@@ -395,7 +395,7 @@ fn build_suites(
         config: config.clone(),
         config_json: config_json.clone(),
         companions: base_dir.to_path_buf(),
-        tokenizer: load_tok().ok().flatten(),
+        tokenizer: tok.clone(),
         work_dir: out.join("work"),
         batch: cfg.evolution.eval_batch,
     };

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use super::factorize::Factors;
 use super::genome::TensorFactors;
 use crate::error::{Error, Result};
-use crate::model::safetensors::{build_header, parse_header, TensorSpec};
+use crate::model::safetensors::{build_header, parse_header, Header, TensorSpec};
 use crate::model::{dtype, DType, ModelStore};
 
 /// Bumped whenever the factorisation or the file layout changes.
@@ -102,10 +102,7 @@ pub fn save(path: &Path, tensors: &[TensorFactors]) -> Result<()> {
         }
     }
     let metadata = BTreeMap::from([
-        (
-            "checksum".to_string(),
-            format!("{:016x}", hash_bytes(&data)),
-        ),
+        ("checksum".to_string(), checksum_hex(&data)),
         (
             "relative_errors".to_string(),
             serde_json::to_string(&errors).expect("JSON"),
@@ -116,20 +113,17 @@ pub fn save(path: &Path, tensors: &[TensorFactors]) -> Result<()> {
     bytes.extend_from_slice(&data);
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    crate::model::export::write_synced(&tmp, &bytes)?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    crate::model::export::write_atomic(path, &bytes)
 }
 
-/// Loads cached factors into `tensors` (which carry names and shapes); `Ok(false)` when the
-/// file is absent, and an error when it is present but invalid (the caller rebuilds).
-pub fn load(path: &Path, tensors: &mut [TensorFactors], experts: usize) -> Result<bool> {
-    if !path.is_file() {
-        return Ok(false);
-    }
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let header = parse_header(&bytes, path)?;
-    // Tensors were written contiguously: the data section is everything after the header.
+/// The checksum recorded in a safetensors file's metadata for its data section.
+pub fn checksum_hex(data: &[u8]) -> String {
+    format!("{:016x}", hash_bytes(data))
+}
+
+/// Checks the `checksum` metadata of a safetensors file (`bytes`, parsed into `header`) against
+/// its data section (tensors are written contiguously after the header).
+pub fn verify_checksum(bytes: &[u8], header: &Header, path: &Path, what: &str) -> Result<()> {
     let data_start = header
         .tensors
         .values()
@@ -141,12 +135,24 @@ pub fn load(path: &Path, tensors: &mut [TensorFactors], experts: usize) -> Resul
         .get("checksum")
         .map(String::as_str)
         .unwrap_or_default();
-    if format!("{:016x}", hash_bytes(&bytes[data_start..])) != want {
+    if checksum_hex(&bytes[data_start..]) != want {
         return Err(Error::format(
             path,
-            "factor cache checksum mismatch (corrupted)",
+            format!("{what} checksum mismatch (corrupted)"),
         ));
     }
+    Ok(())
+}
+
+/// Loads cached factors into `tensors` (which carry names and shapes); `Ok(false)` when the
+/// file is absent, and an error when it is present but invalid (the caller rebuilds).
+pub fn load(path: &Path, tensors: &mut [TensorFactors], experts: usize) -> Result<bool> {
+    if !path.is_file() {
+        return Ok(false);
+    }
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let header = parse_header(&bytes, path)?;
+    verify_checksum(&bytes, &header, path, "factor cache")?;
     let errors: BTreeMap<String, f64> = serde_json::from_str(
         header
             .metadata

@@ -8,8 +8,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::evolve::cache::hash_bytes;
+use crate::evolve::cache::{checksum_hex, verify_checksum};
 use crate::evolve::{ExpertSet, Genome};
+use crate::model::export::write_atomic;
 use crate::model::safetensors::{build_header, parse_header, TensorSpec};
 use crate::model::DType;
 
@@ -44,18 +45,10 @@ pub fn write_genomes(
         });
         data.extend_from_slice(bytemuck::cast_slice(&flat));
     }
-    metadata.insert("checksum".into(), format!("{:016x}", hash_bytes(&data)));
+    metadata.insert("checksum".into(), checksum_hex(&data));
     let (mut bytes, _) = build_header(&specs, &metadata);
     bytes.extend_from_slice(&data);
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    crate::model::export::write_synced(&tmp, &bytes)?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| Error::io(dir, e))?;
-    }
-    Ok(())
+    write_atomic(path, &bytes)
 }
 
 /// Reads a genome file written by [`write_genomes`]: its genomes (checked against `set`'s
@@ -66,22 +59,7 @@ pub fn read_genomes(
 ) -> Result<(BTreeMap<String, Genome>, BTreeMap<String, String>)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let header = parse_header(&bytes, path)?;
-    let data_start = header
-        .tensors
-        .values()
-        .map(|e| e.start)
-        .min()
-        .unwrap_or(bytes.len());
-    let want = header
-        .metadata
-        .get("checksum")
-        .ok_or_else(|| Error::format(path, "no checksum in the metadata"))?;
-    if *want != format!("{:016x}", hash_bytes(&bytes[data_start..])) {
-        return Err(Error::format(
-            path,
-            "checksum mismatch: the file is corrupted",
-        ));
-    }
+    verify_checksum(&bytes, &header, path, "genome file")?;
     let mut genomes = BTreeMap::new();
     for (id, e) in &header.tensors {
         if e.dtype != DType::F32 {
