@@ -217,3 +217,48 @@ fn genomes_round_trip_and_per_tensor_crossover_generalises_model_wise() {
         assert_eq!(mixed.tensors[t], whole.tensors[t]);
     }
 }
+
+#[test]
+fn child_buffers_are_reused_and_never_written_under_a_reader() {
+    use cycleqd_engine::backend::cpu::CpuBackend;
+    use cycleqd_engine::evolve::ChildWeights;
+    let experts = Vec::from(["expert_a", "expert_b"].map(open));
+    let set = ExpertSet::build(open("base"), experts, Rank::Truncated(4), 1).unwrap();
+    let (g0, g1) = (Genome::seed(&set, 0), Genome::seed(&set, 1));
+    let child = Genome::crossover(&g0, &g1, 0.6, 0.4);
+    let bytes = |ts: &[(String, cycleqd_engine::model::HostTensor)]| -> Vec<Vec<u8>> {
+        ts.iter().map(|(_, t)| t.data().to_vec()).collect()
+    };
+
+    let mut weights = ChildWeights::default();
+    set.materialize_into(&CpuBackend, &g0, &mut weights)
+        .unwrap();
+    assert_eq!(
+        bytes(&weights.tensors),
+        bytes(&set.materialize_model(&CpuBackend, &g0).unwrap())
+    );
+    let first_ptr = weights.tensors[0].1.data().as_ptr();
+    set.materialize_into(&CpuBackend, &child, &mut weights)
+        .unwrap();
+    assert_eq!(
+        weights.tensors[0].1.data().as_ptr(),
+        first_ptr,
+        "buffer reused"
+    );
+    assert_eq!(
+        bytes(&weights.tensors),
+        bytes(&set.materialize_model(&CpuBackend, &child).unwrap())
+    );
+
+    // A reader still holding the previous child keeps its bytes.
+    let held = weights.tensors[0].1.clone();
+    let before = held.data().to_vec();
+    set.materialize_into(&CpuBackend, &g1, &mut weights)
+        .unwrap();
+    assert_eq!(held.data(), &before[..]);
+    assert_ne!(weights.tensors[0].1.data().as_ptr(), first_ptr);
+    assert_eq!(
+        bytes(&weights.tensors),
+        bytes(&set.materialize_model(&CpuBackend, &g1).unwrap())
+    );
+}

@@ -19,7 +19,7 @@ use cycleqd_engine::backend::cpu::CpuBackend;
 use cycleqd_engine::eval::{
     ExternalEvaluator, Metric, PreparedTask, Scoring, TaskFile, TaskScorer, TaskSuite,
 };
-use cycleqd_engine::evolve::{ExpertSet, Genome, MergeOp};
+use cycleqd_engine::evolve::{ChildWeights, ExpertSet, Genome, MergeOp};
 use cycleqd_engine::merge::merge_in_memory;
 use cycleqd_engine::model::export::{export_tensors, write_synced};
 use cycleqd_engine::model::{HostTensor, ModelStore, Tokenizer, DEFAULT_MAX_SHARD_BYTES};
@@ -55,6 +55,8 @@ type Tensors = Vec<(String, HostTensor)>;
 struct ChildScorer<'a> {
     set: &'a ExpertSet,
     suite: &'a TaskSuite,
+    /// Reused from child to child.
+    weights: ChildWeights,
 }
 
 impl Evaluator for ChildScorer<'_> {
@@ -63,8 +65,9 @@ impl Evaluator for ChildScorer<'_> {
         genome: &Genome,
         id: &str,
     ) -> cycleqd_engine::Result<std::result::Result<Vec<f64>, String>> {
-        let tensors = self.set.materialize_model(&CpuBackend, genome)?;
-        self.suite.score(&tensors, id)
+        self.set
+            .materialize_into(&CpuBackend, genome, &mut self.weights)?;
+        self.suite.score(&self.weights.tensors, id)
     }
 }
 
@@ -189,6 +192,7 @@ fn evolve(cfg: &RunConfig, out: &Path) -> anyhow::Result<()> {
     let mut scorer = ChildScorer {
         set: &set,
         suite: &fitness,
+        weights: ChildWeights::default(),
     };
     let (mut pop, mut events_len) = if let Some((pop, meta)) = saved {
         let f = OpenOptions::new()

@@ -24,17 +24,15 @@ impl Factors {
         self.s.len()
     }
 
-    /// `U · diag(S) · Vᵀ` as a dense row-major `[m, n]` matrix.
+    /// `U · diag(S) · Vᵀ` as a dense row-major `[m, n]` matrix (one GEMM).
     pub fn reconstruct(&self) -> Vec<f32> {
         let r = self.rank();
-        let mut out = vec![0.0f32; self.m * self.n];
+        let us = Mat::from_fn(self.m, r, |i, k| self.u[i * r + k] * self.s[k]);
+        let v = Mat::from_fn(self.n, r, |j, k| self.v[j * r + k]);
+        let prod = &us * v.transpose();
+        let mut out = Vec::with_capacity(self.m * self.n);
         for i in 0..self.m {
-            for k in 0..r {
-                let us = self.u[i * r + k] * self.s[k];
-                for j in 0..self.n {
-                    out[i * self.n + j] += us * self.v[j * r + k];
-                }
-            }
+            out.extend((0..self.n).map(|j| prod[(i, j)]));
         }
         out
     }

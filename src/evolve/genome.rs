@@ -6,16 +6,18 @@
 //! materialised only to evaluate a child.
 
 use rand::Rng;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use std::path::Path;
+use std::sync::Arc;
 
 use super::cache;
 use super::factorize::{exact_svd, randomized_svd, Factors, RandomizedSvd};
 use super::materialize::LowRank;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::model::{HostTensor, ModelStore};
+use crate::model::{HostTensor, ModelStore, TensorBytes};
 
 /// Rank of the task-vector factors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,7 +137,7 @@ impl ExpertSet {
                         b.shape
                     )));
                 }
-                if t.to_f32().iter().any(|v| !v.is_finite()) {
+                if !all_finite(&t) {
                     return Err(Error::invalid(format!("{}: holds NaN or Inf", where_())));
                 }
             }
@@ -170,31 +172,7 @@ impl ExpertSet {
             };
         }
         if cache_status != CacheStatus::Hit {
-            for tf in tensors
-                .iter_mut()
-                .filter(|t| is_factorised(&t.name, &t.shape))
-            {
-                let (m, n) = (tf.shape[0], tf.shape[1]);
-                let b = base.tensor(&tf.name)?.to_f32();
-                tf.factors.clear();
-                tf.relative_error.clear();
-                for (i, e) in experts.iter().enumerate() {
-                    let x = e.tensor(&tf.name)?.to_f32();
-                    let tau: Vec<f32> = x.iter().zip(&b).map(|(x, b)| x - b).collect();
-                    let f = match rank {
-                        Rank::Full => exact_svd(&tau, m, n, m.min(n))?,
-                        Rank::Truncated(r) => {
-                            let opts = RandomizedSvd {
-                                seed: seed ^ i as u64,
-                                ..RandomizedSvd::default()
-                            };
-                            randomized_svd(&tau, m, n, r, opts)?
-                        }
-                    };
-                    tf.relative_error.push(f.relative_error(&tau));
-                    tf.factors.push(f);
-                }
-            }
+            factorise_all(&base, &experts, &mut tensors, rank, seed)?;
             if let Some(p) = &path {
                 cache::save(p, &tensors)?;
             }
@@ -215,20 +193,55 @@ impl ExpertSet {
         self.materialize_tensor_with(&crate::backend::cpu::CpuBackend, genome, t)
     }
 
-    /// Every tensor of `genome`, in the expert set's order (what a child's inference reads).
+    /// Every tensor of `genome`, in the expert set's order, in freshly allocated buffers.
     pub fn materialize_model<B: Backend>(
         &self,
         backend: &B,
         genome: &Genome,
     ) -> Result<Vec<(String, HostTensor)>> {
-        (0..self.tensors.len())
-            .map(|t| {
-                Ok((
-                    self.tensors[t].name.clone(),
-                    self.materialize_tensor_with(backend, genome, t)?,
-                ))
-            })
-            .collect()
+        let mut child = ChildWeights::default();
+        self.materialize_into(backend, genome, &mut child)?;
+        Ok(child.tensors)
+    }
+
+    /// Materialises `genome` into `child`'s buffers, reusing them from the previous child
+    /// (the loop's steady state allocates nothing). A buffer still shared with a model built
+    /// over the previous child is replaced, never written under it.
+    pub fn materialize_into<B: Backend>(
+        &self,
+        backend: &B,
+        genome: &Genome,
+        child: &mut ChildWeights,
+    ) -> Result<()> {
+        if child.tensors.len() != self.tensors.len() {
+            child.tensors = self
+                .tensors
+                .iter()
+                .map(|tf| {
+                    let (dtype, _) = self.base.meta(&tf.name)?;
+                    let bytes = vec![0u8; tf.shape.iter().product::<usize>() * dtype.size()];
+                    Ok((
+                        tf.name.clone(),
+                        HostTensor {
+                            dtype,
+                            shape: tf.shape.clone(),
+                            bytes: TensorBytes::Owned(Arc::new(bytes)),
+                        },
+                    ))
+                })
+                .collect::<Result<_>>()?;
+        }
+        for (t, (_, out)) in child.tensors.iter_mut().enumerate() {
+            let TensorBytes::Owned(arc) = &mut out.bytes else {
+                unreachable!("child buffers are owned")
+            };
+            if Arc::get_mut(arc).is_none() {
+                *arc = Arc::new(vec![0u8; arc.len()]);
+            }
+            let buf = Arc::get_mut(arc).expect("a fresh Arc is unique");
+            self.materialize_tensor_into(backend, genome, t, buf)?;
+        }
+        Ok(())
     }
 
     /// [`ExpertSet::materialize_tensor`] through a backend's `materialize`.
@@ -238,6 +251,24 @@ impl ExpertSet {
         genome: &Genome,
         t: usize,
     ) -> Result<HostTensor> {
+        let (dtype, _) = self.base.meta(&self.tensors[t].name)?;
+        let mut out = vec![0u8; self.tensors[t].shape.iter().product::<usize>() * dtype.size()];
+        self.materialize_tensor_into(backend, genome, t, &mut out)?;
+        Ok(HostTensor {
+            dtype,
+            shape: self.tensors[t].shape.clone(),
+            bytes: TensorBytes::Owned(Arc::new(out)),
+        })
+    }
+
+    /// Tensor `t` of `genome` into `out` (its size in the base dtype).
+    fn materialize_tensor_into<B: Backend>(
+        &self,
+        backend: &B,
+        genome: &Genome,
+        t: usize,
+        out: &mut [u8],
+    ) -> Result<()> {
         let tf = &self.tensors[t];
         let genes = &genome.tensors[t];
         let b = self.base.tensor(&tf.name)?;
@@ -250,11 +281,10 @@ impl ExpertSet {
             [m, n] => (m, n),
             _ => (1, b.numel()),
         };
-        let vts = &tf.vt;
         let low_rank: Vec<LowRank> = tf
             .factors
             .iter()
-            .zip(vts)
+            .zip(&tf.vt)
             .zip(genes.gamma.iter().zip(&genes.a))
             .map(|((f, vt), (gamma, &a))| LowRank {
                 u: &f.u,
@@ -262,15 +292,77 @@ impl ExpertSet {
                 coef: gamma.iter().zip(&f.s).map(|(g, s)| g - a * s).collect(),
             })
             .collect();
-        let mut out = vec![0u8; b.data().len()];
         let refs: Vec<&HostTensor> = xs.iter().collect();
-        backend.materialize(&mut out, b.dtype, &b, &refs, &genes.a, &low_rank, m, n)?;
-        Ok(HostTensor {
-            dtype: b.dtype,
-            shape: tf.shape.clone(),
-            bytes: crate::model::TensorBytes::Owned(std::sync::Arc::new(out)),
-        })
+        backend.materialize(out, b.dtype, &b, &refs, &genes.a, &low_rank, m, n)
     }
+}
+
+/// Factorises every (mutated tensor, expert) task vector, in parallel across the pairs: most
+/// matrices are too small for one SVD to occupy the machine, and the pairs are independent.
+fn factorise_all(
+    base: &ModelStore,
+    experts: &[ModelStore],
+    tensors: &mut [TensorFactors],
+    rank: Rank,
+    seed: u64,
+) -> Result<()> {
+    let jobs: Vec<(usize, usize)> = tensors
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| is_factorised(&t.name, &t.shape))
+        .flat_map(|(t, _)| (0..experts.len()).map(move |e| (t, e)))
+        .collect();
+    let done: Vec<(Factors, f64)> = jobs
+        .par_iter()
+        .map(|&(t, e)| {
+            let tf = &tensors[t];
+            let (m, n) = (tf.shape[0], tf.shape[1]);
+            let b = base.tensor(&tf.name)?.to_f32();
+            let mut tau = experts[e].tensor(&tf.name)?.to_f32();
+            tau.iter_mut().zip(&b).for_each(|(x, b)| *x -= b);
+            drop(b);
+            let f = match rank {
+                Rank::Full => exact_svd(&tau, m, n, m.min(n))?,
+                Rank::Truncated(r) => {
+                    let opts = RandomizedSvd {
+                        seed: seed ^ e as u64,
+                        ..RandomizedSvd::default()
+                    };
+                    randomized_svd(&tau, m, n, r, opts)?
+                }
+            };
+            let err = f.relative_error(&tau);
+            Ok((f, err))
+        })
+        .collect::<Result<_>>()?;
+    for tf in tensors.iter_mut() {
+        tf.factors.clear();
+        tf.relative_error.clear();
+    }
+    // Jobs are ordered by (tensor, expert), so each tensor's factors land in expert order.
+    for ((t, _), (f, err)) in jobs.into_iter().zip(done) {
+        tensors[t].factors.push(f);
+        tensors[t].relative_error.push(err);
+    }
+    Ok(())
+}
+
+/// Whether every value of `t` is finite, checked chunk by chunk (no whole-tensor f32 copy).
+fn all_finite(t: &HostTensor) -> bool {
+    const CHUNK: usize = 1 << 16;
+    let size = t.dtype.size();
+    t.data().par_chunks(CHUNK * size).all(|bytes| {
+        let mut vals = vec![0.0f32; bytes.len() / size];
+        crate::model::dtype::to_f32(t.dtype, bytes, &mut vals);
+        vals.iter().all(|v| v.is_finite())
+    })
+}
+
+/// A child's dense weights in the expert set's tensor order: buffers allocated once and
+/// rewritten for every child by [`ExpertSet::materialize_into`]. Inference reads them in place.
+#[derive(Default)]
+pub struct ChildWeights {
+    pub tensors: Vec<(String, HostTensor)>,
 }
 
 /// Coefficients of one tensor: `a[e]` and `gamma[e][k]` (empty for unfactorised tensors).

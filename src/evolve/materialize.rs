@@ -3,12 +3,15 @@
 //! `c_e = γ_e − a_e·S_e`, f32 accumulation, rounded once to the output dtype. Parallel over
 //! blocks of rows; each block is upcast, combined and rounded while it is in cache.
 
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 use crate::model::{dtype, DType, HostTensor};
 
-/// Rows per task.
-const ROWS: usize = 8;
+/// Rows per task: enough for the low-rank GEMM to reuse each `Vᵀ` row, few enough that the
+/// block's f32 accumulator stays in L2.
+const ROWS: usize = 32;
 
 /// One low-rank term: `U` `[m, r]` and `Vᵀ` `[r, n]` (row-major) with its coefficients `[r]`.
 pub struct LowRank<'a> {
@@ -35,7 +38,10 @@ pub fn materialize(
     out.par_chunks_mut(ROWS * n * esize)
         .enumerate()
         .for_each_init(
-            || (vec![0.0f32; ROWS * n], vec![0.0f32; ROWS * n]),
+            || {
+                let max_rank = low_rank.iter().map(|l| l.coef.len()).max().unwrap_or(0);
+                (vec![0.0f32; ROWS * n], vec![0.0f32; ROWS * n.max(max_rank)])
+            },
             |(acc, tmp), (blk, out_block)| {
                 let (r0, rows) = (blk * ROWS, out_block.len() / (n * esize));
                 let len = rows * n;
@@ -50,17 +56,24 @@ pub fn materialize(
                         .for_each(|(o, &x)| *o += ae * x);
                 }
                 for lr in low_rank {
+                    // acc[rows, n] += (U[r0.., :] · diag(c)) · Vᵀ: a small GEMM, so each Vᵀ
+                    // element loaded is reused across the block's rows in registers.
                     let r = lr.coef.len();
-                    for (i, row) in acc.chunks_exact_mut(n).enumerate() {
-                        for (k, &ck) in lr.coef.iter().enumerate() {
-                            let c = lr.u[(r0 + i) * r + k] * ck;
-                            if c != 0.0 {
-                                row.iter_mut()
-                                    .zip(&lr.vt[k * n..(k + 1) * n])
-                                    .for_each(|(o, &v)| *o += c * v);
-                            }
-                        }
+                    let us = &mut tmp[..rows * r];
+                    for (i, row) in us.chunks_exact_mut(r).enumerate() {
+                        let u = &lr.u[(r0 + i) * r..(r0 + i + 1) * r];
+                        row.iter_mut()
+                            .zip(u.iter().zip(&lr.coef))
+                            .for_each(|(o, (u, c))| *o = u * c);
                     }
+                    matmul(
+                        MatMut::from_row_major_slice_mut(acc, rows, n),
+                        Accum::Add,
+                        MatRef::from_row_major_slice(us, rows, r),
+                        MatRef::from_row_major_slice(lr.vt, r, n),
+                        1.0,
+                        Par::Seq,
+                    );
                 }
                 dtype::from_f32_slice(out_dtype, acc, out_block);
             },

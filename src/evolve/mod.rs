@@ -8,5 +8,5 @@ pub mod materialize;
 pub mod merge;
 
 pub use factorize::{exact_svd, randomized_svd, Factors, RandomizedSvd};
-pub use genome::{is_factorised, CacheStatus, ExpertSet, Genome, Rank, TensorGenes};
+pub use genome::{is_factorised, CacheStatus, ChildWeights, ExpertSet, Genome, Rank, TensorGenes};
 pub use merge::{merge_tensor, MergeOp};
