@@ -7,6 +7,7 @@
 //! the backend if it needs them on the device.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::error::Result;
 use crate::evolve::materialize::LowRank;
@@ -116,6 +117,31 @@ pub trait Backend: Send + Sync {
         rows: &[u32],
         width: usize,
     ) -> Result<()>;
+
+    /// Waits until every queued operation has finished (timing; a no-op on the CPU).
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// `out[r] = argmax_j logits[r, j]` (first index on ties), for greedy decoding without
+    /// copying whole logit rows to the host.
+    fn argmax_rows(
+        &self,
+        out: &mut [u32],
+        logits: &Self::Buf,
+        rows: usize,
+        vocab: usize,
+    ) -> Result<()>;
+
+    /// A `shape` weight of `dtype` with element `i` = `(2·hash_uniform(seed, i) − 1)·scale`
+    /// (see [`crate::synth::hash_uniform`]): benchmark models made where they run.
+    fn random_weight(
+        &self,
+        shape: &[usize],
+        dtype: DType,
+        seed: u64,
+        scale: f32,
+    ) -> Result<Self::Weight>;
 
     /// Merges one tensor from host inputs (see [`crate::evolve::merge`]), handing the result
     /// to `sink` in `out_dtype`, piece by piece.

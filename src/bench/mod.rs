@@ -2,6 +2,8 @@
 //! machine's measured ceilings, against which every hot operation reports its fraction.
 
 pub mod ceilings;
+pub mod cuda;
+pub mod suite;
 
 pub use ceilings::{cpu_copy_bandwidth, cpu_peak_flops, time_median};
 

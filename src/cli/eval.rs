@@ -7,7 +7,9 @@ use anyhow::Context;
 use clap::Args;
 
 use cycleqd_engine::backend::cpu::CpuBackend;
-use cycleqd_engine::eval::{evaluate, Metric, PreparedTask, Scoring, TaskFile};
+use cycleqd_engine::backend::cuda::DeviceChoice;
+use cycleqd_engine::backend::Backend;
+use cycleqd_engine::eval::{evaluate, Metric, PreparedTask, Scoring, TaskFile, TaskResult};
 use cycleqd_engine::llama::LlamaModel;
 use cycleqd_engine::model::{ModelStore, Tokenizer};
 
@@ -36,6 +38,23 @@ pub struct EvalArgs {
     /// Print one JSON object: {"model", "task", "score", "examples", "correct"}.
     #[arg(long)]
     json: bool,
+    /// cpu, cuda or cuda:N (default: CUDA when present).
+    #[arg(long)]
+    device: Option<DeviceChoice>,
+}
+
+fn score_on<B: Backend>(
+    backend: &B,
+    store: &ModelStore,
+    tok: &Tokenizer,
+    task: &PreparedTask,
+    batch: usize,
+) -> cycleqd_engine::Result<TaskResult>
+where
+    B::Buf: Default,
+{
+    let model = LlamaModel::load(backend, store)?;
+    Ok(evaluate(&model, backend, tok, &[task], batch)?.remove(0))
 }
 
 pub fn run(a: EvalArgs) -> anyhow::Result<ExitCode> {
@@ -54,10 +73,11 @@ pub fn run(a: EvalArgs) -> anyhow::Result<ExitCode> {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
     let task = PreparedTask::new(&tok, &name, &file, scoring)?;
-    let model = LlamaModel::load(&CpuBackend, &store)?;
-    let r = evaluate(&model, &CpuBackend, &tok, &[&task], a.batch)
-        .with_context(|| format!("eval {}", a.task.display()))?
-        .remove(0);
+    let r = match super::open_device(a.device)? {
+        Some(gpu) => score_on(&gpu, &store, &tok, &task, a.batch),
+        None => score_on(&CpuBackend, &store, &tok, &task, a.batch),
+    }
+    .with_context(|| format!("eval {}", a.task.display()))?;
     let correct = r.correct.iter().filter(|&&c| c).count();
     if a.json {
         println!(

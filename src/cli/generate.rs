@@ -7,7 +7,11 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 use cycleqd_engine::backend::cpu::CpuBackend;
-use cycleqd_engine::llama::{generate, GenerateOptions, LlamaModel, Sampling, StopReason};
+use cycleqd_engine::backend::cuda::DeviceChoice;
+use cycleqd_engine::backend::Backend;
+use cycleqd_engine::llama::{
+    generate, GenerateOptions, Generation, LlamaModel, Sampling, StopReason,
+};
 use cycleqd_engine::model::{ModelStore, Tokenizer};
 
 #[derive(Args, Debug)]
@@ -15,6 +19,9 @@ pub struct GenerateArgs {
     /// Checkpoint directory (config.json, safetensors, tokenizer.json).
     #[arg(long)]
     model: PathBuf,
+    /// cpu, cuda or cuda:N (default: CUDA when present).
+    #[arg(long)]
+    device: Option<DeviceChoice>,
     /// Prompt text, tokenised with the model's tokenizer (BOS added by its post-processor).
     #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
     prompt: Option<String>,
@@ -47,6 +54,27 @@ struct Output<'a> {
     logprobs: &'a [f32],
     text: String,
     stop: StopReason,
+}
+
+fn generate_on<B: Backend>(
+    backend: &B,
+    store: &ModelStore,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+) -> anyhow::Result<Generation>
+where
+    B::Buf: Default,
+{
+    let model = LlamaModel::load(backend, store).context("generate: loading weights")?;
+    Ok(generate(
+        &model,
+        backend,
+        std::slice::from_ref(&prompt.to_vec()),
+        opts,
+    )
+    .context("generate")?
+    .pop()
+    .expect("one prompt in, one generation out"))
 }
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<ExitCode> {
@@ -86,8 +114,6 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<ExitCode> {
         );
     }
 
-    let backend = CpuBackend;
-    let model = LlamaModel::load(&backend, &store).context("generate: loading weights")?;
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
         eos: if a.ignore_eos {
@@ -101,10 +127,13 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<ExitCode> {
             seed: a.seed,
         }),
     };
-    let out = generate(&model, &backend, std::slice::from_ref(&prompt_ids), &opts)
-        .context("generate")?
-        .pop()
-        .expect("one prompt in, one generation out");
+    let run = |opts: &GenerateOptions| -> anyhow::Result<Generation> {
+        Ok(match super::open_device(a.device)? {
+            Some(gpu) => generate_on(&gpu, &store, &prompt_ids, opts)?,
+            None => generate_on(&CpuBackend, &store, &prompt_ids, opts)?,
+        })
+    };
+    let out = run(&opts)?;
     if out.stop == StopReason::ContextFull {
         eprintln!(
             "note: stopped after {} new tokens at max_position_embeddings ({})",

@@ -1,6 +1,7 @@
 //! Subcommands: argument parsing (clap derive) and dispatch. Each subcommand lives in its own
 //! module and returns `anyhow::Result` with context on every file and device call.
 
+mod bench;
 mod eval;
 mod export;
 mod generate;
@@ -40,6 +41,8 @@ pub enum Command {
     Run(run::RunArgs),
     /// Build the synthetic demo: a tiny base, skill experts, task files and a run config.
     Synth(synth::SynthArgs),
+    /// Measure the device's ceilings and time every hot operation against them.
+    Bench(bench::BenchArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -51,5 +54,30 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(a) => run::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Export(a) => export::run(a),
+        Command::Bench(a) => bench::run(a),
+    }
+}
+
+/// The CUDA backend `--device` asks for: `None` for the CPU. Without `--device`, CUDA when a
+/// device is present, else the CPU; an explicit `cuda` without one is an error.
+fn open_device(
+    choice: Option<cycleqd_engine::backend::cuda::DeviceChoice>,
+) -> anyhow::Result<Option<cycleqd_engine::backend::cuda::CudaBackend>> {
+    use anyhow::Context;
+    use cycleqd_engine::backend::cuda::{cuda_unavailable_reason, CudaBackend, DeviceChoice};
+    match choice {
+        Some(DeviceChoice::Cpu) => Ok(None),
+        None if cuda_unavailable_reason().is_some() => Ok(None),
+        None => Ok(Some(
+            CudaBackend::open(0).context("opening CUDA device 0 (use --device cpu to skip it)")?,
+        )),
+        Some(DeviceChoice::Cuda(n)) => {
+            if let Some(why) = cuda_unavailable_reason() {
+                anyhow::bail!("--device cuda: CUDA is unavailable: {why}");
+            }
+            Ok(Some(
+                CudaBackend::open(n.unwrap_or(0)).context("opening the CUDA device")?,
+            ))
+        }
     }
 }

@@ -104,7 +104,15 @@ impl<B: Backend> LlamaModel<B> {
         config: LlamaConfig,
         mut get: impl FnMut(&str) -> Result<HostTensor>,
     ) -> Result<Self> {
-        let mut w = |name: &str| -> Result<B::Weight> { backend.upload_weight(&get(name)?) };
+        Self::from_weights(config, |name| backend.upload_weight(&get(name)?))
+    }
+
+    /// Builds a model from weights already where `B` computes (a child materialised on the
+    /// device, or benchmark weights generated there).
+    pub fn from_weights(
+        config: LlamaConfig,
+        mut w: impl FnMut(&str) -> Result<B::Weight>,
+    ) -> Result<Self> {
         let layers = (0..config.num_hidden_layers)
             .map(|l| {
                 let p = format!("model.layers.{l}");
@@ -229,12 +237,29 @@ impl<B: Backend> LlamaModel<B> {
         cache: &mut KvCache<B>,
         st: &mut RunState<B>,
         logits: &mut Vec<f32>,
+        probe: Option<&mut Probe>,
+    ) -> Result<()> {
+        self.forward_into_state(backend, step, cache, st, probe)?;
+        let n = step.logit_rows.len() * self.config.vocab_size;
+        logits.resize(n, 0.0);
+        if n == 0 {
+            return Ok(());
+        }
+        backend.download(logits, &st.logits)
+    }
+
+    /// The forward pass, leaving the logit rows in `st.logits` where the backend computes.
+    fn forward_into_state(
+        &self,
+        backend: &B,
+        step: &Step,
+        cache: &mut KvCache<B>,
+        st: &mut RunState<B>,
         mut probe: Option<&mut Probe>,
     ) -> Result<()> {
         let c = &self.config;
         let rows = step.tokens.len();
         if rows == 0 {
-            logits.clear();
             return Ok(());
         }
         if step.slots.len() != rows || step.positions.len() != rows {
@@ -333,7 +358,6 @@ impl<B: Backend> LlamaModel<B> {
             backend.add_assign(&mut st.x, &st.xb, rows * h)?;
         }
 
-        logits.resize(n_logits * c.vocab_size, 0.0);
         if n_logits == 0 {
             return Ok(());
         }
@@ -345,7 +369,26 @@ impl<B: Backend> LlamaModel<B> {
             backend.download(&mut p.final_hidden, &st.picked)?;
         }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        backend.matmul_t(&mut st.logits, &st.picked, head, n_logits, c.vocab_size, h)?;
-        backend.download(logits, &st.logits)
+        backend.matmul_t(&mut st.logits, &st.picked, head, n_logits, c.vocab_size, h)
+    }
+
+    /// One batch through the model, then the greedy next token of each logit row, chosen
+    /// where the logits are (no copy of whole logit rows to the host).
+    pub fn forward_greedy(
+        &self,
+        backend: &B,
+        step: &Step,
+        cache: &mut KvCache<B>,
+        st: &mut RunState<B>,
+        next: &mut Vec<u32>,
+    ) -> Result<()> {
+        self.forward_into_state(backend, step, cache, st, None)?;
+        next.resize(step.logit_rows.len(), 0);
+        backend.argmax_rows(
+            next,
+            &st.logits,
+            step.logit_rows.len(),
+            self.config.vocab_size,
+        )
     }
 }

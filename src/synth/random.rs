@@ -36,6 +36,30 @@ impl LlamaShape {
         tie_word_embeddings: true,
     };
 
+    /// The CPU `bench` shape: small enough for a 2-core machine in seconds.
+    pub const TINY: LlamaShape = LlamaShape {
+        hidden_size: 256,
+        num_hidden_layers: 4,
+        num_attention_heads: 8,
+        num_key_value_heads: 2,
+        intermediate_size: 688,
+        vocab_size: 4096,
+        max_position_embeddings: 2048,
+        tie_word_embeddings: false,
+    };
+
+    /// Llama-3-8B's shape (226 matrices: 32 layers × 7, embeddings, lm_head).
+    pub const LLAMA3_8B: LlamaShape = LlamaShape {
+        hidden_size: 4096,
+        num_hidden_layers: 32,
+        num_attention_heads: 32,
+        num_key_value_heads: 8,
+        intermediate_size: 14336,
+        vocab_size: 128256,
+        max_position_embeddings: 8192,
+        tie_word_embeddings: false,
+    };
+
     /// A config.json for this shape, in the transformers-5 key style.
     pub fn config_json(&self, dtype: DType) -> Value {
         json!({
@@ -93,4 +117,15 @@ pub fn random_llama(
         })
         .collect();
     Ok((cfg, tensors))
+}
+
+/// Element `i` of a pseudo-random tensor, uniform in [0, 1) with 24 bits: a SplitMix64 hash of
+/// `(seed, i)`. `kernels/llama.cu` (`hash_uniform`) computes the same values on the device, so
+/// benchmark weights generated there are reproducible here.
+pub fn hash_uniform(seed: u64, i: u64) -> f32 {
+    let mut z = seed.wrapping_add((i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 40) as f32 * (1.0 / 16_777_216.0)
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use cycleqd_engine::backend::cpu::CpuBackend;
+use cycleqd_engine::backend::Backend;
 use cycleqd_engine::llama::{LlamaModel, Step};
 use cycleqd_engine::model::ModelStore;
 
@@ -56,18 +57,25 @@ pub fn copy_dir(src: &Path, dst: &Path) {
 
 /// Full logits `[len, vocab]` of one prompt through the CPU path.
 pub fn prompt_logits(dir: &Path, ids: &[u32]) -> Vec<f32> {
+    prompt_logits_on(&CpuBackend, dir, ids)
+}
+
+/// One prompt's logits at every position, on backend `be`.
+pub fn prompt_logits_on<B: Backend>(be: &B, dir: &Path, ids: &[u32]) -> Vec<f32>
+where
+    B::Buf: Default,
+{
     let store = ModelStore::open_llama(dir).unwrap();
-    let be = CpuBackend;
-    let model = LlamaModel::load(&be, &store).unwrap();
+    let model = LlamaModel::load(be, &store).unwrap();
     let mut step = Step::default();
     for (p, &t) in ids.iter().enumerate() {
         step.push(t, 0, p, true);
     }
-    let mut cache = model.new_cache(&be, 1, ids.len()).unwrap();
+    let mut cache = model.new_cache(be, 1, ids.len()).unwrap();
     let mut st = model.new_state();
     let mut logits = vec![];
     model
-        .forward(&be, &step, &mut cache, &mut st, &mut logits)
+        .forward(be, &step, &mut cache, &mut st, &mut logits)
         .unwrap();
     logits
 }

@@ -234,6 +234,40 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn argmax_rows(
+        &self,
+        out: &mut [u32],
+        logits: &Vec<f32>,
+        rows: usize,
+        vocab: usize,
+    ) -> Result<()> {
+        check_len("argmax_rows", logits.len(), rows * vocab)?;
+        check_len("argmax_rows out", out.len(), rows)?;
+        for (o, row) in out
+            .iter_mut()
+            .zip(logits.chunks_exact(vocab.max(1)))
+            .take(rows)
+        {
+            *o = crate::llama::generate::argmax(row);
+        }
+        Ok(())
+    }
+
+    fn random_weight(
+        &self,
+        shape: &[usize],
+        dtype: DType,
+        seed: u64,
+        scale: f32,
+    ) -> Result<HostTensor> {
+        let len: usize = shape.iter().product();
+        let values: Vec<f32> = (0..len as u64)
+            .into_par_iter()
+            .map(|i| (2.0 * crate::synth::hash_uniform(seed, i) - 1.0) * scale)
+            .collect();
+        Ok(HostTensor::from_f32(&values, shape.to_vec(), dtype))
+    }
+
     fn merge(
         &self,
         name: &str,

@@ -1,0 +1,207 @@
+//! The CUDA backend: hand-written kernels (`kernels/*.cu`) behind the same [`Backend`] seam as
+//! the CPU reference, cuBLAS for the GEMMs whose batch is too large for the matvec kernel.
+//! One context and one stream per device; modules are loaded once when the backend opens;
+//! device memory is owned by cudarc's RAII slices; every launch returns its error.
+//!
+//! cudarc loads libcuda, libnvrtc and libcublas with dlopen, so this compiles and runs on
+//! machines without CUDA: [`CudaBackend::open`] then returns an error (it never panics), and
+//! callers fall back to the CPU backend.
+
+mod device;
+mod gemm;
+pub mod kernels;
+mod materialize;
+mod ops;
+
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+
+use crate::error::{Error, Result};
+use crate::model::DType;
+
+pub use device::{cuda_device_count, cuda_unavailable_reason, DeviceChoice, DeviceInfo};
+pub use materialize::{fits_resident, ResidentTensor, StreamedTensor};
+
+/// A weight tensor in device memory, in its storage dtype.
+pub struct CudaWeight {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub data: CudaSlice<u8>,
+}
+
+impl CudaWeight {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// An f32 device buffer (activations, KV cache); empty until first sized.
+#[derive(Default)]
+pub struct CudaBuf {
+    pub(crate) data: Option<CudaSlice<f32>>,
+}
+
+impl CudaBuf {
+    pub fn len(&self) -> usize {
+        self.data.as_ref().map_or(0, |d| d.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One CUDA device: context, stream, cuBLAS handle and the loaded kernels.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    kernels: kernels::LoadedKernels,
+    name: String,
+    /// Activations rounded to a 16-bit weight dtype for cuBLAS, reused across calls.
+    cast_scratch: Mutex<Option<CudaSlice<u8>>>,
+}
+
+/// Threads per block of the element-wise and row kernels (matches `THREADS` in the sources).
+const THREADS: u32 = 256;
+
+impl CudaBackend {
+    /// Opens device `ordinal`: an error (never a panic) when there is no driver or device.
+    pub fn open(ordinal: usize) -> Result<Self> {
+        if let Some(why) = cuda_unavailable_reason() {
+            return Err(Error::invalid(format!("CUDA is unavailable: {why}")));
+        }
+        let count = cuda_device_count()?;
+        if ordinal >= count {
+            return Err(Error::invalid(format!(
+                "CUDA device {ordinal} requested, {count} present"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| cuda_err("opening the context", e))?;
+        let stream = ctx.default_stream();
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| {
+            Error::invalid(format!(
+                "CUDA: cuBLAS did not initialise ({e}); is libcublas.so.13 on the library path?"
+            ))
+        })?;
+        let kernels = kernels::LoadedKernels::load(&ctx)?;
+        let dev = ctx.name().unwrap_or_else(|_| "unknown".into());
+        Ok(CudaBackend {
+            name: format!("cuda:{ordinal} {dev}"),
+            ctx,
+            stream,
+            blas,
+            kernels,
+            cast_scratch: Mutex::new(None),
+        })
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn memory(&self) -> Result<(usize, usize)> {
+        self.ctx
+            .mem_get_info()
+            .map_err(|e| cuda_err("querying memory", e))
+    }
+
+    /// Where each kernel module's code came from (embedded fatbin, override file, NVRTC).
+    pub fn kernel_sources(&self) -> Vec<(String, String)> {
+        self.kernels
+            .sources
+            .iter()
+            .map(|(m, s)| (m.to_string(), format!("{s:?}")))
+            .collect()
+    }
+
+    fn alloc_f32(&self, len: usize) -> Result<CudaSlice<f32>> {
+        self.stream
+            .alloc_zeros::<f32>(len.max(1))
+            .map_err(|e| cuda_err("allocating device memory", e))
+    }
+
+    fn alloc_bytes(&self, len: usize) -> Result<CudaSlice<u8>> {
+        self.stream
+            .alloc_zeros::<u8>(len.max(1))
+            .map_err(|e| cuda_err("allocating device memory", e))
+    }
+
+    /// Copies a host index array (token ids, slots, positions) to the device.
+    fn upload_u32(&self, v: &[u32]) -> Result<CudaSlice<u32>> {
+        if v.is_empty() {
+            return self
+                .stream
+                .alloc_zeros::<u32>(1)
+                .map_err(|e| cuda_err("allocating device memory", e));
+        }
+        self.stream
+            .clone_htod(v)
+            .map_err(|e| cuda_err("copying to the device", e))
+    }
+
+    /// A weight of `shape` filled on the device with the deterministic pseudo-random values
+    /// of `random::hash_uniform` (bench models without files).
+    pub fn random_weight(
+        &self,
+        shape: &[usize],
+        dtype: DType,
+        seed: u64,
+        scale: f32,
+    ) -> Result<CudaWeight> {
+        let len: usize = shape.iter().product();
+        let mut data = self.alloc_bytes(len * dtype.size())?;
+        let f = self
+            .kernels
+            .function("llama", &format!("fill_random_{}", dtype_suffix(dtype)))?;
+        let (len64, cfg) = (len as u64, grid_stride(len));
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&mut data).arg(&len64).arg(&seed).arg(&scale);
+        // SAFETY: `data` holds `len` elements of `dtype`; the kernel writes exactly those.
+        unsafe { b.launch(cfg) }.map_err(|e| cuda_err("fill_random", e))?;
+        Ok(CudaWeight {
+            dtype,
+            shape: shape.to_vec(),
+            data,
+        })
+    }
+}
+
+/// The kernel-name suffix of a storage dtype.
+fn dtype_suffix(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+    }
+}
+
+fn cuda_err(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::invalid(format!("CUDA: {what}: {e}"))
+}
+
+/// A grid-stride launch over `len` elements: enough blocks to fill the device, no more.
+fn grid_stride(len: usize) -> LaunchConfig {
+    let blocks = len.div_ceil(THREADS as usize).clamp(1, 132 * 16) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One block of `THREADS` per row.
+fn per_row(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.max(1) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}

@@ -1,0 +1,162 @@
+//! The CUDA-only parts of `bench`: the device's ceilings (device-to-device copy bandwidth and
+//! the bf16 GEMM rate of cuBLAS) and materialisation in its resident and streamed modes.
+
+use std::time::Instant;
+
+use serde_json::json;
+
+use super::suite::{materialize_result, time_synced, Ceilings, OpResult};
+use crate::backend::cuda::CudaBackend;
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::model::{DType, HostTensor, LlamaConfig};
+
+/// Copy bandwidth (bytes read + written per second) of a 2 GiB device-to-device copy, and the
+/// bf16 GEMM rate of an 8192³ product (f32 accumulate).
+pub fn ceilings(be: &CudaBackend) -> Result<Ceilings> {
+    let len = 2usize << 30;
+    let src = be.random_weight(&[len / 2], DType::F16, 1, 1.0)?;
+    let mut dst = be.random_weight(&[len / 2], DType::F16, 2, 1.0)?;
+    let stream = be.stream().clone();
+    let secs = time_synced(be, 10, || {
+        stream
+            .memcpy_dtod(&src.data, &mut dst.data)
+            .map_err(|e| Error::invalid(format!("CUDA copy: {e}")))
+    })?;
+    let copy = 2.0 * (len as f64) / secs;
+
+    let n = 8192;
+    let a = be.random_weight(&[n, n], DType::BF16, 3, 0.1)?;
+    let b = be.random_weight(&[n, n], DType::BF16, 4, 0.1)?;
+    let mut c = be.zeros(n * n)?;
+    let secs = time_synced(be, 10, || be.gemm_ceiling(&mut c, &a, &b, n))?;
+    Ok(Ceilings {
+        copy_bytes_per_s: copy,
+        flops_per_s: 2.0 * (n as f64).powi(3) / secs,
+        flops_kind: "bf16 tensor-core GEMM (cuBLAS, f32 accumulate)".into(),
+    })
+}
+
+/// Resident materialisation over as many of `cfg`'s layers as fit in device memory (sources
+/// generated on the device), then streamed materialisation over `stream_layers` layers from
+/// pinned host memory.
+pub fn materialize_modes(
+    be: &CudaBackend,
+    cfg: &LlamaConfig,
+    dtype: DType,
+    experts: usize,
+    rank: usize,
+    stream_layers: usize,
+    ceil: &Ceilings,
+) -> Result<Vec<OpResult>> {
+    let layer: Vec<(usize, usize)> = cfg
+        .expected_tensors()
+        .iter()
+        .filter(|(n, s)| s.len() == 2 && n.starts_with("model.layers.0."))
+        .map(|(_, s)| (s[0], s[1]))
+        .collect();
+    let layer_bytes: usize = layer.iter().map(|(m, n)| m * n * dtype.size()).sum();
+    let factor_bytes: usize = layer
+        .iter()
+        .map(|(m, n)| experts * (m + n) * rank * 4)
+        .sum();
+    let (free, _) = be.memory()?;
+    let per_layer = (experts + 2) * layer_bytes + factor_bytes;
+    let layers = ((free / 10 * 7) / per_layer).clamp(1, cfg.num_hidden_layers);
+    let mut out = vec![];
+
+    let mut resident = vec![];
+    let mut outs = vec![];
+    for l in 0..layers {
+        for (i, &(m, n)) in layer.iter().enumerate() {
+            let seed = (l * 100 + i * 10) as u64;
+            resident.push(be.random_resident(m, n, dtype, experts, rank, seed)?);
+            outs.push(be.random_weight(&[m, n], dtype, seed + 9, 0.1)?);
+        }
+    }
+    let a: Vec<f32> = (0..experts).map(|e| 0.3 + 0.1 * e as f32).collect();
+    let coef = vec![0.5f32; experts * rank];
+    let secs = time_synced(be, 5, || {
+        for (t, o) in resident.iter().zip(outs.iter_mut()) {
+            be.materialize_resident(o, t, &a, &coef)?;
+        }
+        Ok(())
+    })?;
+    let (bytes, flops) = traffic(&layer, layers, dtype, experts, rank);
+    out.push(materialize_result(
+        "materialize resident",
+        secs,
+        bytes,
+        flops,
+        ceil,
+        json!({"layers": layers, "experts": experts, "rank": rank,
+               "seconds_per_model_extrapolated": secs * cfg.num_hidden_layers as f64 / layers as f64}),
+    ));
+    drop(resident);
+
+    let cpu = crate::backend::cpu::CpuBackend;
+    let stream_layers = stream_layers.min(layers);
+    let mut streamed = vec![];
+    let t0 = Instant::now();
+    for l in 0..stream_layers {
+        for (i, &(m, n)) in layer.iter().enumerate() {
+            let seed = (l * 100 + i * 10) as u64;
+            let host: Vec<HostTensor> = (0..=experts)
+                .map(|e| cpu.random_weight(&[m, n], dtype, seed + e as u64, 0.03))
+                .collect::<Result<_>>()?;
+            let refs: Vec<&HostTensor> = host[1..].iter().collect();
+            let u: Vec<Vec<f32>> = (0..experts)
+                .map(|e| random_f32(m * rank, seed + 50 + e as u64))
+                .collect();
+            let vt: Vec<Vec<f32>> = (0..experts)
+                .map(|e| random_f32(rank * n, seed + 70 + e as u64))
+                .collect();
+            let f: Vec<(&[f32], &[f32], usize)> = (0..experts)
+                .map(|e| (&u[e][..], &vt[e][..], rank))
+                .collect();
+            streamed.push(be.streamed_tensor(&host[0], &refs, &f, m, n)?);
+        }
+    }
+    let setup = t0.elapsed().as_secs_f64();
+    let genes = vec![(a.clone(), coef.clone()); streamed.len()];
+    let mut souts: Vec<_> = outs.drain(..streamed.len()).collect();
+    let secs = time_synced(be, 3, || {
+        be.materialize_streamed(&mut souts, &streamed, &genes)
+    })?;
+    let (bytes, flops) = traffic(&layer, stream_layers, dtype, experts, rank);
+    // Streamed mode is bound by the host link: report against it, as measured here.
+    let mut r = materialize_result(
+        "materialize streamed",
+        secs,
+        bytes,
+        flops,
+        ceil,
+        json!({"layers": stream_layers, "setup_seconds": setup}),
+    );
+    let host_bytes = ((experts + 1) * layer_bytes * stream_layers) as f64;
+    r.detail["host_to_device_gb_s"] = json!(host_bytes / secs / 1e9);
+    out.push(r);
+    Ok(out)
+}
+
+fn random_f32(len: usize, seed: u64) -> Vec<f32> {
+    (0..len as u64)
+        .map(|i| (crate::synth::hash_uniform(seed, i) - 0.5) * 0.02)
+        .collect()
+}
+
+/// Bytes moved (sources read, output written, factors read) and low-rank FLOPs.
+fn traffic(
+    layer: &[(usize, usize)],
+    layers: usize,
+    dtype: DType,
+    experts: usize,
+    rank: usize,
+) -> (f64, f64) {
+    let (mut bytes, mut flops) = (0.0, 0.0);
+    for &(m, n) in layer {
+        bytes += ((experts + 2) * m * n * dtype.size() + experts * (m + n) * rank * 4) as f64;
+        flops += 2.0 * (m * n * rank * experts) as f64;
+    }
+    (bytes * layers as f64, flops * layers as f64)
+}

@@ -1,0 +1,271 @@
+//! `cycleqd-engine bench [--shape tiny|llama3-8b] [--device cpu|cuda|cuda:N] [--json]`: the
+//! device's measured ceilings, then every hot operation timed against them. The `llama3-8b`
+//! shape is generated on the device (random weights, no files); on a CPU, `tiny` is the default.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use serde_json::{json, Value};
+
+use cycleqd_engine::backend::cpu::CpuBackend;
+use cycleqd_engine::backend::cuda::{
+    cuda_unavailable_reason, CudaBackend, DeviceChoice, DeviceInfo,
+};
+use cycleqd_engine::backend::Backend;
+use cycleqd_engine::bench::suite::{self, Ceilings, OpResult};
+use cycleqd_engine::bench::{cpu_copy_bandwidth, cpu_peak_flops};
+use cycleqd_engine::model::export::write_atomic;
+use cycleqd_engine::model::{DType, LlamaConfig};
+use cycleqd_engine::synth::LlamaShape;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Shape {
+    Tiny,
+    #[value(name = "llama3-8b")]
+    Llama3_8b,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Model shape (default: tiny on a CPU, llama3-8b on CUDA).
+    #[arg(long, value_enum)]
+    shape: Option<Shape>,
+    /// cpu, cuda or cuda:N (default: CUDA when present).
+    #[arg(long)]
+    device: Option<DeviceChoice>,
+    /// Print the JSON report instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Also write the JSON report to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// Sizes of each timed workload for a shape.
+struct Plan {
+    shape: LlamaShape,
+    rank: usize,
+    experts: usize,
+    decode_context: usize,
+    decode_steps: usize,
+    prefill: (usize, usize),
+    eval: (usize, usize, usize),
+}
+
+impl Plan {
+    fn new(shape: Shape) -> Plan {
+        match shape {
+            Shape::Tiny => Plan {
+                shape: LlamaShape::TINY,
+                rank: 16,
+                experts: 3,
+                decode_context: 64,
+                decode_steps: 16,
+                prefill: (8, 128),
+                eval: (64, 32, 16),
+            },
+            Shape::Llama3_8b => Plan {
+                shape: LlamaShape::LLAMA3_8B,
+                rank: 256,
+                experts: 3,
+                decode_context: 128,
+                decode_steps: 32,
+                prefill: (8, 512),
+                eval: (256, 64, 32),
+            },
+        }
+    }
+}
+
+pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
+    let choice = a.device.unwrap_or(match cuda_unavailable_reason() {
+        None => DeviceChoice::Cuda(None),
+        Some(_) => DeviceChoice::Cpu,
+    });
+    let dtype = DType::BF16;
+    let report = match choice {
+        DeviceChoice::Cpu => {
+            let plan = Plan::new(a.shape.unwrap_or(Shape::Tiny));
+            let be = CpuBackend;
+            progress("measuring ceilings");
+            let ceil = Ceilings {
+                copy_bytes_per_s: cpu_copy_bandwidth(512 << 20),
+                flops_per_s: cpu_peak_flops(),
+                flops_kind: "f32 FMA".into(),
+            };
+            let cfg = plan.shape.config(dtype)?;
+            let mut ops = vec![];
+            progress("materialize");
+            ops.push(suite::materialize_host(
+                &be,
+                &cfg,
+                dtype,
+                plan.experts,
+                plan.rank,
+                &ceil,
+            )?);
+            progress("factorize");
+            ops.push(suite::factorize_cpu(&cfg, plan.rank, &ceil)?);
+            ops.extend(inference(&be, &cfg, dtype, &plan, &ceil)?);
+            report_json(&be.name(), None, &cfg, &plan, &ceil, ops, vec![])
+        }
+        DeviceChoice::Cuda(ordinal) => {
+            if let Some(why) = cuda_unavailable_reason() {
+                bail!("--device cuda: CUDA is unavailable: {why}");
+            }
+            let plan = Plan::new(a.shape.unwrap_or(Shape::Llama3_8b));
+            let ordinal = ordinal.unwrap_or(0);
+            let be = CudaBackend::open(ordinal).context("opening the CUDA device")?;
+            progress("measuring ceilings");
+            let ceil = cycleqd_engine::bench::cuda::ceilings(&be)?;
+            let cfg = plan.shape.config(dtype)?;
+            let mut ops = vec![];
+            progress("materialize (resident, streamed)");
+            ops.extend(cycleqd_engine::bench::cuda::materialize_modes(
+                &be,
+                &cfg,
+                dtype,
+                plan.experts,
+                plan.rank,
+                2,
+                &ceil,
+            )?);
+            ops.extend(inference(&be, &cfg, dtype, &plan, &ceil)?);
+            let owed = vec![json!({
+                "op": "factorize",
+                "status": "not on CUDA yet: the engine factorises on the CPU (rayon, parallel across matrices); `bench --device cpu` times it",
+            })];
+            report_json(
+                &be.name(),
+                Some(DeviceInfo::query(ordinal)),
+                &cfg,
+                &plan,
+                &ceil,
+                ops,
+                owed,
+            )
+            .map(|mut r| {
+                r["kernels"] = json!(be.kernel_sources());
+                r
+            })
+        }
+    }?;
+    if let Some(p) = &a.out {
+        let text = serde_json::to_string_pretty(&report)?;
+        write_atomic(p, text.as_bytes()).with_context(|| format!("writing {}", p.display()))?;
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn progress(what: &str) {
+    eprintln!("bench: {what}…");
+}
+
+/// Decode at batch 1, 64 and 256, prefill, and one child's evaluation workload (plus the
+/// materialisation measured before it: one full generation step of the loop).
+fn inference<B: Backend>(
+    be: &B,
+    cfg: &LlamaConfig,
+    dtype: DType,
+    plan: &Plan,
+    ceil: &Ceilings,
+) -> anyhow::Result<Vec<OpResult>>
+where
+    B::Buf: Default,
+{
+    progress("building the random-weight model");
+    let (model, bytes) = suite::random_model(be, cfg, dtype, 42)?;
+    eprintln!("bench: model of {:.2} GB", bytes as f64 / 1e9);
+    let mut ops = vec![];
+    for batch in [1, 64, 256] {
+        progress(&format!("decode batch {batch}"));
+        ops.push(suite::decode(
+            be,
+            &model,
+            dtype,
+            batch,
+            plan.decode_context,
+            plan.decode_steps,
+            ceil,
+        )?);
+    }
+    progress("prefill");
+    ops.push(suite::prefill_rate(
+        be,
+        &model,
+        plan.prefill.0,
+        plan.prefill.1,
+        ceil,
+    )?);
+    progress("evaluation workload");
+    let (p, len, new) = plan.eval;
+    ops.push(suite::evaluation(be, &model, p, len, new)?);
+    Ok(ops)
+}
+
+fn report_json(
+    device: &str,
+    info: Option<DeviceInfo>,
+    cfg: &LlamaConfig,
+    plan: &Plan,
+    ceil: &Ceilings,
+    ops: Vec<OpResult>,
+    owed: Vec<Value>,
+) -> anyhow::Result<Value> {
+    Ok(json!({
+        "engine": env!("CARGO_PKG_VERSION"),
+        "device": device,
+        "nvml": info,
+        "shape": {
+            "hidden_size": cfg.hidden_size, "layers": cfg.num_hidden_layers,
+            "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
+            "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size,
+            "rank": plan.rank, "experts": plan.experts,
+        },
+        "dtype": "bf16",
+        "ceilings": ceil,
+        "ops": ops,
+        "not_measured": owed,
+    }))
+}
+
+fn print_table(r: &Value) {
+    println!("device: {}", r["device"].as_str().unwrap_or("?"));
+    let c = &r["ceilings"];
+    println!(
+        "ceilings: copy {:.1} GB/s, {} {:.2} TFLOP/s",
+        c["copy_bytes_per_s"].as_f64().unwrap_or(0.0) / 1e9,
+        c["flops_kind"].as_str().unwrap_or(""),
+        c["flops_per_s"].as_f64().unwrap_or(0.0) / 1e12
+    );
+    println!(
+        "{:<36} {:>10} {:>14} {:>9}  bound by",
+        "op", "time", "rate", "fraction"
+    );
+    for op in r["ops"].as_array().into_iter().flatten() {
+        let frac = op["fraction_of_ceiling"].as_f64();
+        println!(
+            "{:<36} {:>9.4}s {:>10.2} {:<5} {:>8}  {}",
+            op["op"].as_str().unwrap_or(""),
+            op["seconds"].as_f64().unwrap_or(0.0),
+            op["rate"].as_f64().unwrap_or(0.0),
+            op["unit"].as_str().unwrap_or(""),
+            frac.map_or("—".to_string(), |f| format!("{:.1}%", 100.0 * f)),
+            op["bound_by"].as_str().unwrap_or("")
+        );
+    }
+    for o in r["not_measured"].as_array().into_iter().flatten() {
+        println!(
+            "not measured: {}: {}",
+            o["op"].as_str().unwrap_or(""),
+            o["status"].as_str().unwrap_or("")
+        );
+    }
+}
