@@ -73,7 +73,7 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
     const u32 pos = positions[row];
     const float* qh = q + ((u64)row * num_heads + head) * head_dim;
     const u64 base = (u64)slots[row] * max_seq * kv_width + (u64)kvh * head_dim;
-    const float scale = rsqrtf((float)head_dim);
+    const float scale = 1.0f / sqrtf((float)head_dim);  // correctly rounded, as on the host
 
     float qv[ATT_PER_LANE], acc[ATT_PER_LANE];
 #pragma unroll

@@ -323,3 +323,47 @@ fn reference_models_give_transformers_logits_on_the_gpu() {
         }
     }
 }
+
+#[test]
+fn batched_randomized_svd_is_near_optimal_on_the_gpu() {
+    use cycleqd_engine::evolve::{exact_svd, RandomizedSvd};
+    let Some(gpu) = gpu("batched_randomized_svd_is_near_optimal_on_the_gpu") else {
+        return;
+    };
+    for (m, n) in [(300, 80), (80, 300), (256, 256)] {
+        // A decaying spectrum plus noise, three members per batch with different content.
+        let mats: Vec<Vec<f32>> = (0..3u64)
+            .map(|b| {
+                let k = 40;
+                let u = values(m * k, 100 + b, 1.0);
+                let v = values(n * k, 200 + b, 1.0);
+                (0..m * n)
+                    .map(|idx| {
+                        let (i, j) = (idx / n, idx % n);
+                        (0..k)
+                            .map(|t| u[i * k + t] * v[j * k + t] * 0.85f32.powi(t as i32))
+                            .sum::<f32>()
+                            + 1e-3 * values(1, idx as u64 + 7 * b, 1.0)[0]
+                    })
+                    .collect()
+            })
+            .collect();
+        let refs: Vec<&[f32]> = mats.iter().map(|v| &v[..]).collect();
+        let r = 12;
+        let got = gpu
+            .randomized_svd_batch(&refs, m, n, r, RandomizedSvd::default(), &[0, 1, 2])
+            .unwrap();
+        for (a, f) in mats.iter().zip(&got) {
+            let optimal = exact_svd(a, m, n, r).unwrap();
+            let (e_opt, e_gpu) = (optimal.relative_error(a), f.relative_error(a));
+            assert!(
+                e_gpu.is_finite() && e_gpu <= 1.5 * e_opt,
+                "{m}×{n}: GPU {e_gpu} vs optimal {e_opt}"
+            );
+            for k in 0..r / 2 {
+                let rel = ((f.s[k] - optimal.s[k]) / optimal.s[k]).abs();
+                assert!(rel < 1e-3, "{m}×{n} σ_{k}: {} vs {}", f.s[k], optimal.s[k]);
+            }
+        }
+    }
+}

@@ -1,6 +1,7 @@
 //! Evolution operators: merging (mergekit's methods), task-vector factorisation, genomes with
 //! crossover, SVD mutation and materialisation.
 
+pub mod batched_svd;
 pub mod cache;
 pub mod factorize;
 pub mod genome;

@@ -33,7 +33,7 @@ pub enum Precision {
 }
 
 impl CudaBackend {
-    /// `c [n, n] = a · bᵀ` for bf16 `a`, `b` (f32 out): the GEMM ceiling `bench` measures.
+    /// `c [n, n] = b · aᵀ` for bf16 `a`, `b` (f32 out): the GEMM ceiling `bench` measures.
     pub fn gemm_ceiling(
         &self,
         c: &mut CudaBuf,
@@ -41,7 +41,12 @@ impl CudaBackend {
         b: &CudaWeight,
         n: usize,
     ) -> Result<()> {
-        if a.numel() != n * n || b.numel() != n * n || c.len() < n * n || a.dtype != b.dtype {
+        if n == 0
+            || a.numel() != n * n
+            || b.numel() != n * n
+            || c.len() < n * n
+            || a.dtype != b.dtype
+        {
             return Err(Error::invalid(
                 "gemm_ceiling: operands are not n×n of one dtype",
             ));
@@ -49,7 +54,7 @@ impl CudaBackend {
         let stream = self.stream.clone();
         let (ap, _ga) = a.data.device_ptr(&stream);
         let (bp, _gb) = b.data.device_ptr(&stream);
-        let (cp, _gc) = c.data.as_mut().expect("sized").device_ptr_mut(&stream);
+        let (cp, _gc) = c.dev_mut()?.device_ptr_mut(&stream);
         // SAFETY: sizes checked above.
         unsafe { self.gemm_xwt(cp, bp, ap, a.dtype, n, n, n) }
     }
@@ -69,6 +74,10 @@ impl CudaBackend {
         n: usize,
         k: usize,
     ) -> Result<()> {
+        // cuBLAS runs in the thread's current context: make it this device's.
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_err("binding the context", e))?;
         // Column-major: outᵀ [n, rows] = (w as [k, n])ᵀ · (x as [k, rows]).
         let (alpha, beta) = (1.0f32, 0.0f32);
         unsafe {
@@ -118,6 +127,9 @@ impl CudaBackend {
             Precision::F32 => cublasComputeType_t::CUBLAS_COMPUTE_32F,
             Precision::Tf32 => cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
         };
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_err("binding the context", e))?;
         // Column-major: cᵀ [n, m] = (b as [n, k]) · (a as [k, m]).
         unsafe {
             gemm_ex(

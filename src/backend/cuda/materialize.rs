@@ -86,6 +86,28 @@ fn concat_factors(
     (u, vt, k)
 }
 
+/// Every source is `[m, n]` of the base's dtype.
+fn check_sources(base: &HostTensor, experts: &[&HostTensor], m: usize, n: usize) -> Result<()> {
+    if base.numel() != m * n
+        || experts
+            .iter()
+            .any(|x| x.numel() != m * n || x.dtype != base.dtype)
+    {
+        return Err(Error::invalid(format!(
+            "materialize: sources do not all hold a {m}×{n} tensor of {}",
+            base.dtype
+        )));
+    }
+    if experts.len() + 1 > MAX_SOURCES {
+        return Err(Error::invalid(format!(
+            "materialize: {} experts, at most {} on CUDA",
+            experts.len(),
+            MAX_SOURCES - 1
+        )));
+    }
+    Ok(())
+}
+
 /// Whether `tensors` sources of `bytes` each (plus factors) fit in `free` device bytes with
 /// room left for the model being evaluated and its activations.
 pub fn fits_resident(source_bytes: usize, output_bytes: usize, free: usize) -> bool {
@@ -100,10 +122,20 @@ impl CudaBackend {
         m: usize,
         n: usize,
     ) -> Result<Option<DeviceFactors>> {
-        if low_rank.is_empty() {
+        // Rank-0 terms contribute nothing (and cuBLAS refuses k = 0).
+        let terms: Vec<_> = low_rank.iter().copied().filter(|t| t.2 > 0).collect();
+        if terms.is_empty() {
             return Ok(None);
         }
-        let (u, vt, k) = concat_factors(low_rank, m, n);
+        if terms
+            .iter()
+            .any(|&(u, vt, r)| u.len() < m * r || vt.len() < r * n)
+        {
+            return Err(Error::invalid(format!(
+                "materialize: factors shorter than their rank for a {m}×{n} tensor"
+            )));
+        }
+        let (u, vt, k) = concat_factors(&terms, m, n);
         let up = |v: &[f32]| {
             self.stream
                 .clone_htod(v)
@@ -126,6 +158,7 @@ impl CudaBackend {
         n: usize,
     ) -> Result<ResidentTensor> {
         use crate::backend::Backend;
+        check_sources(base, experts, m, n)?;
         Ok(ResidentTensor {
             base: self.upload_weight(base)?,
             experts: experts
@@ -186,6 +219,7 @@ impl CudaBackend {
         m: usize,
         n: usize,
     ) -> Result<StreamedTensor> {
+        check_sources(base, experts, m, n)?;
         let mut sources = vec![];
         for t in std::iter::once(base).chain(experts.iter().copied()) {
             // SAFETY: the pinned buffer is fully written below before any read.

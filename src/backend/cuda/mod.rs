@@ -8,6 +8,7 @@
 //! callers fall back to the CPU backend.
 
 mod device;
+mod factorize;
 mod gemm;
 pub mod kernels;
 mod materialize;
@@ -51,6 +52,19 @@ impl CudaBuf {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The device slice; an error (not a panic) for a buffer never sized.
+    pub(crate) fn dev(&self) -> Result<&CudaSlice<f32>> {
+        self.data
+            .as_ref()
+            .ok_or_else(|| Error::invalid("CUDA: an unallocated buffer was used"))
+    }
+
+    pub(crate) fn dev_mut(&mut self) -> Result<&mut CudaSlice<f32>> {
+        self.data
+            .as_mut()
+            .ok_or_else(|| Error::invalid("CUDA: an unallocated buffer was used"))
+    }
 }
 
 /// One CUDA device: context, stream, cuBLAS handle and the loaded kernels.
@@ -78,6 +92,13 @@ impl CudaBackend {
             return Err(Error::invalid(format!(
                 "CUDA device {ordinal} requested, {count} present"
             )));
+        }
+        // SAFETY: only probes for the library with dlopen; cudarc panics on calls into a
+        // missing one.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(Error::invalid(
+                "CUDA: libcublas.so.13 is not loadable (put the CUDA 13 lib64 on LD_LIBRARY_PATH)",
+            ));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| cuda_err("opening the context", e))?;
         let stream = ctx.default_stream();

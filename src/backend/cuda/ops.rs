@@ -26,6 +26,17 @@ fn buf(b: &CudaBuf, op: &str, need: usize) -> Result<()> {
     Ok(())
 }
 
+fn same_len(op: &str, slots: &[u32], positions: &[u32]) -> Result<()> {
+    if slots.len() != positions.len() {
+        return Err(Error::invalid(format!(
+            "{op}: {} slots but {} positions",
+            slots.len(),
+            positions.len()
+        )));
+    }
+    Ok(())
+}
+
 impl CudaBackend {
     fn launch_err(
         &self,
@@ -107,7 +118,7 @@ impl Backend for CudaBackend {
                 "token id {id} is out of range (vocab size {vocab})"
             )));
         }
-        if ids.is_empty() {
+        if ids.is_empty() || dim == 0 {
             return Ok(());
         }
         let ids_d = self.upload_u32(ids)?;
@@ -116,7 +127,7 @@ impl Backend for CudaBackend {
             .function("llama", &format!("embedding_{}", dtype_suffix(table.dtype)))?;
         let dim32 = dim as u32;
         let mut b = self.stream.launch_builder(&f);
-        b.arg(out.data.as_mut().unwrap())
+        b.arg(out.dev_mut()?)
             .arg(&table.data)
             .arg(&ids_d)
             .arg(&dim32);
@@ -141,7 +152,7 @@ impl Backend for CudaBackend {
                 weight.numel()
             )));
         }
-        if rows == 0 {
+        if rows == 0 || dim == 0 {
             return Ok(());
         }
         let f = self
@@ -149,8 +160,8 @@ impl Backend for CudaBackend {
             .function("llama", &format!("rms_norm_{}", dtype_suffix(weight.dtype)))?;
         let dim32 = dim as u32;
         let mut b = self.stream.launch_builder(&f);
-        b.arg(out.data.as_mut().unwrap())
-            .arg(x.data.as_ref().unwrap())
+        b.arg(out.dev_mut()?)
+            .arg(x.dev()?)
             .arg(&weight.data)
             .arg(&dim32)
             .arg(&eps);
@@ -178,8 +189,11 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let out_d = out.data.as_mut().unwrap();
-        let x_d = x.data.as_ref().unwrap();
+        if n == 0 || k == 0 {
+            return Ok(());
+        }
+        let out_d = out.dev_mut()?;
+        let x_d = x.dev()?;
         if rows <= MATVEC_MAX_ROWS {
             let f = self
                 .kernels
@@ -247,7 +261,13 @@ impl Backend for CudaBackend {
         inv_freq: &[f32],
     ) -> Result<()> {
         buf(x, "rope", positions.len() * heads * head_dim)?;
-        if positions.is_empty() {
+        if inv_freq.len() < head_dim / 2 {
+            return Err(Error::invalid(format!(
+                "rope: {} inverse frequencies for head_dim {head_dim}",
+                inv_freq.len()
+            )));
+        }
+        if positions.is_empty() || heads == 0 || head_dim < 2 {
             return Ok(());
         }
         let pos_d = self.upload_u32(positions)?;
@@ -263,7 +283,7 @@ impl Backend for CudaBackend {
             shared_mem_bytes: 0,
         };
         let mut b = self.stream.launch_builder(&f);
-        b.arg(x.data.as_mut().unwrap())
+        b.arg(x.dev_mut()?)
             .arg(&pos_d)
             .arg(&h32)
             .arg(&d32)
@@ -282,6 +302,7 @@ impl Backend for CudaBackend {
         width: usize,
     ) -> Result<()> {
         buf(src, "kv_store src", slots.len() * width)?;
+        same_len("kv_store", slots, positions)?;
         for (&s, &p) in slots.iter().zip(positions) {
             if p as usize >= max_seq {
                 return Err(Error::invalid(format!(
@@ -294,15 +315,15 @@ impl Backend for CudaBackend {
                 (s as usize * max_seq + p as usize + 1) * width,
             )?;
         }
-        if slots.is_empty() {
+        if slots.is_empty() || width == 0 {
             return Ok(());
         }
         let (slots_d, pos_d) = (self.upload_u32(slots)?, self.upload_u32(positions)?);
         let f = self.kernels.function("llama", "kv_store")?;
         let (ms, w) = (max_seq as u32, width as u32);
         let mut b = self.stream.launch_builder(&f);
-        b.arg(cache.data.as_mut().unwrap())
-            .arg(src.data.as_ref().unwrap())
+        b.arg(cache.dev_mut()?)
+            .arg(src.dev()?)
             .arg(&slots_d)
             .arg(&pos_d)
             .arg(&ms)
@@ -322,6 +343,7 @@ impl Backend for CudaBackend {
         geom: AttentionGeometry,
     ) -> Result<()> {
         let width = geom.num_heads * geom.head_dim;
+        same_len("attention", slots, positions)?;
         buf(out, "attention out", slots.len() * width)?;
         buf(q, "attention q", slots.len() * width)?;
         if geom.head_dim > 256
@@ -352,7 +374,7 @@ impl Backend for CudaBackend {
                 geom.max_seq
             )));
         }
-        if slots.is_empty() {
+        if slots.is_empty() || width == 0 {
             return Ok(());
         }
         let (slots_d, pos_d) = (self.upload_u32(slots)?, self.upload_u32(positions)?);
@@ -369,10 +391,10 @@ impl Backend for CudaBackend {
             shared_mem_bytes: 0,
         };
         let mut b = self.stream.launch_builder(&f);
-        b.arg(out.data.as_mut().unwrap())
-            .arg(q.data.as_ref().unwrap())
-            .arg(k_cache.data.as_ref().unwrap())
-            .arg(v_cache.data.as_ref().unwrap())
+        b.arg(out.dev_mut()?)
+            .arg(q.dev()?)
+            .arg(k_cache.dev()?)
+            .arg(v_cache.dev()?)
             .arg(&slots_d)
             .arg(&pos_d)
             .arg(&nh)
@@ -404,14 +426,14 @@ impl Backend for CudaBackend {
         } else {
             return Ok(());
         }
+        if width == 0 {
+            return Ok(());
+        }
         let rows_d = self.upload_u32(rows)?;
         let f = self.kernels.function("llama", "gather_rows")?;
         let w = width as u32;
         let mut b = self.stream.launch_builder(&f);
-        b.arg(out.data.as_mut().unwrap())
-            .arg(x.data.as_ref().unwrap())
-            .arg(&rows_d)
-            .arg(&w);
+        b.arg(out.dev_mut()?).arg(x.dev()?).arg(&rows_d).arg(&w);
         // SAFETY: bounds checked above.
         self.launch_err("gather_rows", unsafe { b.launch(per_row(rows.len())) })
     }
@@ -430,6 +452,9 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return Ok(());
         }
+        if vocab == 0 {
+            return Err(Error::invalid("argmax_rows: rows of zero logits"));
+        }
         let mut ids = self
             .stream
             .alloc_zeros::<u32>(rows)
@@ -442,7 +467,7 @@ impl Backend for CudaBackend {
             shared_mem_bytes: 0,
         };
         let mut b = self.stream.launch_builder(&f);
-        b.arg(&mut ids).arg(logits.data.as_ref().unwrap()).arg(&v);
+        b.arg(&mut ids).arg(logits.dev()?).arg(&v);
         // SAFETY: logits holds rows·vocab values.
         self.launch_err("argmax_rows", unsafe { b.launch(cfg) })?;
         self.stream
@@ -501,9 +526,7 @@ impl CudaBackend {
         let f = self.kernels.function("llama", kernel)?;
         let len64 = len as u64;
         let mut b = self.stream.launch_builder(&f);
-        b.arg(x.data.as_mut().unwrap())
-            .arg(y.data.as_ref().unwrap())
-            .arg(&len64);
+        b.arg(x.dev_mut()?).arg(y.dev()?).arg(&len64);
         // SAFETY: both buffers hold `len` values.
         self.launch_err(kernel, unsafe { b.launch(grid_stride(len)) })
     }

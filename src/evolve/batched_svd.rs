@@ -1,0 +1,423 @@
+//! Batched randomized SVD (Halko, Martinsson & Tropp 2011, Alg. 4.4 with power iterations)
+//! of task vectors of one shape, written once against [`BatchedLinalg`] (batched column-major
+//! GEMMs) so the same algorithm runs on the GPU (cuBLAS strided-batched GEMMs) and on the CPU
+//! (faer; what tests it on machines without a GPU). Orthonormalisation is shifted CholeskyQR3
+//! (Fukaya et al. 2020): Gram matrix on the device, `l × l` Cholesky and triangular inverse on
+//! the host in f64, `X ← X·R⁻¹` on the device. The small SVD is of `R` from the QR of
+//! `Bᵀ = Aᵀ Q` (`l × l`, host, f64), so nothing `m × n`-sized is squared or copied back.
+//!
+//! Matrices are column-major; a row-major `A` `[m, n]` is the column-major `Aᵀ`.
+
+use faer::Mat;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+use super::factorize::{Factors, RandomizedSvd};
+use crate::error::{Error, Result};
+
+/// A batch of column-major matrices of one shape, and the products the algorithm needs.
+pub trait BatchedLinalg {
+    type Mat;
+    /// `batch` matrices of `rows × cols` from consecutive column-major host data.
+    fn upload(&self, host: &[f32], rows: usize, cols: usize, batch: usize) -> Result<Self::Mat>;
+    fn zeros(&self, rows: usize, cols: usize, batch: usize) -> Result<Self::Mat>;
+    /// (rows, cols, batch).
+    fn dims(&self, m: &Self::Mat) -> (usize, usize, usize);
+    /// `c = op(a) · op(b)` for every member.
+    fn gemm(
+        &self,
+        c: &mut Self::Mat,
+        a: &Self::Mat,
+        ta: bool,
+        b: &Self::Mat,
+        tb: bool,
+    ) -> Result<()>;
+    fn download(&self, m: &Self::Mat) -> Result<Vec<f32>>;
+}
+
+/// The CPU implementation (faer GEMMs, members in parallel).
+pub struct CpuLinalg;
+
+/// A CPU batch: consecutive column-major members.
+pub struct CpuBatch {
+    data: Vec<f32>,
+    rows: usize,
+    cols: usize,
+    batch: usize,
+}
+
+impl BatchedLinalg for CpuLinalg {
+    type Mat = CpuBatch;
+
+    fn upload(&self, host: &[f32], rows: usize, cols: usize, batch: usize) -> Result<CpuBatch> {
+        Ok(CpuBatch {
+            data: host.to_vec(),
+            rows,
+            cols,
+            batch,
+        })
+    }
+
+    fn zeros(&self, rows: usize, cols: usize, batch: usize) -> Result<CpuBatch> {
+        Ok(CpuBatch {
+            data: vec![0.0; rows * cols * batch],
+            rows,
+            cols,
+            batch,
+        })
+    }
+
+    fn dims(&self, m: &CpuBatch) -> (usize, usize, usize) {
+        (m.rows, m.cols, m.batch)
+    }
+
+    fn gemm(&self, c: &mut CpuBatch, a: &CpuBatch, ta: bool, b: &CpuBatch, tb: bool) -> Result<()> {
+        use faer::linalg::matmul::matmul;
+        use faer::{Accum, MatMut, MatRef, Par};
+        use rayon::prelude::*;
+        let (cr, cc) = (c.rows, c.cols);
+        let (asz, bsz) = (a.rows * a.cols, b.rows * b.cols);
+        c.data
+            .par_chunks_mut(cr * cc)
+            .enumerate()
+            .for_each(|(i, ci)| {
+                let am = MatRef::from_column_major_slice(
+                    &a.data[i * asz..(i + 1) * asz],
+                    a.rows,
+                    a.cols,
+                );
+                let bm = MatRef::from_column_major_slice(
+                    &b.data[i * bsz..(i + 1) * bsz],
+                    b.rows,
+                    b.cols,
+                );
+                let am = if ta { am.transpose() } else { am };
+                let bm = if tb { bm.transpose() } else { bm };
+                matmul(
+                    MatMut::from_column_major_slice_mut(ci, cr, cc),
+                    Accum::Replace,
+                    am,
+                    bm,
+                    1.0,
+                    Par::Seq,
+                );
+            });
+        Ok(())
+    }
+
+    fn download(&self, m: &CpuBatch) -> Result<Vec<f32>> {
+        Ok(m.data.clone())
+    }
+}
+
+/// Orthonormalises the columns of every member of `x` in place (shifted CholeskyQR3) and
+/// returns each member's `R` (`l × l`, column-major, f64) with `x_in = Q·R`.
+fn cholesky_qr<O: BatchedLinalg>(ops: &O, x: &mut O::Mat) -> Result<Vec<Vec<f64>>> {
+    let (p, l, nb) = ops.dims(x);
+    let mut r_total: Vec<Vec<f64>> = (0..nb).map(|_| identity(l)).collect();
+    let mut gram = ops.zeros(l, l, nb)?;
+    let mut next = ops.zeros(p, l, nb)?;
+    for pass in 0..3 {
+        ops.gemm(&mut gram, x, true, x, false)?;
+        let g = ops.download(&gram)?;
+        let mut rinv = Vec::with_capacity(l * l * nb);
+        for (i, gi) in g.chunks_exact(l * l).enumerate() {
+            let mut g64: Vec<f64> = gi.iter().map(|&v| v as f64).collect();
+            if pass == 0 {
+                // The shift keeps the Cholesky factorisable when X is ill-conditioned in
+                // f32; the two unshifted passes then restore orthogonality.
+                let norm = (0..l).map(|j| g64[j * l + j]).sum::<f64>();
+                let shift = 11.0 * ((p * l + l * (l + 1)) as f64) * f32::EPSILON as f64 * norm;
+                (0..l).for_each(|j| g64[j * l + j] += shift);
+            }
+            let r = cholesky_upper(&g64, l).ok_or_else(|| {
+                Error::invalid("factorize: CholeskyQR found a singular Gram matrix (task vector of lower rank than the sketch?)")
+            })?;
+            r_total[i] = matmul_upper(&r, &r_total[i], l);
+            rinv.extend(invert_upper(&r, l).iter().map(|&v| v as f32));
+        }
+        let rinv = ops.upload(&rinv, l, l, nb)?;
+        ops.gemm(&mut next, x, false, &rinv, false)?;
+        std::mem::swap(x, &mut next);
+    }
+    Ok(r_total)
+}
+
+/// Rank-`rank` randomized SVD of each row-major `[m, n]` matrix in `mats`, batched on
+/// `ops`' device. Member `i` draws its sketch from `opts.seed ^ seeds[i]`.
+pub fn randomized_svd_batch<O: BatchedLinalg>(
+    ops: &O,
+    mats: &[&[f32]],
+    m: usize,
+    n: usize,
+    rank: usize,
+    opts: RandomizedSvd,
+    seeds: &[u64],
+) -> Result<Vec<Factors>> {
+    let nb = mats.len();
+    if rank == 0 || rank > m.min(n) {
+        return Err(Error::invalid(format!(
+            "rank {rank} is outside 1..={} for a {m}×{n} matrix",
+            m.min(n)
+        )));
+    }
+    if mats.iter().any(|a| a.len() != m * n) || seeds.len() != nb {
+        return Err(Error::invalid(
+            "factorize: matrices or seeds do not match the batch",
+        ));
+    }
+    if nb == 0 {
+        return Ok(vec![]);
+    }
+    let l = (rank + opts.oversample).min(m.min(n));
+    // Row-major A is column-major Aᵀ [n, m].
+    let mut host = Vec::with_capacity(nb * m * n);
+    mats.iter().for_each(|a| host.extend_from_slice(a));
+    let at = ops.upload(&host, n, m, nb)?;
+    drop(host);
+    let mut omega = Vec::with_capacity(nb * n * l);
+    for &s in seeds {
+        let mut rng = ChaCha8Rng::seed_from_u64(opts.seed ^ s);
+        omega.extend((0..n * l).map(|_| -> f32 { StandardNormal.sample(&mut rng) }));
+    }
+    let omega = ops.upload(&omega, n, l, nb)?;
+
+    let mut q = ops.zeros(m, l, nb)?; // Q = orth(A Ω)
+    ops.gemm(&mut q, &at, true, &omega, false)?;
+    cholesky_qr(ops, &mut q)?;
+    let mut z = ops.zeros(n, l, nb)?;
+    for _ in 0..opts.power_iters {
+        ops.gemm(&mut z, &at, false, &q, false)?; // Aᵀ Q
+        cholesky_qr(ops, &mut z)?;
+        ops.gemm(&mut q, &at, true, &z, false)?; // A Z
+        cholesky_qr(ops, &mut q)?;
+    }
+    // Bᵀ = Aᵀ Q = Q_b R_b; R_b = U_r Σ V_rᵀ ⇒ A ≈ (Q V_r) Σ (Q_b U_r)ᵀ.
+    let mut qb = ops.zeros(n, l, nb)?;
+    ops.gemm(&mut qb, &at, false, &q, false)?;
+    let r_b = cholesky_qr(ops, &mut qb)?;
+    let (mut ur_all, mut vr_all, mut sigmas) = (vec![], vec![], vec![]);
+    for r in &r_b {
+        let rm = Mat::from_fn(l, l, |i, j| r[j * l + i]);
+        let svd = rm.thin_svd().map_err(|e| {
+            Error::invalid(format!(
+                "factorize: SVD of the {l}×{l} core did not converge: {e:?}"
+            ))
+        })?;
+        ur_all.extend(
+            (0..l)
+                .flat_map(|j| (0..l).map(move |i| (i, j)))
+                .map(|(i, j)| svd.U()[(i, j)] as f32),
+        );
+        vr_all.extend(
+            (0..l)
+                .flat_map(|j| (0..l).map(move |i| (i, j)))
+                .map(|(i, j)| svd.V()[(i, j)] as f32),
+        );
+        sigmas.push(
+            svd.S()
+                .column_vector()
+                .iter()
+                .map(|&s| s as f32)
+                .collect::<Vec<f32>>(),
+        );
+    }
+    let (ur, vr) = (
+        ops.upload(&ur_all, l, l, nb)?,
+        ops.upload(&vr_all, l, l, nb)?,
+    );
+    let mut u = ops.zeros(m, l, nb)?;
+    ops.gemm(&mut u, &q, false, &vr, false)?;
+    let mut v = ops.zeros(n, l, nb)?;
+    ops.gemm(&mut v, &qb, false, &ur, false)?;
+    let (u, v) = (ops.download(&u)?, ops.download(&v)?);
+    Ok((0..nb)
+        .map(|i| {
+            let (ui, vi) = (
+                &u[i * m * l..(i + 1) * m * l],
+                &v[i * n * l..(i + 1) * n * l],
+            );
+            Factors {
+                m,
+                n,
+                u: (0..m)
+                    .flat_map(|r| (0..rank).map(move |k| ui[k * m + r]))
+                    .collect(),
+                s: sigmas[i][..rank].to_vec(),
+                v: (0..n)
+                    .flat_map(|r| (0..rank).map(move |k| vi[k * n + r]))
+                    .collect(),
+            }
+        })
+        .collect())
+}
+
+fn identity(l: usize) -> Vec<f64> {
+    let mut m = vec![0.0; l * l];
+    (0..l).for_each(|i| m[i * l + i] = 1.0);
+    m
+}
+
+/// Upper-triangular `R` with `RᵀR = G` (column-major, `G` symmetric positive definite).
+fn cholesky_upper(g: &[f64], l: usize) -> Option<Vec<f64>> {
+    let mut r = vec![0.0; l * l];
+    for j in 0..l {
+        let mut d = g[j * l + j];
+        for k in 0..j {
+            d -= r[j * l + k] * r[j * l + k];
+        }
+        if d <= 0.0 || !d.is_finite() {
+            return None;
+        }
+        let rjj = d.sqrt();
+        r[j * l + j] = rjj;
+        for i in j + 1..l {
+            let mut s = g[i * l + j];
+            for k in 0..j {
+                s -= r[j * l + k] * r[i * l + k];
+            }
+            r[i * l + j] = s / rjj; // R[j, i] (row j, column i)
+        }
+    }
+    Some(r)
+}
+
+/// Inverse of an upper-triangular column-major matrix.
+fn invert_upper(r: &[f64], l: usize) -> Vec<f64> {
+    let mut inv = vec![0.0; l * l];
+    for j in 0..l {
+        inv[j * l + j] = 1.0 / r[j * l + j];
+        for i in (0..j).rev() {
+            let s: f64 = (i + 1..=j).map(|k| r[k * l + i] * inv[j * l + k]).sum();
+            inv[j * l + i] = -s / r[i * l + i];
+        }
+    }
+    inv
+}
+
+/// `a · b` for column-major `l × l` matrices.
+fn matmul_upper(a: &[f64], b: &[f64], l: usize) -> Vec<f64> {
+    let mut c = vec![0.0; l * l];
+    for j in 0..l {
+        for k in 0..l {
+            let bkj = b[j * l + k];
+            if bkj != 0.0 {
+                for i in 0..l {
+                    c[j * l + i] += a[k * l + i] * bkj;
+                }
+            }
+        }
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::evolve::factorize::exact_svd;
+
+    /// The whole algorithm on the CPU implementation: the GPU runs the same code with cuBLAS.
+    #[test]
+    fn batched_randomized_svd_is_near_optimal_and_orthonormal() {
+        for (m, n) in [(300, 80), (80, 300), (128, 128)] {
+            let mats: Vec<Vec<f32>> = (0..3u64)
+                .map(|b| {
+                    let mut rng = ChaCha8Rng::seed_from_u64(b + 10 * m as u64);
+                    let k = 40;
+                    let u: Vec<f32> = (0..m * k)
+                        .map(|_| StandardNormal.sample(&mut rng))
+                        .collect();
+                    let v: Vec<f32> = (0..n * k)
+                        .map(|_| StandardNormal.sample(&mut rng))
+                        .collect();
+                    (0..m * n)
+                        .map(|idx| {
+                            let (i, j) = (idx / n, idx % n);
+                            let noise: f32 = StandardNormal.sample(&mut rng);
+                            (0..k)
+                                .map(|t| u[i * k + t] * v[j * k + t] * 0.85f32.powi(t as i32))
+                                .sum::<f32>()
+                                + 1e-3 * noise
+                        })
+                        .collect()
+                })
+                .collect();
+            let refs: Vec<&[f32]> = mats.iter().map(|v| &v[..]).collect();
+            let r = 12;
+            let got = randomized_svd_batch(
+                &CpuLinalg,
+                &refs,
+                m,
+                n,
+                r,
+                RandomizedSvd::default(),
+                &[0, 1, 2],
+            )
+            .unwrap();
+            for (a, f) in mats.iter().zip(&got) {
+                let optimal = exact_svd(a, m, n, r).unwrap();
+                let (e_opt, e_got) = (optimal.relative_error(a), f.relative_error(a));
+                assert!(e_got <= 1.5 * e_opt, "{m}×{n}: {e_got} vs optimal {e_opt}");
+                for k in 0..r / 2 {
+                    let rel = ((f.s[k] - optimal.s[k]) / optimal.s[k]).abs();
+                    assert!(rel < 1e-3, "{m}×{n} σ_{k}: {} vs {}", f.s[k], optimal.s[k]);
+                }
+                // U's columns are orthonormal.
+                for p in 0..r {
+                    for q in 0..r {
+                        let d: f32 = (0..m).map(|i| f.u[i * r + p] * f.u[i * r + q]).sum();
+                        let want = if p == q { 1.0 } else { 0.0 };
+                        assert!((d - want).abs() < 1e-3, "{m}×{n} UᵀU[{p},{q}] = {d}");
+                    }
+                }
+            }
+        }
+        assert!(randomized_svd_batch(
+            &CpuLinalg,
+            &[&[0.0; 6][..]],
+            2,
+            3,
+            3,
+            RandomizedSvd::default(),
+            &[0]
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn host_cholesky_and_triangular_inverse() {
+        let l = 5;
+        // G = MᵀM for a well-conditioned M (column-major).
+        let mcol: Vec<f64> = (0..l * l)
+            .map(|i| ((i * 7 % 11) as f64 - 5.0) / 3.0 + if i % (l + 1) == 0 { 4.0 } else { 0.0 })
+            .collect();
+        let mut g = vec![0.0; l * l];
+        for i in 0..l {
+            for j in 0..l {
+                g[j * l + i] = (0..l).map(|k| mcol[i * l + k] * mcol[j * l + k]).sum();
+            }
+        }
+        let r = cholesky_upper(&g, l).unwrap();
+        for i in 0..l {
+            for j in 0..l {
+                let rtr: f64 = (0..l).map(|k| r[i * l + k] * r[j * l + k]).sum();
+                assert!((rtr - g[j * l + i]).abs() < 1e-9, "RᵀR ≠ G at {i},{j}");
+                if i > j {
+                    assert_eq!(r[j * l + i], 0.0, "R is upper triangular");
+                }
+            }
+        }
+        let prod = matmul_upper(&r, &invert_upper(&r, l), l);
+        for i in 0..l {
+            for j in 0..l {
+                let want = if i == j { 1.0 } else { 0.0 };
+                assert!((prod[j * l + i] - want).abs() < 1e-9, "R·R⁻¹ at {i},{j}");
+            }
+        }
+        assert!(
+            cholesky_upper(&[0.0, 0.0, 0.0, 1.0], 2).is_none(),
+            "singular G is refused"
+        );
+    }
+}
