@@ -218,6 +218,19 @@ FOR_EACH_DTYPE(MATVEC)
     }
 FOR_EACH_DTYPE(CAST)
 
+// The warp's (max, first index of the max) in every lane.
+__device__ __forceinline__ void warp_argmax(float& best, u32& idx) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        const u32 oi = __shfl_xor_sync(0xffffffffu, idx, o);
+        if (ov > best || (ov == best && oi < idx)) {
+            best = ov;
+            idx = oi;
+        }
+    }
+}
+
 // out[r] = argmax_j logits[r, j], the first index on ties (as the host's argmax). One block
 // of 1024 threads per row.
 extern "C" __global__ void __launch_bounds__(1024)
@@ -235,15 +248,7 @@ extern "C" __global__ void __launch_bounds__(1024)
         }
     }
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, best, o);
-        const u32 oi = __shfl_xor_sync(0xffffffffu, idx, o);
-        if (ov > best || (ov == best && oi < idx)) {
-            best = ov;
-            idx = oi;
-        }
-    }
+    warp_argmax(best, idx);
     if (lane == 0) {
         sm_val[warp] = best;
         sm_idx[warp] = idx;
@@ -253,15 +258,7 @@ extern "C" __global__ void __launch_bounds__(1024)
     const u32 warps = blockDim.x >> 5;
     best = lane < warps ? sm_val[lane] : NEG_INF;
     idx = lane < warps ? sm_idx[lane] : 0xffffffffu;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, best, o);
-        const u32 oi = __shfl_xor_sync(0xffffffffu, idx, o);
-        if (ov > best || (ov == best && oi < idx)) {
-            best = ov;
-            idx = oi;
-        }
-    }
+    warp_argmax(best, idx);
     if (lane == 0) out[blockIdx.x] = idx;
 }
 

@@ -367,3 +367,37 @@ fn batched_randomized_svd_is_near_optimal_on_the_gpu() {
         }
     }
 }
+
+#[test]
+fn device_flag_runs_on_cuda_or_fails_in_one_line_without_it() {
+    let model = llama_dir("tiny-gqa-bf16");
+    let out = run(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--ids",
+        "1,2,3",
+        "--max-new-tokens",
+        "2",
+        "--device",
+        "cuda",
+    ]);
+    match cuda_unavailable_reason() {
+        Some(why) => {
+            assert!(
+                !out.status.success(),
+                "--device cuda without CUDA must fail"
+            );
+            let err = stderr(&out);
+            assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+            assert!(
+                err.contains("CUDA is unavailable") && err.contains(&why),
+                "{err}"
+            );
+        }
+        None => assert!(out.status.success(), "{}", stderr(&out)),
+    }
+    let bad = run(&["bench", "--device", "gpu"]);
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("use cpu, cuda or cuda:N"));
+}

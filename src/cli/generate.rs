@@ -127,13 +127,10 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<ExitCode> {
             seed: a.seed,
         }),
     };
-    let run = |opts: &GenerateOptions| -> anyhow::Result<Generation> {
-        Ok(match super::open_device(a.device)? {
-            Some(gpu) => generate_on(&gpu, &store, &prompt_ids, opts)?,
-            None => generate_on(&CpuBackend, &store, &prompt_ids, opts)?,
-        })
+    let out = match super::open_device(a.device)? {
+        Some(gpu) => generate_on(&gpu, &store, &prompt_ids, &opts)?,
+        None => generate_on(&CpuBackend, &store, &prompt_ids, &opts)?,
     };
-    let out = run(&opts)?;
     if out.stop == StopReason::ContextFull {
         eprintln!(
             "note: stopped after {} new tokens at max_position_embeddings ({})",
