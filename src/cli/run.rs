@@ -7,6 +7,7 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -16,6 +17,8 @@ use serde::Serialize;
 use serde_json::json;
 
 use cycleqd_engine::backend::cpu::CpuBackend;
+use cycleqd_engine::backend::cuda::{CudaBackend, DeviceChoice};
+use cycleqd_engine::backend::Backend;
 use cycleqd_engine::eval::{
     ExternalEvaluator, Metric, PreparedTask, Scoring, TaskFile, TaskScorer, TaskSuite,
 };
@@ -44,6 +47,9 @@ pub struct RunArgs {
     /// Run seed (overrides `evolution.seed`).
     #[arg(long)]
     seed: Option<u64>,
+    /// Where built-in tasks are scored: cpu, cuda or cuda:N (default: CUDA when present).
+    #[arg(long)]
+    device: Option<DeviceChoice>,
     /// Where the demo is synthesised when `--config` is absent.
     #[arg(long, default_value = "cycleqd-demo")]
     demo_dir: PathBuf,
@@ -110,11 +116,17 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     if let Some(s) = a.seed {
         cfg.evolution.seed = s;
     }
-    evolve(&cfg, &out).with_context(|| format!("run {}", out.display()))?;
+    // Children are materialised on the CPU into reused buffers; built-in tasks score them on
+    // the device (weights uploaded per child).
+    let device = super::open_device(a.device)?.map(Arc::new);
+    if let Some(d) = &device {
+        eprintln!("scoring on {}", d.name());
+    }
+    evolve(&cfg, &out, device).with_context(|| format!("run {}", out.display()))?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn evolve(cfg: &RunConfig, out: &Path) -> anyhow::Result<()> {
+fn evolve(cfg: &RunConfig, out: &Path, device: Option<Arc<CudaBackend>>) -> anyhow::Result<()> {
     let started = Instant::now();
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     let config_toml = cfg.to_toml();
@@ -124,7 +136,7 @@ fn evolve(cfg: &RunConfig, out: &Path) -> anyhow::Result<()> {
 
     // Inputs: the task files first (cheap to check), then the models and their factors.
     let base = ModelStore::open_llama(&cfg.base).context("base")?;
-    let (fitness, heldout, heldout_split) = build_suites(cfg, &base, out, &cfg.base)?;
+    let (fitness, heldout, heldout_split) = build_suites(cfg, &base, out, &cfg.base, device)?;
     let experts = cfg
         .tasks
         .iter()
@@ -345,6 +357,7 @@ fn build_suites(
     base: &ModelStore,
     out: &Path,
     base_dir: &Path,
+    device: Option<Arc<CudaBackend>>,
 ) -> anyhow::Result<(TaskSuite, TaskSuite, Vec<&'static str>)> {
     let tok = if cfg.tasks.iter().any(|t| t.fitness.is_some()) {
         Some(Tokenizer::from_dir(base_dir)?)
@@ -402,6 +415,7 @@ fn build_suites(
         tokenizer: tok.clone(),
         work_dir: out.join("work"),
         batch: cfg.evolution.eval_batch,
+        device: device.clone(),
     };
     Ok((suite(fit), suite(held), split))
 }

@@ -8,7 +8,11 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use std::sync::Arc;
+
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::CudaBackend;
+use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::llama::LlamaModel;
 use crate::model::export::export_tensors;
@@ -34,9 +38,32 @@ pub struct TaskSuite {
     pub tokenizer: Option<Tokenizer>,
     pub work_dir: PathBuf,
     pub batch: usize,
+    /// Where built-in tasks run: a CUDA device, or the CPU when `None`.
+    pub device: Option<Arc<CudaBackend>>,
 }
 
 impl TaskSuite {
+    /// The built-in tasks on `backend`, with the model's weights uploaded there.
+    fn score_builtin<B: Backend>(
+        &self,
+        backend: &B,
+        tensors: &[(String, HostTensor)],
+        tok: &Tokenizer,
+        tasks: &[&PreparedTask],
+    ) -> Result<Vec<super::TaskResult>>
+    where
+        B::Buf: Default,
+    {
+        let map: BTreeMap<&str, &HostTensor> =
+            tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let model = LlamaModel::from_tensors(backend, self.config.clone(), |name| {
+            map.get(name)
+                .map(|t| (*t).clone())
+                .ok_or_else(|| Error::tensor(name, "missing from the model being scored"))
+        })?;
+        evaluate(&model, backend, tok, tasks, self.batch)
+    }
+
     /// Scores a model on every task: `Ok(Err(reason))` when an external evaluator failed.
     pub fn score(
         &self,
@@ -58,15 +85,11 @@ impl TaskSuite {
                 .tokenizer
                 .as_ref()
                 .ok_or_else(|| Error::invalid("built-in tasks need the base's tokenizer.json"))?;
-            let map: BTreeMap<&str, &HostTensor> =
-                tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-            let model = LlamaModel::from_tensors(&CpuBackend, self.config.clone(), |name| {
-                map.get(name)
-                    .map(|t| (*t).clone())
-                    .ok_or_else(|| Error::tensor(name, "missing from the model being scored"))
-            })?;
             let tasks: Vec<&PreparedTask> = builtin.iter().map(|(_, t)| *t).collect();
-            let results = evaluate(&model, &CpuBackend, tok, &tasks, self.batch)?;
+            let results = match &self.device {
+                Some(gpu) => self.score_builtin(gpu.as_ref(), tensors, tok, &tasks)?,
+                None => self.score_builtin(&CpuBackend, tensors, tok, &tasks)?,
+            };
             for ((i, _), r) in builtin.iter().zip(results) {
                 scores[*i] = r.score;
             }
