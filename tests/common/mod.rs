@@ -10,12 +10,16 @@ use cycleqd_engine::backend::Backend;
 use cycleqd_engine::llama::{LlamaModel, Step};
 use cycleqd_engine::model::ModelStore;
 
-/// `../shared/testdata` beside the checkout (CI places `shared/` there).
+/// `../shared/testdata` beside the checkout (CI places `shared/` there), or
+/// `$CYCLEQD_TESTDATA` (test binaries copied to a GPU machine, where the checkout moves).
 pub fn testdata() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/testdata");
+    let p = std::env::var_os("CYCLEQD_TESTDATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/testdata"));
     assert!(
         p.is_dir(),
-        "reference data not found at {}: the tests need ../shared/testdata beside the checkout",
+        "reference data not found at {}: the tests need ../shared/testdata beside the checkout \
+         (or CYCLEQD_TESTDATA)",
         p.display()
     );
     p
@@ -27,8 +31,12 @@ pub fn llama_dir(name: &str) -> PathBuf {
 
 pub const REFERENCE_MODELS: [&str; 2] = ["tiny-gqa-bf16", "tiny-mha-tied-f16"];
 
+/// The built binary, or `$CYCLEQD_BIN` (test binaries copied to another machine).
 pub fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_cycleqd-engine"))
+    Command::new(
+        std::env::var_os("CYCLEQD_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_cycleqd-engine").into()),
+    )
 }
 
 pub fn run(args: &[&str]) -> Output {
