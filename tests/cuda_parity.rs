@@ -10,7 +10,7 @@ use cycleqd_engine::backend::cuda::{cuda_unavailable_reason, CudaBackend};
 use cycleqd_engine::backend::{AttentionGeometry, Backend};
 use cycleqd_engine::evolve::materialize::LowRank;
 use cycleqd_engine::model::{dtype, DType, HostTensor};
-use cycleqd_engine::synth::hash_uniform;
+use cycleqd_engine::synth::hash_values;
 
 fn gpu(test: &str) -> Option<CudaBackend> {
     if let Some(why) = cuda_unavailable_reason() {
@@ -24,9 +24,7 @@ fn gpu(test: &str) -> Option<CudaBackend> {
 }
 
 fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    (0..n as u64)
-        .map(|i| (2.0 * hash_uniform(seed, i) - 1.0) * scale)
-        .collect()
+    hash_values(n, seed, scale)
 }
 
 /// Max relative difference, failing on NaN or Inf anywhere.

@@ -10,6 +10,7 @@ use crate::backend::cuda::CudaBackend;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::{DType, HostTensor, LlamaConfig};
+use crate::synth::hash_values;
 
 /// Copy bandwidth (bytes read + written per second) of a 2 GiB device-to-device copy, and the
 /// bf16 GEMM rate of an 8192³ product (f32 accumulate).
@@ -106,10 +107,10 @@ pub fn materialize_modes(
                 .collect::<Result<_>>()?;
             let refs: Vec<&HostTensor> = host[1..].iter().collect();
             let u: Vec<Vec<f32>> = (0..experts)
-                .map(|e| random_f32(m * rank, seed + 50 + e as u64))
+                .map(|e| hash_values(m * rank, seed + 50 + e as u64, 0.01))
                 .collect();
             let vt: Vec<Vec<f32>> = (0..experts)
-                .map(|e| random_f32(rank * n, seed + 70 + e as u64))
+                .map(|e| hash_values(rank * n, seed + 70 + e as u64, 0.01))
                 .collect();
             let f: Vec<(&[f32], &[f32], usize)> = (0..experts)
                 .map(|e| (&u[e][..], &vt[e][..], rank))
@@ -137,12 +138,6 @@ pub fn materialize_modes(
     r.detail["host_to_device_gb_s"] = json!(host_bytes / secs / 1e9);
     out.push(r);
     Ok(out)
-}
-
-fn random_f32(len: usize, seed: u64) -> Vec<f32> {
-    (0..len as u64)
-        .map(|i| (crate::synth::hash_uniform(seed, i) - 0.5) * 0.02)
-        .collect()
 }
 
 /// Bytes moved (sources read, output written, factors read) and low-rank FLOPs.
@@ -179,12 +174,8 @@ pub fn factorize(
         *by_shape.entry((s[0], s[1])).or_default() += 1;
     }
     let opts = RandomizedSvd::default();
-    let noise = |m: usize, n: usize, seed: u64| -> Vec<f32> {
-        (0..(m * n) as u64)
-            .into_par_iter()
-            .map(|i| crate::synth::hash_uniform(seed, i) - 0.5)
-            .collect()
-    };
+    // Uniform in [−0.5, 0.5): the same values as `hash_uniform − 0.5`.
+    let noise = |m: usize, n: usize, seed: u64| hash_values(m * n, seed, 0.5);
     let (mut secs, mut flops, mut matrices) = (0.0, 0.0, 0);
     for (&(m, n), &count) in &by_shape {
         let r = rank.min(m).min(n);

@@ -8,12 +8,13 @@ use std::time::Instant;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use super::time_median;
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::evolve::materialize::LowRank;
 use crate::llama::{generate, GenerateOptions, LlamaModel, Step};
 use crate::model::{DType, LlamaConfig};
-use crate::synth::hash_uniform;
+use crate::synth::{hash_uniform, hash_values};
 
 /// The machine's measured limits that operations are divided by.
 #[derive(Clone, Debug, Serialize)]
@@ -38,23 +39,23 @@ pub struct OpResult {
     pub detail: Value,
 }
 
-/// Median of `iters` timed runs after one warm-up, each ended by a device synchronisation.
+/// [`time_median`] of a fallible operation, each run ended by a device synchronisation (the
+/// first error stops the timing and is returned).
 pub fn time_synced<B: Backend>(
     be: &B,
     iters: usize,
     mut f: impl FnMut() -> Result<()>,
 ) -> Result<f64> {
-    f()?;
-    be.synchronize()?;
-    let mut times = vec![];
-    for _ in 0..iters.max(1) {
-        let t = Instant::now();
-        f()?;
-        be.synchronize()?;
-        times.push(t.elapsed().as_secs_f64());
+    let mut failed = None;
+    let t = time_median(iters, || {
+        if failed.is_none() {
+            failed = f().and_then(|_| be.synchronize()).err();
+        }
+    });
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(t.as_secs_f64()),
     }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
 }
 
 /// Scale of random weights: matrices like `initializer_range` 0.02 (uniform of that standard
@@ -413,12 +414,8 @@ pub fn factorize_cpu(cfg: &LlamaConfig, rank: usize, ceil: &Ceilings) -> Result<
     // A task vector: a decaying spectrum (fine-tunes are close to low rank) plus noise.
     let task_vector = |m: usize, n: usize, seed: u64| -> Vec<f32> {
         let k = 32.min(m).min(n);
-        let u: Vec<f32> = (0..m * k)
-            .map(|i| hash_uniform(seed, i as u64) - 0.5)
-            .collect();
-        let v: Vec<f32> = (0..n * k)
-            .map(|i| hash_uniform(seed + 1, i as u64) - 0.5)
-            .collect();
+        let u = hash_values(m * k, seed, 0.5);
+        let v = hash_values(n * k, seed + 1, 0.5);
         (0..m * n)
             .map(|idx| {
                 let (i, j) = (idx / n, idx % n);

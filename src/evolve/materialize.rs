@@ -20,6 +20,27 @@ pub struct LowRank<'a> {
     pub coef: Vec<f32>,
 }
 
+/// Checks a materialisation call's buffers: `out` holds `m·n` elements of `out_dtype` and every
+/// source is `m·n` elements (the backends' shared precondition).
+pub fn check_shapes(
+    out_len: usize,
+    out_dtype: DType,
+    base: &HostTensor,
+    experts: &[&HostTensor],
+    m: usize,
+    n: usize,
+) -> crate::error::Result<()> {
+    if out_len != m * n * out_dtype.size()
+        || base.numel() != m * n
+        || experts.iter().any(|x| x.numel() != m * n)
+    {
+        return Err(crate::error::Error::invalid(format!(
+            "materialize: buffers do not match a {m}×{n} tensor of {out_dtype}"
+        )));
+    }
+    Ok(())
+}
+
 /// Writes the `[m, n]` tensor into `out` (`m·n` elements of `out_dtype`).
 #[allow(clippy::too_many_arguments)]
 pub fn materialize(

@@ -3,7 +3,7 @@
 
 pub mod random;
 
-pub use random::{hash_uniform, random_llama, LlamaShape};
+pub use random::{hash_uniform, hash_values, random_llama, LlamaShape};
 pub mod skills;
 
 pub use skills::{synthesize, SynthOptions, SynthReport};

@@ -119,6 +119,16 @@ pub fn random_llama(
     Ok((cfg, tensors))
 }
 
+/// `len` values `(2·hash_uniform(seed, i) − 1)·scale`, uniform in [−scale, scale): the host
+/// side of `fill_random_*` in `kernels/llama.cu`.
+pub fn hash_values(len: usize, seed: u64, scale: f32) -> Vec<f32> {
+    use rayon::prelude::*;
+    (0..len as u64)
+        .into_par_iter()
+        .map(|i| (2.0 * hash_uniform(seed, i) - 1.0) * scale)
+        .collect()
+}
+
 /// Element `i` of a pseudo-random tensor, uniform in [0, 1) with 24 bits: a SplitMix64 hash of
 /// `(seed, i)`. `kernels/llama.cu` (`hash_uniform`) computes the same values on the device, so
 /// benchmark weights generated there are reproducible here.

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use super::{AttentionGeometry, Backend};
 use crate::error::{Error, Result};
-use crate::evolve::materialize::{materialize, LowRank};
+use crate::evolve::materialize::{check_shapes, materialize, LowRank};
 use crate::evolve::merge::{merge_tensor, MergeOp, Sink};
 use crate::model::{dtype, DType, HostTensor};
 
@@ -260,11 +260,7 @@ impl Backend for CpuBackend {
         seed: u64,
         scale: f32,
     ) -> Result<HostTensor> {
-        let len: usize = shape.iter().product();
-        let values: Vec<f32> = (0..len as u64)
-            .into_par_iter()
-            .map(|i| (2.0 * crate::synth::hash_uniform(seed, i) - 1.0) * scale)
-            .collect();
+        let values = crate::synth::hash_values(shape.iter().product(), seed, scale);
         Ok(HostTensor::from_f32(&values, shape.to_vec(), dtype))
     }
 
@@ -291,13 +287,7 @@ impl Backend for CpuBackend {
         m: usize,
         n: usize,
     ) -> Result<()> {
-        let need = m * n * out_dtype.size();
-        if out.len() != need || base.numel() != m * n || experts.iter().any(|x| x.numel() != m * n)
-        {
-            return Err(Error::invalid(format!(
-                "materialize: buffers do not match a {m}×{n} tensor of {out_dtype}"
-            )));
-        }
+        check_shapes(out.len(), out_dtype, base, experts, m, n)?;
         materialize(out, out_dtype, base, experts, a, low_rank, m, n);
         Ok(())
     }

@@ -6,7 +6,8 @@
 //!
 //! Two modes: **resident** (sources in device memory: a read of every source per child) and
 //! **streamed** (sources in pinned host memory, copied tensor by tensor into two staging sets on
-//! a copy stream while the previous tensor computes), chosen by [`fits_resident`].
+//! a copy stream while the previous tensor computes); the caller picks one from free memory
+//! ([`CudaBackend::memory`]), as `bench` does.
 
 use cudarc::driver::{
     CudaEvent, CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PinnedHostSlice,
@@ -16,7 +17,7 @@ use cudarc::driver::{
 use super::gemm::Precision;
 use super::{cuda_err, dtype_suffix, grid_stride, CudaBackend, CudaWeight};
 use crate::error::{Error, Result};
-use crate::evolve::materialize::LowRank;
+use crate::evolve::materialize::{check_shapes, LowRank};
 use crate::model::{DType, HostTensor};
 
 /// Largest f32 low-rank tile: read back by the fused pass while it is still in L2 (50 MB on
@@ -106,13 +107,6 @@ fn check_sources(base: &HostTensor, experts: &[&HostTensor], m: usize, n: usize)
         )));
     }
     Ok(())
-}
-
-/// Whether `tensors` sources of `bytes` each (plus factors) fit in `free` device bytes with
-/// room left for the model being evaluated and its activations.
-pub fn fits_resident(source_bytes: usize, output_bytes: usize, free: usize) -> bool {
-    // Keep 10% of free memory and the output model aside.
-    source_bytes + output_bytes < free / 10 * 9
 }
 
 impl CudaBackend {
@@ -352,15 +346,12 @@ impl CudaBackend {
         m: usize,
         n: usize,
     ) -> Result<()> {
-        if out.len() != m * n * out_dtype.size()
-            || base.dtype != out_dtype
-            || base.numel() != m * n
-            || experts
-                .iter()
-                .any(|x| x.numel() != m * n || x.dtype != out_dtype)
-        {
+        check_shapes(out.len(), out_dtype, base, experts, m, n)?;
+        // Sources and output share one dtype on the device (`resident_tensor` checks sources).
+        if base.dtype != out_dtype {
             return Err(Error::invalid(format!(
-                "materialize: buffers do not match a {m}×{n} tensor of {out_dtype}"
+                "materialize: a {} output from {} sources (CUDA keeps one dtype)",
+                out_dtype, base.dtype
             )));
         }
         let factors: Vec<(&[f32], &[f32], usize)> =

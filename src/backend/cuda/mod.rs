@@ -17,13 +17,15 @@ mod ops;
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
 
 use crate::error::{Error, Result};
 use crate::model::DType;
 
 pub use device::{cuda_device_count, cuda_unavailable_reason, DeviceChoice, DeviceInfo};
-pub use materialize::{fits_resident, ResidentTensor, StreamedTensor};
+pub use materialize::{ResidentTensor, StreamedTensor};
 
 /// A weight tensor in device memory, in its storage dtype.
 pub struct CudaWeight {
@@ -76,6 +78,47 @@ pub struct CudaBackend {
     name: String,
     /// Activations rounded to a 16-bit weight dtype for cuBLAS, reused across calls.
     cast_scratch: Mutex<Option<CudaSlice<u8>>>,
+    index_uploads: UploadCache<u32>,
+    freq_uploads: UploadCache<f32>,
+}
+
+/// Host arrays recently copied to the device, reused while ops pass the same ones: within a
+/// layer the positions go to `rope` twice, `kv_store` twice and `attention` once, and
+/// `inv_freq` is the model's for every call. Device copies are never written by kernels, so
+/// equal host contents mean an equal device copy.
+#[derive(Default)]
+struct UploadCache<T> {
+    entries: Mutex<Vec<Uploaded<T>>>,
+}
+
+/// A host array and its device copy.
+type Uploaded<T> = (Vec<T>, Arc<CudaSlice<T>>);
+
+/// Distinct arrays kept: a step passes token ids, slots, positions and logit rows.
+const UPLOAD_CACHE_ENTRIES: usize = 4;
+
+impl<T: DeviceRepr + ValidAsZeroBits + PartialEq + Clone> UploadCache<T> {
+    fn get(&self, stream: &Arc<CudaStream>, v: &[T]) -> Result<Arc<CudaSlice<T>>> {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = entries.iter().position(|(host, _)| host.as_slice() == v) {
+            let hit = entries.remove(i);
+            let dev = hit.1.clone();
+            entries.push(hit);
+            return Ok(dev);
+        }
+        let dev = if v.is_empty() {
+            stream.alloc_zeros::<T>(1)
+        } else {
+            stream.clone_htod(v)
+        }
+        .map_err(|e| cuda_err("copying to the device", e))?;
+        let dev = Arc::new(dev);
+        if entries.len() == UPLOAD_CACHE_ENTRIES {
+            entries.remove(0);
+        }
+        entries.push((v.to_vec(), dev.clone()));
+        Ok(dev)
+    }
 }
 
 /// Threads per block of the element-wise and row kernels (matches `THREADS` in the sources).
@@ -87,7 +130,8 @@ impl CudaBackend {
         if let Some(why) = cuda_unavailable_reason() {
             return Err(Error::invalid(format!("CUDA is unavailable: {why}")));
         }
-        let count = cuda_device_count()?;
+        let count = cudarc::driver::result::device::get_count()
+            .map_err(|e| cuda_err("counting devices", e))? as usize;
         if ordinal >= count {
             return Err(Error::invalid(format!(
                 "CUDA device {ordinal} requested, {count} present"
@@ -116,6 +160,8 @@ impl CudaBackend {
             blas,
             kernels,
             cast_scratch: Mutex::new(None),
+            index_uploads: UploadCache::default(),
+            freq_uploads: UploadCache::default(),
         })
     }
 
@@ -155,17 +201,9 @@ impl CudaBackend {
             .map_err(|e| cuda_err("allocating device memory", e))
     }
 
-    /// Copies a host index array (token ids, slots, positions) to the device.
-    fn upload_u32(&self, v: &[u32]) -> Result<CudaSlice<u32>> {
-        if v.is_empty() {
-            return self
-                .stream
-                .alloc_zeros::<u32>(1)
-                .map_err(|e| cuda_err("allocating device memory", e));
-        }
-        self.stream
-            .clone_htod(v)
-            .map_err(|e| cuda_err("copying to the device", e))
+    /// A host index array (token ids, slots, positions) on the device.
+    fn upload_u32(&self, v: &[u32]) -> Result<Arc<CudaSlice<u32>>> {
+        self.index_uploads.get(&self.stream, v)
     }
 
     /// A weight of `shape` filled on the device with the deterministic pseudo-random values

@@ -37,14 +37,9 @@ fn same_len(op: &str, slots: &[u32], positions: &[u32]) -> Result<()> {
     Ok(())
 }
 
-impl CudaBackend {
-    fn launch_err(
-        &self,
-        op: &str,
-        r: std::result::Result<impl Sized, impl std::fmt::Display>,
-    ) -> Result<()> {
-        r.map(|_| ()).map_err(|e| cuda_err(op, e))
-    }
+/// A launch's error, named by its op.
+fn launch_err(op: &str, r: std::result::Result<impl Sized, impl std::fmt::Display>) -> Result<()> {
+    r.map(|_| ()).map_err(|e| cuda_err(op, e))
 }
 
 impl Backend for CudaBackend {
@@ -129,10 +124,10 @@ impl Backend for CudaBackend {
         let mut b = self.stream.launch_builder(&f);
         b.arg(out.dev_mut()?)
             .arg(&table.data)
-            .arg(&ids_d)
+            .arg(&*ids_d)
             .arg(&dim32);
         // SAFETY: sizes checked above; ids are in range.
-        self.launch_err("embedding", unsafe { b.launch(per_row(ids.len())) })
+        launch_err("embedding", unsafe { b.launch(per_row(ids.len())) })
     }
 
     fn rms_norm(
@@ -166,7 +161,7 @@ impl Backend for CudaBackend {
             .arg(&dim32)
             .arg(&eps);
         // SAFETY: sizes checked above.
-        self.launch_err("rms_norm", unsafe { b.launch(per_row(rows)) })
+        launch_err("rms_norm", unsafe { b.launch(per_row(rows)) })
     }
 
     fn matmul_t(
@@ -217,7 +212,7 @@ impl Backend for CudaBackend {
                     .arg(&n32)
                     .arg(&k32);
                 // SAFETY: views sized to g rows; weight is [n, k].
-                self.launch_err("matvec", unsafe { b.launch(cfg) })?;
+                launch_err("matvec", unsafe { b.launch(cfg) })?;
             }
             return Ok(());
         }
@@ -244,7 +239,7 @@ impl Backend for CudaBackend {
         let mut b = self.stream.launch_builder(&f);
         b.arg(&mut *s).arg(x_d).arg(&len);
         // SAFETY: scratch holds rows·k elements of the weight dtype.
-        self.launch_err("cast", unsafe { b.launch(grid_stride(rows * k)) })?;
+        launch_err("cast", unsafe { b.launch(grid_stride(rows * k)) })?;
         let (o, _go) = out_d.device_ptr_mut(stream);
         let (xp, _gx) = s.device_ptr(stream);
         let (wp, _gw) = w.data.device_ptr(stream);
@@ -271,10 +266,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let pos_d = self.upload_u32(positions)?;
-        let freq_d = self
-            .stream
-            .clone_htod(inv_freq)
-            .map_err(|e| cuda_err("rope", e))?;
+        let freq_d = self.freq_uploads.get(&self.stream, inv_freq)?;
         let f = self.kernels.function("llama", "rope")?;
         let (h32, d32) = (heads as u32, head_dim as u32);
         let cfg = LaunchConfig {
@@ -284,12 +276,12 @@ impl Backend for CudaBackend {
         };
         let mut b = self.stream.launch_builder(&f);
         b.arg(x.dev_mut()?)
-            .arg(&pos_d)
+            .arg(&*pos_d)
             .arg(&h32)
             .arg(&d32)
-            .arg(&freq_d);
+            .arg(&*freq_d);
         // SAFETY: x holds positions·heads·head_dim values.
-        self.launch_err("rope", unsafe { b.launch(cfg) })
+        launch_err("rope", unsafe { b.launch(cfg) })
     }
 
     fn kv_store(
@@ -324,12 +316,12 @@ impl Backend for CudaBackend {
         let mut b = self.stream.launch_builder(&f);
         b.arg(cache.dev_mut()?)
             .arg(src.dev()?)
-            .arg(&slots_d)
-            .arg(&pos_d)
+            .arg(&*slots_d)
+            .arg(&*pos_d)
             .arg(&ms)
             .arg(&w);
         // SAFETY: every destination row was bounds-checked above.
-        self.launch_err("kv_store", unsafe { b.launch(per_row(slots.len())) })
+        launch_err("kv_store", unsafe { b.launch(per_row(slots.len())) })
     }
 
     fn attention(
@@ -395,14 +387,14 @@ impl Backend for CudaBackend {
             .arg(q.dev()?)
             .arg(k_cache.dev()?)
             .arg(v_cache.dev()?)
-            .arg(&slots_d)
-            .arg(&pos_d)
+            .arg(&*slots_d)
+            .arg(&*pos_d)
             .arg(&nh)
             .arg(&nkv)
             .arg(&hd)
             .arg(&ms);
         // SAFETY: q, out and both caches were bounds-checked above.
-        self.launch_err("attention", unsafe { b.launch(cfg) })
+        launch_err("attention", unsafe { b.launch(cfg) })
     }
 
     fn swiglu(&self, gate: &mut CudaBuf, up: &CudaBuf, len: usize) -> Result<()> {
@@ -433,9 +425,9 @@ impl Backend for CudaBackend {
         let f = self.kernels.function("llama", "gather_rows")?;
         let w = width as u32;
         let mut b = self.stream.launch_builder(&f);
-        b.arg(out.dev_mut()?).arg(x.dev()?).arg(&rows_d).arg(&w);
+        b.arg(out.dev_mut()?).arg(x.dev()?).arg(&*rows_d).arg(&w);
         // SAFETY: bounds checked above.
-        self.launch_err("gather_rows", unsafe { b.launch(per_row(rows.len())) })
+        launch_err("gather_rows", unsafe { b.launch(per_row(rows.len())) })
     }
 
     fn argmax_rows(
@@ -469,7 +461,7 @@ impl Backend for CudaBackend {
         let mut b = self.stream.launch_builder(&f);
         b.arg(&mut ids).arg(logits.dev()?).arg(&v);
         // SAFETY: logits holds rows·vocab values.
-        self.launch_err("argmax_rows", unsafe { b.launch(cfg) })?;
+        launch_err("argmax_rows", unsafe { b.launch(cfg) })?;
         self.stream
             .memcpy_dtoh(&ids, &mut out[..rows])
             .map_err(|e| cuda_err("argmax_rows", e))?;
@@ -528,6 +520,6 @@ impl CudaBackend {
         let mut b = self.stream.launch_builder(&f);
         b.arg(x.dev_mut()?).arg(y.dev()?).arg(&len64);
         // SAFETY: both buffers hold `len` values.
-        self.launch_err(kernel, unsafe { b.launch(grid_stride(len)) })
+        launch_err(kernel, unsafe { b.launch(grid_stride(len)) })
     }
 }
