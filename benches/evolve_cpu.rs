@@ -1,6 +1,6 @@
 //! Evolution core on a ~100M-parameter synthetic set (base + 3 experts, bf16; generated on
-//! first run under `target/evolve-bench`): factorise time (randomized SVD, rank 64, all 2-D
-//! task vectors) and materialise throughput of one genome, as GB/s of sources read + weights
+//! first run under `target/evolve-bench`): factorise time (batched randomized SVD, rank 64, all
+//! 2-D task vectors) and materialise throughput of one genome, as GB/s of sources read + weights
 //! written against the measured copy bandwidth.
 //!
 //! Napkin math for materialise: it reads base + 3 experts (4 × 200 MB bf16) and U, Vᵀ of the
@@ -15,8 +15,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use cycleqd_engine::backend::cpu::CpuBackend;
+use cycleqd_engine::backend::{Backend, Placement, TensorCoefficients};
 use cycleqd_engine::bench::{cpu_copy_bandwidth, cpu_peak_flops, time_median};
-use cycleqd_engine::evolve::{ChildWeights, ExpertSet, Genome, Rank};
+use cycleqd_engine::evolve::{ExpertSet, Genome, Rank};
 use cycleqd_engine::model::{export_tensors, DType, HostTensor, ModelStore};
 use cycleqd_engine::synth::{random_llama, LlamaShape};
 
@@ -73,7 +74,6 @@ fn main() {
         open("base"),
         names[1..].iter().map(|n| open(n)).collect(),
         Rank::Truncated(RANK),
-        0,
     )
     .unwrap();
     let factorise_s = t.elapsed().as_secs_f64();
@@ -97,16 +97,42 @@ fn main() {
         .iter()
         .map(|tf| {
             let weights = set.base.tensor(&tf.name).unwrap().data().len();
-            let factors: usize = tf.factors.iter().map(|f| (f.u.len() + f.v.len()) * 4).sum();
+            let factors: usize = tf
+                .factors
+                .iter()
+                .map(|f| (f.u.len() + f.vt.len()) * 4)
+                .sum();
             5 * weights + factors
         })
         .sum();
-    // The loop's steady state: buffers allocated by the first child, rewritten by the next.
-    let mut weights = ChildWeights::default();
-    set.materialize_into(&CpuBackend, &child, &mut weights)
+    // The loop's steady state: every tensor written in place into weights allocated once.
+    let mut sources = CpuBackend
+        .place_sources(
+            (0..set.tensors.len())
+                .map(|t| set.tensor_sources(t).unwrap())
+                .collect(),
+            Placement::Resident,
+        )
         .unwrap();
+    let mut weights: Vec<HostTensor> = set
+        .tensors
+        .iter()
+        .map(|tf| {
+            let (dt, shape) = set.base.meta(&tf.name).unwrap();
+            CpuBackend.zeros_weight(shape, dt).unwrap()
+        })
+        .collect();
+    let coefs: Vec<TensorCoefficients> = (0..set.tensors.len())
+        .map(|t| {
+            let mut c = TensorCoefficients::default();
+            set.coefficients_into(&child, t, &mut c);
+            c
+        })
+        .collect();
     let secs = time_median(3, || {
-        set.materialize_into(&CpuBackend, &child, &mut weights)
+        let mut outs: Vec<&mut HostTensor> = weights.iter_mut().collect();
+        CpuBackend
+            .materialize_into(&mut outs, &mut sources, &coefs)
             .unwrap();
         std::hint::black_box(&weights);
     })

@@ -5,6 +5,7 @@
 //! genomes → materialised weights → Llama inference (`llama`) → archives → final merge → export.
 
 pub mod backend;
+pub mod durable;
 pub mod error;
 pub mod eval;
 pub mod evolve;
@@ -13,6 +14,7 @@ pub mod merge;
 pub mod model;
 pub mod qd;
 pub mod report;
+pub mod run;
 
 pub use error::{Error, Result};
 pub mod bench;

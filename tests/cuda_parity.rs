@@ -6,9 +6,11 @@ mod common;
 
 use common::*;
 use cycleqd_engine::backend::cpu::CpuBackend;
-use cycleqd_engine::backend::cuda::{cuda_unavailable_reason, CudaBackend};
-use cycleqd_engine::backend::{AttentionGeometry, Backend};
-use cycleqd_engine::evolve::materialize::LowRank;
+use cycleqd_engine::backend::cuda::{cuda_unavailable_reason, CudaBackend, CudaWeight};
+use cycleqd_engine::backend::{
+    AttentionGeometry, Backend, LowRankFactors, Placement, TensorCoefficients, TensorSources,
+};
+use cycleqd_engine::llama::LlamaModel;
 use cycleqd_engine::model::{dtype, DType, HostTensor};
 use cycleqd_engine::synth::hash_values;
 
@@ -222,74 +224,188 @@ fn attention_ops_match_the_cpu() {
     assert_eq!(ic, ig, "argmax_rows");
 }
 
+/// Values `k / 2^bits` with small integers `k`: every product and sum materialisation forms
+/// from them is exact in f32 (and their `U·diag(c)` in TF32), so results cannot depend on
+/// summation order and CPU and GPU must agree bit for bit.
+fn dyadic(n: usize, seed: u64, bits: i32) -> Vec<f32> {
+    hash_values(n, seed, 1.0)
+        .iter()
+        .map(|v| (v * 8.0).round() / 2f32.powi(bits))
+        .collect()
+}
+
+/// Sources of a `[m, n]` tensor of `dt` with two experts of ranks 5 and 3 (dyadic values).
+fn dyadic_sources(name: &str, m: usize, n: usize, dt: DType, seed: u64) -> TensorSources {
+    let t = |k: u64| HostTensor::from_f32(&dyadic(m * n, seed + k, 4), vec![m, n], dt);
+    let factors = if m > 1 {
+        [5usize, 3]
+            .iter()
+            .enumerate()
+            .map(|(e, &r)| LowRankFactors {
+                u: dyadic(m * r, seed + 10 + e as u64, 3).into(),
+                vt: dyadic(r * n, seed + 20 + e as u64, 3).into(),
+                rank: r,
+            })
+            .collect()
+    } else {
+        vec![]
+    };
+    TensorSources {
+        name: name.into(),
+        base: t(0),
+        experts: vec![t(1), t(2)],
+        factors,
+        m,
+        n,
+    }
+}
+
+fn dyadic_coefficients(src: &TensorSources, seed: u64) -> TensorCoefficients {
+    TensorCoefficients {
+        a: vec![0.25, 0.5 + seed as f32 * 0.125],
+        c: dyadic(src.total_rank(), 50 + seed, 2),
+    }
+}
+
+fn download(gpu: &CudaBackend, w: &CudaWeight) -> Vec<u8> {
+    gpu.download_weight(w).unwrap().data().to_vec()
+}
+
+/// Equal bit for bit in f32; within one rounding of the 16-bit dtypes (the inputs make the f32
+/// results exact, so in practice equal there too).
+fn assert_same_child(what: &str, dt: DType, got: &[u8], want: &[u8]) {
+    if dt == DType::F32 {
+        assert!(got == want, "{what}: f32 bytes differ");
+        return;
+    }
+    let (g, w) = (dtype::to_f32_vec(dt, got), dtype::to_f32_vec(dt, want));
+    let ulp = if dt == DType::BF16 { 8e-3 } else { 1e-3 };
+    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+        assert!(
+            a.is_finite() && (a - b).abs() <= ulp * b.abs() + 1e-6,
+            "{what}[{i}]: {a} vs {b}"
+        );
+    }
+}
+
 #[test]
 fn materialize_matches_the_cpu_in_every_mode() {
     let Some(gpu) = gpu("materialize_matches_the_cpu_in_every_mode") else {
         return;
     };
     let cpu = CpuBackend;
-    let (m, n, r) = (70, 48, 5);
-    let u: Vec<Vec<f32>> = (0..2).map(|e| values(m * r, 20 + e, 0.3)).collect();
-    let vt: Vec<Vec<f32>> = (0..2).map(|e| values(r * n, 30 + e, 0.3)).collect();
-    let coef: Vec<Vec<f32>> = (0..2).map(|e| values(r, 40 + e, 1.0)).collect();
-    let a = [0.4f32, 0.7];
+    // Small tiles: every tensor crosses several low-rank tiles; shapes that are not multiples
+    // of the 16-byte vectors take the scalar tail.
+    gpu.set_materialize_tile_bytes(4096);
     for dt in [DType::F32, DType::F16, DType::BF16] {
-        let base = HostTensor::from_f32(&values(m * n, 1, 0.5), vec![m, n], dt);
-        let xs: Vec<HostTensor> = (0..2)
-            .map(|e| HostTensor::from_f32(&values(m * n, 2 + e, 0.5), vec![m, n], dt))
+        let shapes = [(70, 48), (33, 31), (1, 97), (129, 64)];
+        let srcs: Vec<TensorSources> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(m, n))| dyadic_sources(&format!("t{i}"), m, n, dt, 7 * i as u64))
             .collect();
-        let refs: Vec<&HostTensor> = xs.iter().collect();
-        let low: Vec<LowRank> = (0..2)
-            .map(|e| LowRank {
-                u: &u[e],
-                vt: &vt[e],
-                coef: coef[e].clone(),
+        let coefs: Vec<TensorCoefficients> =
+            srcs.iter().map(|s| dyadic_coefficients(s, 1)).collect();
+        let want: Vec<Vec<u8>> = srcs
+            .iter()
+            .zip(&coefs)
+            .map(|(s, c)| {
+                let mut out = vec![0u8; s.numel() * dt.size()];
+                cpu.materialize(&mut out, dt, s, c).unwrap();
+                out
             })
             .collect();
-        let mut want = vec![0u8; m * n * dt.size()];
-        cpu.materialize(&mut want, dt, &base, &refs, &a, &low, m, n)
-            .unwrap();
-        let mut got = vec![0u8; want.len()];
-        gpu.materialize(&mut got, dt, &base, &refs, &a, &low, m, n)
-            .unwrap();
-        // Equal up to one unit in the last place of the output dtype (summation order).
-        let ulp = match dt {
-            DType::F32 => 1e-5,
-            DType::F16 => 1e-3,
-            DType::BF16 => 8e-3,
-        };
-        let (g, w) = (dtype::to_f32_vec(dt, &got), dtype::to_f32_vec(dt, &want));
-        assert_close(&format!("materialize {dt}"), &g, &w, ulp);
+        for (i, (s, c)) in srcs.iter().zip(&coefs).enumerate() {
+            let mut got = vec![0u8; want[i].len()];
+            gpu.materialize(&mut got, dt, s, c).unwrap();
+            assert_same_child(&format!("host path {dt} t{i}"), dt, &got, &want[i]);
+        }
+        // Resident and streamed placements, into weights the previous child wrote.
+        for placement in [Placement::Resident, Placement::Streamed] {
+            let mut sources = gpu.place_sources(srcs.clone(), placement).unwrap();
+            let mut outs: Vec<CudaWeight> = srcs
+                .iter()
+                .map(|s| gpu.zeros_weight(&[s.m, s.n], dt).unwrap())
+                .collect();
+            for seed in [3u64, 1] {
+                let cs: Vec<TensorCoefficients> =
+                    srcs.iter().map(|s| dyadic_coefficients(s, seed)).collect();
+                let mut refs: Vec<&mut CudaWeight> = outs.iter_mut().collect();
+                gpu.materialize_into(&mut refs, &mut sources, &cs).unwrap();
+            }
+            for (i, o) in outs.iter().enumerate() {
+                assert_same_child(
+                    &format!("{placement:?} {dt} t{i}"),
+                    dt,
+                    &download(&gpu, o),
+                    &want[i],
+                );
+            }
+        }
+    }
+}
 
-        // Resident and streamed modes produce the host path's bytes.
-        let factors: Vec<(&[f32], &[f32], usize)> =
-            (0..2).map(|e| (&u[e][..], &vt[e][..], r)).collect();
-        let coef_cat: Vec<f32> = coef.concat();
-        let resident = gpu.resident_tensor(&base, &refs, &factors, m, n).unwrap();
-        let mut out = gpu.random_weight(&[m, n], dt, 0, 1.0).unwrap();
-        gpu.materialize_resident(&mut out, &resident, &a, &coef_cat)
-            .unwrap();
-        let mut bytes = vec![0u8; got.len()];
-        gpu.stream()
-            .memcpy_dtoh(&out.data.slice(..bytes.len()), &mut bytes)
-            .unwrap();
-        gpu.synchronize().unwrap();
-        assert_eq!(bytes, got, "resident {dt}");
-        let streamed: Vec<_> = (0..3)
-            .map(|_| gpu.streamed_tensor(&base, &refs, &factors, m, n).unwrap())
+#[test]
+fn in_place_materialisation_into_a_cuda_model_equals_the_cpu_child() {
+    let Some(gpu) = gpu("in_place_materialisation_into_a_cuda_model_equals_the_cpu_child") else {
+        return;
+    };
+    let cpu = CpuBackend;
+    gpu.set_materialize_tile_bytes(2048);
+    let config = cycleqd_engine::model::ModelStore::open_llama(llama_dir("tiny-gqa-bf16"))
+        .unwrap()
+        .config()
+        .clone();
+    let names = LlamaModel::<CpuBackend>::weight_names(&config);
+    let shapes: std::collections::BTreeMap<String, Vec<usize>> =
+        config.expected_tensors().into_iter().collect();
+    for dt in [DType::F32, DType::BF16] {
+        let srcs: Vec<TensorSources> = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let shape = &shapes[name];
+                let (m, n) = match shape[..] {
+                    [m, n] => (m, n),
+                    _ => (1, shape.iter().product()),
+                };
+                dyadic_sources(name, m, n, dt, 100 + 3 * i as u64)
+            })
             .collect();
-        let mut outs: Vec<_> = (0..3)
-            .map(|_| gpu.random_weight(&[m, n], dt, 0, 1.0).unwrap())
-            .collect();
-        let genes = vec![(a.to_vec(), coef_cat.clone()); 3];
-        gpu.materialize_streamed(&mut outs, &streamed, &genes)
+        let mut cpu_model = LlamaModel::<CpuBackend>::from_weights(config.clone(), |n| {
+            cpu.zeros_weight(&shapes[n], dt)
+        })
+        .unwrap();
+        let mut cpu_sources = cpu
+            .place_sources(srcs.clone(), Placement::Resident)
             .unwrap();
-        for o in &outs {
-            gpu.stream()
-                .memcpy_dtoh(&o.data.slice(..bytes.len()), &mut bytes)
-                .unwrap();
-            gpu.synchronize().unwrap();
-            assert_eq!(bytes, got, "streamed {dt}");
+        for placement in [Placement::Resident, Placement::Streamed] {
+            let mut gpu_model = LlamaModel::<CudaBackend>::from_weights(config.clone(), |n| {
+                gpu.zeros_weight(&shapes[n], dt)
+            })
+            .unwrap();
+            let mut gpu_sources = gpu.place_sources(srcs.clone(), placement).unwrap();
+            // Two children in turn: the second is written over the first.
+            for seed in [2u64, 5] {
+                let cs: Vec<TensorCoefficients> =
+                    srcs.iter().map(|s| dyadic_coefficients(s, seed)).collect();
+                cpu.materialize_into(&mut cpu_model.weights_mut(), &mut cpu_sources, &cs)
+                    .unwrap();
+                gpu.materialize_into(&mut gpu_model.weights_mut(), &mut gpu_sources, &cs)
+                    .unwrap();
+            }
+            for ((name, c), g) in names
+                .iter()
+                .zip(cpu_model.weights())
+                .zip(gpu_model.weights())
+            {
+                assert_same_child(
+                    &format!("{placement:?} {dt} {name}"),
+                    dt,
+                    &download(&gpu, g),
+                    c.data(),
+                );
+            }
         }
     }
 }

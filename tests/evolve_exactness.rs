@@ -5,7 +5,10 @@
 mod common;
 
 use common::testdata;
+use cycleqd_engine::backend::cpu::CpuBackend;
+use cycleqd_engine::backend::{Backend, Placement, TensorCoefficients, TensorSources};
 use cycleqd_engine::evolve::{exact_svd, is_factorised, ExpertSet, Factors, Genome, Rank};
+use cycleqd_engine::llama::LlamaModel;
 use cycleqd_engine::model::ModelStore;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -22,7 +25,6 @@ fn genome_chain_equals_dense_chain_at_full_rank() {
         open("base"),
         experts.iter().map(|e| open(e)).collect(),
         Rank::Full,
-        0,
     )
     .unwrap();
     let base: Vec<Vec<f32>> = set
@@ -91,7 +93,7 @@ fn genome_chain_equals_dense_chain_at_full_rank() {
                 for (x, val) in d[t].iter_mut().enumerate() {
                     let (row, col) = (x / n, x % n);
                     *val += (0..r)
-                        .map(|k| f.u[row * r + k] * w[t][k] * f.s[k] * f.v[col * r + k])
+                        .map(|k| f.u[row * r + k] * w[t][k] * f.s[k] * f.vt[k * n + col])
                         .sum::<f32>();
                 }
             }
@@ -100,17 +102,20 @@ fn genome_chain_equals_dense_chain_at_full_rank() {
         dense.push(d);
     }
 
+    let relative = |got: &[f32], want: &[f32]| -> f64 {
+        let num: f64 = got
+            .iter()
+            .zip(want)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum();
+        let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+        (num / den).sqrt()
+    };
     let mut worst = 0.0f64;
     for (g, d) in genomes.iter().zip(&dense).skip(3) {
         for (t, want) in d.iter().enumerate() {
             let got = set.materialize_tensor(g, t).unwrap().to_f32();
-            let num: f64 = got
-                .iter()
-                .zip(want)
-                .map(|(a, b)| ((a - b) as f64).powi(2))
-                .sum();
-            let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
-            worst = worst.max((num / den).sqrt());
+            worst = worst.max(relative(&got, want));
         }
     }
     eprintln!("worst relative difference, genome vs dense: {worst:.2e}");
@@ -118,6 +123,27 @@ fn genome_chain_equals_dense_chain_at_full_rank() {
         worst <= 1e-5,
         "genome chain differs from the dense chain by {worst}"
     );
+    // The loop's path: every child written in place into one model's weights, over the
+    // previous child's.
+    let (mut model, mut sources, index) = child_model(&set);
+    let mut worst = 0.0f64;
+    for (g, d) in genomes.iter().zip(&dense).skip(3) {
+        let coefs: Vec<TensorCoefficients> = index
+            .iter()
+            .map(|&t| {
+                let mut c = TensorCoefficients::default();
+                set.coefficients_into(g, t, &mut c);
+                c
+            })
+            .collect();
+        CpuBackend
+            .materialize_into(&mut model.weights_mut(), &mut sources, &coefs)
+            .unwrap();
+        for (w, &t) in model.weights().iter().zip(&index) {
+            worst = worst.max(relative(&w.to_f32(), &d[t]));
+        }
+    }
+    assert!(worst <= 1e-5, "in place: {worst} from the dense chain");
     // Seeds materialise to the experts themselves.
     let seed = set.materialize_tensor(&genomes[1], 3).unwrap().to_f32();
     let err: f32 = seed
@@ -130,14 +156,14 @@ fn genome_chain_equals_dense_chain_at_full_rank() {
 
 #[test]
 fn expert_set_rejects_bad_experts() {
-    let one = ExpertSet::build(open("base"), vec![open("expert_a")], Rank::Full, 0);
+    let one = ExpertSet::build(open("base"), vec![open("expert_a")], Rank::Full);
     assert!(one
         .err()
         .unwrap()
         .to_string()
         .contains("at least 2 experts"));
     let other = ModelStore::open_llama(common::llama_dir("tiny-gqa-bf16")).unwrap();
-    let e = ExpertSet::build(open("base"), vec![open("expert_a"), other], Rank::Full, 0)
+    let e = ExpertSet::build(open("base"), vec![open("expert_a"), other], Rank::Full)
         .err()
         .unwrap()
         .to_string();
@@ -155,7 +181,7 @@ fn softmax_merge_ids_and_truncated_rank() {
             .map(|e| open(e))
             .collect::<Vec<_>>()
     };
-    let set = ExpertSet::build(open("base"), experts(), Rank::Full, 0).unwrap();
+    let set = ExpertSet::build(open("base"), experts(), Rank::Full).unwrap();
     let g: Vec<Genome> = (0..3).map(|e| Genome::seed(&set, e)).collect();
     // Equal objectives: the plain average; the a coefficients sum to 1 per tensor.
     let m = Genome::softmax_merge(&[&g[0], &g[1], &g[2]], &[0.5, 0.5, 0.5]);
@@ -167,13 +193,13 @@ fn softmax_merge_ids_and_truncated_rank() {
     let m = Genome::softmax_merge(&[&g[0], &g[1], &g[2]], &f);
     let z: f64 = f.iter().map(|x| x.exp()).sum();
     assert!((m.tensors[0].a[1] as f64 - 0.9f64.exp() / z).abs() < 1e-6);
-    // Ids are stable and distinguish genomes; serialisation round-trips.
-    assert_eq!(g[0].content_id(), Genome::seed(&set, 0).content_id());
+    // Ids distinguish genomes; serialisation round-trips.
     assert_ne!(g[0].content_id(), g[1].content_id());
+    assert_ne!(g[0].content_id(), m.content_id());
     let back: Genome = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
     assert_eq!(back.content_id(), m.content_id());
     // Truncated ranks: reported errors are relative and below 1; too large a rank is an error.
-    let t = ExpertSet::build(open("base"), experts(), Rank::Truncated(8), 1).unwrap();
+    let t = ExpertSet::build(open("base"), experts(), Rank::Truncated(8)).unwrap();
     let errs: Vec<f64> = t
         .tensors
         .iter()
@@ -183,12 +209,12 @@ fn softmax_merge_ids_and_truncated_rank() {
         !errs.is_empty() && errs.iter().all(|e| (0.0..1.0).contains(e)),
         "{errs:?}"
     );
-    let e = ExpertSet::build(open("base"), experts(), Rank::Truncated(65), 1)
+    let e = ExpertSet::build(open("base"), experts(), Rank::Truncated(65))
         .err()
         .unwrap()
         .to_string();
     assert!(e.contains("rank 65") && e.contains("tensor `"), "{e}");
-    let e = ExpertSet::build(open("base"), experts(), Rank::Truncated(0), 1)
+    let e = ExpertSet::build(open("base"), experts(), Rank::Truncated(0))
         .err()
         .unwrap()
         .to_string();
@@ -198,7 +224,7 @@ fn softmax_merge_ids_and_truncated_rank() {
 #[test]
 fn genomes_round_trip_and_per_tensor_crossover_generalises_model_wise() {
     let experts = Vec::from(["expert_a", "expert_b", "expert_c"].map(open));
-    let set = ExpertSet::build(open("base"), experts, Rank::Truncated(8), 3).unwrap();
+    let set = ExpertSet::build(open("base"), experts, Rank::Truncated(8)).unwrap();
     let (g0, g1) = (Genome::seed(&set, 0), Genome::seed(&set, 1));
     let child = Genome::crossover(&g0, &g1, 1.02, 0.97);
     let flat = child.to_flat();
@@ -219,46 +245,77 @@ fn genomes_round_trip_and_per_tensor_crossover_generalises_model_wise() {
 }
 
 #[test]
-fn child_buffers_are_reused_and_never_written_under_a_reader() {
-    use cycleqd_engine::backend::cpu::CpuBackend;
-    use cycleqd_engine::evolve::ChildWeights;
+fn child_weights_are_reused_and_never_written_under_a_reader() {
     let experts = Vec::from(["expert_a", "expert_b"].map(open));
-    let set = ExpertSet::build(open("base"), experts, Rank::Truncated(4), 1).unwrap();
+    let set = ExpertSet::build(open("base"), experts, Rank::Truncated(4)).unwrap();
     let (g0, g1) = (Genome::seed(&set, 0), Genome::seed(&set, 1));
     let child = Genome::crossover(&g0, &g1, 0.6, 0.4);
-    let bytes = |ts: &[(String, cycleqd_engine::model::HostTensor)]| -> Vec<Vec<u8>> {
-        ts.iter().map(|(_, t)| t.data().to_vec()).collect()
+    let (mut model, mut sources, index) = child_model(&set);
+    let mut write = |model: &mut LlamaModel<CpuBackend>, g: &Genome| {
+        let coefs: Vec<TensorCoefficients> = index
+            .iter()
+            .map(|&t| {
+                let mut c = TensorCoefficients::default();
+                set.coefficients_into(g, t, &mut c);
+                c
+            })
+            .collect();
+        CpuBackend
+            .materialize_into(&mut model.weights_mut(), &mut sources, &coefs)
+            .unwrap();
     };
-
-    let mut weights = ChildWeights::default();
-    set.materialize_into(&CpuBackend, &g0, &mut weights)
-        .unwrap();
+    write(&mut model, &g0);
+    let first_ptr = model.weights()[0].data().as_ptr();
+    write(&mut model, &child);
     assert_eq!(
-        bytes(&weights.tensors),
-        bytes(&set.materialize_model(&CpuBackend, &g0).unwrap())
-    );
-    let first_ptr = weights.tensors[0].1.data().as_ptr();
-    set.materialize_into(&CpuBackend, &child, &mut weights)
-        .unwrap();
-    assert_eq!(
-        weights.tensors[0].1.data().as_ptr(),
+        model.weights()[0].data().as_ptr(),
         first_ptr,
         "buffer reused"
     );
-    assert_eq!(
-        bytes(&weights.tensors),
-        bytes(&set.materialize_model(&CpuBackend, &child).unwrap())
-    );
+    // Seed genomes are the experts themselves (to the factors' reconstruction error).
+    write(&mut model, &g1);
+    let expert = set.experts[1].tensor(&set.tensors[index[0]].name).unwrap();
+    let worst = model.weights()[0]
+        .to_f32()
+        .iter()
+        .zip(expert.to_f32())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(worst < 1e-2, "seed 1 is expert 1: {worst}");
 
-    // A reader still holding the previous child keeps its bytes.
-    let held = weights.tensors[0].1.clone();
+    // A reader still holding the previous child keeps its bytes; the writer moves on.
+    let held = model.weights()[0].clone();
     let before = held.data().to_vec();
-    set.materialize_into(&CpuBackend, &g1, &mut weights)
-        .unwrap();
+    write(&mut model, &g0);
     assert_eq!(held.data(), &before[..]);
-    assert_ne!(weights.tensors[0].1.data().as_ptr(), first_ptr);
-    assert_eq!(
-        bytes(&weights.tensors),
-        bytes(&set.materialize_model(&CpuBackend, &g1).unwrap())
+    assert_ne!(model.weights()[0].data().as_ptr(), first_ptr);
+    assert_ne!(
+        model.weights()[0].data(),
+        &before[..],
+        "the new child was written"
     );
+}
+
+/// A zeroed child model over the set, its placed sources, and the set tensor of each weight.
+fn child_model(set: &ExpertSet) -> (LlamaModel<CpuBackend>, Vec<TensorSources>, Vec<usize>) {
+    let config = set.base.config().clone();
+    let index: Vec<usize> = LlamaModel::<CpuBackend>::weight_names(&config)
+        .iter()
+        .map(|n| set.tensors.iter().position(|t| &t.name == n).unwrap())
+        .collect();
+    let model = LlamaModel::from_weights(config, |n| {
+        let (dt, shape) = set.base.meta(n)?;
+        CpuBackend.zeros_weight(shape, dt)
+    })
+    .unwrap();
+    let sources = CpuBackend
+        .place_sources(
+            index
+                .iter()
+                .map(|&t| set.tensor_sources(t).unwrap())
+                .collect(),
+            Placement::Resident,
+        )
+        .unwrap();
+    (model, sources, index)
 }

@@ -15,7 +15,6 @@ fn build(set_dir: &Path, cache: &Path) -> ExpertSet {
         open("base"),
         vec![open("expert_a"), open("expert_b"), open("expert_c")],
         Rank::Truncated(8),
-        7,
         Some(cache),
     )
     .unwrap()
@@ -61,6 +60,21 @@ fn cache_is_reused_invalidated_and_rebuilt() {
         "{:?}",
         rebuilt.cache_status
     );
+    assert_eq!(build(&set_dir, &cache).cache_status, CacheStatus::Hit);
+
+    // So is an edit of its metadata (the checksum covers it): a recorded error changed.
+    let mut bytes = std::fs::read(&file).unwrap();
+    let at = bytes
+        .windows(b"\"relative_errors\"".len())
+        .position(|w| w == b"\"relative_errors\"")
+        .expect("the header records the errors");
+    let digit = at + bytes[at..].iter().position(|b| b.is_ascii_digit()).unwrap();
+    bytes[digit] = if bytes[digit] == b'7' { b'8' } else { b'7' };
+    std::fs::write(&file, &bytes).unwrap();
+    assert!(matches!(
+        build(&set_dir, &cache).cache_status,
+        CacheStatus::Rebuilt(why) if why.contains("checksum")
+    ));
     assert_eq!(build(&set_dir, &cache).cache_status, CacheStatus::Hit);
 
     // Changing an expert's weights changes the key: the factors are recomputed.

@@ -8,11 +8,13 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod materialize;
 
 use crate::error::Result;
-use crate::evolve::materialize::LowRank;
-use crate::evolve::merge::{MergeOp, Sink};
+use crate::merge::methods::{MergeOp, Sink};
 use crate::model::{DType, HostTensor};
+
+pub use materialize::{LowRankFactors, Placement, TensorCoefficients, TensorSources};
 
 /// Geometry of one attention call over a paged-by-slot KV cache.
 ///
@@ -32,12 +34,20 @@ pub trait Backend: Send + Sync {
     type Weight: Send + Sync;
     /// An f32 buffer (activations, KV cache) resident where this backend computes.
     type Buf: Send + Sync;
+    /// A model's materialisation sources, placed where this backend computes
+    /// ([`Backend::place_sources`]).
+    type Sources: Send;
 
     /// Human-readable device name (`cpu (2 threads)`, `cuda:0 NVIDIA H100`).
     fn name(&self) -> String;
 
     /// Makes a weight tensor available to kernels (zero-copy on the CPU).
     fn upload_weight(&self, t: &HostTensor) -> Result<Self::Weight>;
+    /// A zero-filled weight: a child's weights, allocated once and rewritten in place by
+    /// [`Backend::materialize_into`].
+    fn zeros_weight(&self, shape: &[usize], dtype: DType) -> Result<Self::Weight>;
+    /// A weight's contents on the host (zero-copy on the CPU), to export a child.
+    fn download_weight(&self, w: &Self::Weight) -> Result<HostTensor>;
     /// A zero-filled buffer of `len` f32.
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
     /// Copies `src` into the start of `dst`.
@@ -143,7 +153,7 @@ pub trait Backend: Send + Sync {
         scale: f32,
     ) -> Result<Self::Weight>;
 
-    /// Merges one tensor from host inputs (see [`crate::evolve::merge`]), handing the result
+    /// Merges one tensor from host inputs (see [`crate::merge::methods`]), handing the result
     /// to `sink` in `out_dtype`, piece by piece.
     fn merge(
         &self,
@@ -155,18 +165,34 @@ pub trait Backend: Send + Sync {
         sink: &Sink,
     ) -> Result<()>;
 
-    /// A genome tensor to dense weights (see [`crate::evolve::materialize`]): `[m, n]` of
-    /// `out_dtype` into `out`.
-    #[allow(clippy::too_many_arguments)]
+    /// Places the sources of every tensor of a model where this backend computes, once per
+    /// run (the CPU keeps views; CUDA uploads them or pins them, see [`Placement`]). Checks
+    /// every tensor's sources.
+    fn place_sources(
+        &self,
+        tensors: Vec<TensorSources>,
+        placement: Placement,
+    ) -> Result<Self::Sources>;
+
+    /// How `sources` were placed, for the log (`host`, `resident, 1.2 GB`, …).
+    fn describe_sources(&self, sources: &Self::Sources) -> String;
+
+    /// Writes a child into `outs` in place, without allocating: `outs[i]` receives placed
+    /// tensor `i` (its shape, in the base's dtype) with coefficients `coefs[i]`.
+    fn materialize_into(
+        &self,
+        outs: &mut [&mut Self::Weight],
+        sources: &mut Self::Sources,
+        coefs: &[TensorCoefficients],
+    ) -> Result<()>;
+
+    /// One tensor of a child into host memory: `out` holds `m·n` elements of `out_dtype`
+    /// (export and the final table).
     fn materialize(
         &self,
         out: &mut [u8],
         out_dtype: DType,
-        base: &HostTensor,
-        experts: &[&HostTensor],
-        a: &[f32],
-        low_rank: &[LowRank],
-        m: usize,
-        n: usize,
+        src: &TensorSources,
+        coef: &TensorCoefficients,
     ) -> Result<()>;
 }

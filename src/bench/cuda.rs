@@ -6,8 +6,9 @@ use std::time::Instant;
 use serde_json::json;
 
 use super::suite::{materialize_result, time_synced, Ceilings, OpResult};
-use crate::backend::cuda::CudaBackend;
+use crate::backend::cuda::{CudaBackend, CudaWeight};
 use crate::backend::Backend;
+use crate::backend::{LowRankFactors, TensorCoefficients, TensorSources};
 use crate::error::{Error, Result};
 use crate::model::{DType, HostTensor, LlamaConfig};
 use crate::synth::hash_values;
@@ -76,12 +77,15 @@ pub fn materialize_modes(
         }
     }
     let a: Vec<f32> = (0..experts).map(|e| 0.3 + 0.1 * e as f32).collect();
-    let coef = vec![0.5f32; experts * rank];
+    let coef = TensorCoefficients {
+        a: a.clone(),
+        c: vec![0.5f32; experts * rank],
+    };
+    let coefs = vec![coef; resident.len()];
+    let mut sources = be.resident_sources(resident)?;
     let secs = time_synced(be, 5, || {
-        for (t, o) in resident.iter().zip(outs.iter_mut()) {
-            be.materialize_resident(o, t, &a, &coef)?;
-        }
-        Ok(())
+        let mut refs: Vec<&mut CudaWeight> = outs.iter_mut().collect();
+        be.materialize_placed(&mut refs, &mut sources, &coefs)
     })?;
     let (bytes, flops) = traffic(&layer, layers, dtype, experts, rank);
     out.push(materialize_result(
@@ -93,7 +97,7 @@ pub fn materialize_modes(
         json!({"layers": layers, "experts": experts, "rank": rank,
                "seconds_per_model_extrapolated": secs * cfg.num_hidden_layers as f64 / layers as f64}),
     ));
-    drop(resident);
+    drop(sources);
 
     let cpu = crate::backend::cpu::CpuBackend;
     let stream_layers = stream_layers.min(layers);
@@ -102,27 +106,36 @@ pub fn materialize_modes(
     for l in 0..stream_layers {
         for (i, &(m, n)) in layer.iter().enumerate() {
             let seed = (l * 100 + i * 10) as u64;
-            let host: Vec<HostTensor> = (0..=experts)
+            let mut host: Vec<HostTensor> = (0..=experts)
                 .map(|e| cpu.random_weight(&[m, n], dtype, seed + e as u64, 0.03))
                 .collect::<Result<_>>()?;
-            let refs: Vec<&HostTensor> = host[1..].iter().collect();
-            let u: Vec<Vec<f32>> = (0..experts)
-                .map(|e| hash_values(m * rank, seed + 50 + e as u64, 0.01))
+            let base = host.remove(0);
+            let factors = (0..experts)
+                .map(|e| LowRankFactors {
+                    u: hash_values(m * rank, seed + 50 + e as u64, 0.01).into(),
+                    vt: hash_values(rank * n, seed + 70 + e as u64, 0.01).into(),
+                    rank,
+                })
                 .collect();
-            let vt: Vec<Vec<f32>> = (0..experts)
-                .map(|e| hash_values(rank * n, seed + 70 + e as u64, 0.01))
-                .collect();
-            let f: Vec<(&[f32], &[f32], usize)> = (0..experts)
-                .map(|e| (&u[e][..], &vt[e][..], rank))
-                .collect();
-            streamed.push(be.streamed_tensor(&host[0], &refs, &f, m, n)?);
+            let src = TensorSources {
+                name: format!("layer{l}.{i}"),
+                base,
+                experts: host,
+                factors,
+                m,
+                n,
+            };
+            streamed.push(be.streamed_tensor(&src)?);
         }
     }
+    let n_streamed = streamed.len();
+    let mut sources = be.streamed_sources(streamed)?;
     let setup = t0.elapsed().as_secs_f64();
-    let genes = vec![(a.clone(), coef.clone()); streamed.len()];
-    let mut souts: Vec<_> = outs.drain(..streamed.len()).collect();
+    let mut souts: Vec<_> = outs.drain(..n_streamed).collect();
+    let scoefs = &coefs[..n_streamed];
     let secs = time_synced(be, 3, || {
-        be.materialize_streamed(&mut souts, &streamed, &genes)
+        let mut refs: Vec<&mut CudaWeight> = souts.iter_mut().collect();
+        be.materialize_placed(&mut refs, &mut sources, scoefs)
     })?;
     let (bytes, flops) = traffic(&layer, stream_layers, dtype, experts, rank);
     // Streamed mode is bound by the host link: report against it, as measured here.

@@ -10,8 +10,8 @@ use serde_json::{json, Value};
 
 use super::time_median;
 use crate::backend::Backend;
+use crate::backend::{LowRankFactors, TensorCoefficients, TensorSources};
 use crate::error::Result;
-use crate::evolve::materialize::LowRank;
 use crate::llama::{generate, GenerateOptions, LlamaModel, Step};
 use crate::model::{DType, LlamaConfig};
 use crate::synth::{hash_uniform, hash_values};
@@ -271,7 +271,7 @@ pub fn materialize_host<B: Backend>(
 ) -> Result<OpResult> {
     let cpu = crate::backend::cpu::CpuBackend;
     let mut tensors = vec![];
-    for (i, (_, shape)) in cfg
+    for (i, (name, shape)) in cfg
         .expected_tensors()
         .iter()
         .enumerate()
@@ -280,45 +280,54 @@ pub fn materialize_host<B: Backend>(
         let (m, n) = (shape[0], shape[1]);
         let r = rank.min(m).min(n);
         let seed = 1000 * i as u64;
-        let base = cpu.random_weight(shape, dtype, seed, 0.03)?;
-        let xs = (0..experts)
-            .map(|e| cpu.random_weight(shape, dtype, seed + 1 + e as u64, 0.03))
-            .collect::<Result<Vec<_>>>()?;
-        let u = (0..experts)
-            .map(|e| {
-                cpu.random_weight(&[m * r], DType::F32, seed + 100 + e as u64, 0.01)
-                    .map(|t| t.to_f32())
+        let factor = |e: u64| -> Result<LowRankFactors> {
+            Ok(LowRankFactors {
+                u: cpu
+                    .random_weight(&[m * r], DType::F32, seed + 100 + e, 0.01)?
+                    .to_f32()
+                    .into(),
+                vt: cpu
+                    .random_weight(&[r * n], DType::F32, seed + 200 + e, 0.01)?
+                    .to_f32()
+                    .into(),
+                rank: r,
             })
-            .collect::<Result<Vec<_>>>()?;
-        let vt = (0..experts)
-            .map(|e| {
-                cpu.random_weight(&[r * n], DType::F32, seed + 200 + e as u64, 0.01)
-                    .map(|t| t.to_f32())
-            })
-            .collect::<Result<Vec<_>>>()?;
-        tensors.push((m, n, r, base, xs, u, vt));
+        };
+        tensors.push(TensorSources {
+            name: name.clone(),
+            base: cpu.random_weight(shape, dtype, seed, 0.03)?,
+            experts: (0..experts as u64)
+                .map(|e| cpu.random_weight(shape, dtype, seed + 1 + e, 0.03))
+                .collect::<Result<_>>()?,
+            factors: (0..experts as u64).map(factor).collect::<Result<_>>()?,
+            m,
+            n,
+        });
     }
     let a: Vec<f32> = (0..experts).map(|e| 0.3 + 0.1 * e as f32).collect();
+    let coefs: Vec<TensorCoefficients> = tensors
+        .iter()
+        .map(|t| TensorCoefficients {
+            a: a.clone(),
+            c: vec![0.5; t.total_rank()],
+        })
+        .collect();
     let mut outs: Vec<Vec<u8>> = tensors
         .iter()
-        .map(|t| vec![0u8; t.0 * t.1 * dtype.size()])
+        .map(|t| vec![0u8; t.numel() * dtype.size()])
         .collect();
     let secs = time_synced(be, 3, || {
-        for ((m, n, r, base, xs, u, vt), out) in tensors.iter().zip(outs.iter_mut()) {
-            let refs: Vec<_> = xs.iter().collect();
-            let low: Vec<LowRank> = (0..experts)
-                .map(|e| LowRank {
-                    u: &u[e],
-                    vt: &vt[e],
-                    coef: vec![0.5; *r],
-                })
-                .collect();
-            be.materialize(out, dtype, base, &refs, &a, &low, *m, *n)?;
+        for ((t, coef), out) in tensors.iter().zip(&coefs).zip(outs.iter_mut()) {
+            be.materialize(out, dtype, t, coef)?;
         }
         Ok(())
     })?;
+    let tensors: Vec<(usize, usize, usize)> = tensors
+        .iter()
+        .map(|t| (t.m, t.n, t.factors[0].rank))
+        .collect();
     let (mut bytes, mut flops) = (0.0, 0.0);
-    for (m, n, r, ..) in &tensors {
+    for (m, n, r) in &tensors {
         let w = (m * n * dtype.size()) as f64;
         bytes += (experts as f64 + 2.0) * w + (experts * (m + n) * r * 4) as f64;
         flops += 2.0 * (m * n * r * experts) as f64;
@@ -400,10 +409,11 @@ where
 }
 
 /// Randomized SVD (rank `rank`, the engine's defaults) of one task vector per 2-D tensor of
-/// `cfg`, in parallel across tensors as the expert set factorises, plus the relative error
+/// `cfg`, batched by shape as the expert set factorises, plus the relative error
 /// against the exact SVD's optimum on the smallest matrices.
 pub fn factorize_cpu(cfg: &LlamaConfig, rank: usize, ceil: &Ceilings) -> Result<OpResult> {
-    use crate::evolve::{exact_svd, randomized_svd, RandomizedSvd};
+    use crate::evolve::batched_svd::{randomized_svd_batch, CpuLinalg};
+    use crate::evolve::{exact_svd, RandomizedSvd};
     use rayon::prelude::*;
     let shapes: Vec<(usize, usize)> = cfg
         .expected_tensors()
@@ -431,11 +441,32 @@ pub fn factorize_cpu(cfg: &LlamaConfig, rank: usize, ceil: &Ceilings) -> Result<
         .enumerate()
         .map(|(i, &(m, n))| (m, n, task_vector(m, n, 50 + 3 * i as u64)))
         .collect();
+    // Batched by shape, as the expert set factorises.
     let t = Instant::now();
-    let factors = inputs
-        .par_iter()
-        .map(|(m, n, a)| randomized_svd(a, *m, *n, rank.min(*m).min(*n), RandomizedSvd::default()))
-        .collect::<Result<Vec<_>>>()?;
+    let mut factors: Vec<Option<crate::evolve::Factors>> = inputs.iter().map(|_| None).collect();
+    let mut shapes_seen: Vec<(usize, usize)> = shapes.clone();
+    shapes_seen.sort();
+    shapes_seen.dedup();
+    for (m, n) in shapes_seen {
+        let members: Vec<usize> = (0..inputs.len())
+            .filter(|&i| (inputs[i].0, inputs[i].1) == (m, n))
+            .collect();
+        let mats: Vec<&[f32]> = members.iter().map(|&i| &inputs[i].2[..]).collect();
+        let seeds: Vec<u64> = members.iter().map(|&i| i as u64).collect();
+        let got = randomized_svd_batch(
+            &CpuLinalg,
+            &mats,
+            m,
+            n,
+            rank.min(m).min(n),
+            RandomizedSvd::default(),
+            &seeds,
+        )?;
+        for (i, f) in members.into_iter().zip(got) {
+            factors[i] = Some(f);
+        }
+    }
+    let factors: Vec<crate::evolve::Factors> = factors.into_iter().flatten().collect();
     let secs = t.elapsed().as_secs_f64();
     let mut order: Vec<usize> = (0..inputs.len()).collect();
     order.sort_by_key(|&i| inputs[i].0 * inputs[i].1);

@@ -16,7 +16,7 @@ use cycleqd_engine::backend::cuda::{
 use cycleqd_engine::backend::Backend;
 use cycleqd_engine::bench::suite::{self, Ceilings, OpResult};
 use cycleqd_engine::bench::{cpu_copy_bandwidth, cpu_peak_flops};
-use cycleqd_engine::model::export::write_atomic;
+use cycleqd_engine::durable::write_atomic;
 use cycleqd_engine::model::{DType, LlamaConfig};
 use cycleqd_engine::synth::LlamaShape;
 

@@ -25,6 +25,9 @@ impl std::fmt::Display for ExternalFailure {
 pub struct ExternalEvaluator {
     pub command: Vec<String>,
     pub timeout: Duration,
+    /// The working directory it runs in (its relative paths resolve from there); `None`: the
+    /// engine's.
+    pub dir: Option<std::path::PathBuf>,
 }
 
 impl ExternalEvaluator {
@@ -48,7 +51,19 @@ impl ExternalEvaluator {
         let (program, rest) = args
             .split_first()
             .ok_or_else(|| ExternalFailure("the evaluator command is empty".into()))?;
+        // A relative program path (`./eval.sh`, `scripts/eval.py`) is the working
+        // directory's, like every other relative path of the command.
+        let program = match &self.dir {
+            Some(d) if program.contains('/') && Path::new(program).is_relative() => {
+                d.join(program).display().to_string()
+            }
+            _ => program.clone(),
+        };
+        let program = &program;
         let mut cmd = Command::new(program);
+        if let Some(d) = &self.dir {
+            cmd.current_dir(d);
+        }
         // Its own process group, so a timeout kills what it started too (a shell's children
         // would otherwise hold the pipes open).
         #[cfg(unix)]
@@ -137,6 +152,7 @@ mod tests {
         ExternalEvaluator {
             command: vec!["sh".into(), "-c".into(), script.into(), "eval".into()],
             timeout: Duration::from_millis(timeout_ms),
+            dir: None,
         }
     }
 
@@ -145,6 +161,7 @@ mod tests {
         let e = ExternalEvaluator {
             command: vec!["ev".into(), "--model={model}".into(), "{task}".into()],
             timeout: Duration::from_secs(1),
+            dir: None,
         };
         assert_eq!(
             e.arguments(Path::new("/m"), "code"),
@@ -153,8 +170,39 @@ mod tests {
         let e = ExternalEvaluator {
             command: vec!["ev".into()],
             timeout: Duration::from_secs(1),
+            dir: None,
         };
         assert_eq!(e.arguments(Path::new("/m"), "code"), ["ev", "/m"]);
+    }
+
+    #[test]
+    fn runs_in_its_directory_so_relative_paths_are_the_configs() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("scripts")).unwrap();
+        std::fs::write(dir.path().join("scripts/ev.sh"), "cat data.txt\n").unwrap();
+        std::fs::write(dir.path().join("data.txt"), "{\"score\": 0.75}\n").unwrap();
+        let e = ExternalEvaluator {
+            command: vec!["sh".into(), "scripts/ev.sh".into()],
+            timeout: Duration::from_secs(5),
+            dir: Some(dir.path().to_path_buf()),
+        };
+        assert_eq!(e.score(Path::new("/m"), "t"), Ok(0.75));
+        // The program itself given relative to the directory.
+        std::fs::write(
+            dir.path().join("scripts/ev.sh"),
+            "#!/bin/sh\ncat data.txt\n",
+        )
+        .unwrap();
+        let mut perm = std::fs::metadata(dir.path().join("scripts/ev.sh"))
+            .unwrap()
+            .permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+        std::fs::set_permissions(dir.path().join("scripts/ev.sh"), perm).unwrap();
+        let direct = ExternalEvaluator {
+            command: vec!["scripts/ev.sh".into()],
+            ..e
+        };
+        assert_eq!(direct.score(Path::new("/m"), "t"), Ok(0.75));
     }
 
     #[test]
@@ -178,6 +226,7 @@ mod tests {
         let missing = ExternalEvaluator {
             command: vec!["/nonexistent/evaluator".into()],
             timeout: Duration::from_secs(1),
+            dir: None,
         };
         assert!(missing
             .score(dir, "t")

@@ -8,5 +8,5 @@ pub mod task;
 
 pub use external::{ExternalEvaluator, ExternalFailure};
 pub use score::{evaluate, PreparedTask, TaskResult};
-pub use suite::{TaskScorer, TaskSuite};
+pub use suite::{Scored, TaskScorer, TaskSuite};
 pub use task::{Example, Metric, Scoring, TaskFile};

@@ -84,6 +84,24 @@ impl PreparedTask {
         self.generate.len() + self.choice.len()
     }
 
+    /// The longest sequence one of its examples puts in the KV cache (prompt and generation,
+    /// or prompt and the longest choice): what a device must reserve per sequence slot.
+    pub fn longest_sequence(&self) -> usize {
+        let gen = self
+            .generate
+            .iter()
+            .map(|(p, _)| p.len() + self.scoring.max_new_tokens)
+            .max()
+            .unwrap_or(0);
+        let choice = self
+            .choice
+            .iter()
+            .flat_map(|c| c.pairs.iter().map(|(p, x)| p.len() + x.len()))
+            .max()
+            .unwrap_or(0);
+        gen.max(choice)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

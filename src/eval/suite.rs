@@ -1,17 +1,13 @@
 //! A run's tasks as one scorer: the built-in JSONL tasks of all skills are scored together in
-//! one batched pass over the in-memory model; tasks with an external evaluator get an exported
-//! copy of the model in a work folder. A model is given as its tensors (a materialised child,
-//! a merge, a checkpoint's views), never re-read from disk.
+//! one batched pass over a model already on its backend (a child written in place by a worker,
+//! or host tensors of a merge or a final-model candidate); tasks with an external evaluator get
+//! an exported copy of the model in a work folder. A model is never re-read from disk.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use std::sync::Arc;
-
-use crate::backend::cpu::CpuBackend;
-use crate::backend::cuda::CudaBackend;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::llama::LlamaModel;
@@ -19,6 +15,10 @@ use crate::model::export::export_tensors;
 use crate::model::{HostTensor, LlamaConfig, Tokenizer};
 
 use super::{evaluate, ExternalEvaluator, PreparedTask};
+
+/// A model's scores in task order, or why they could not be had (an external evaluator
+/// failed: the child is marked failed and the run goes on).
+pub type Scored = std::result::Result<Vec<f64>, String>;
 
 /// How one task is scored.
 pub enum TaskScorer {
@@ -38,38 +38,28 @@ pub struct TaskSuite {
     pub tokenizer: Option<Tokenizer>,
     pub work_dir: PathBuf,
     pub batch: usize,
-    /// Where built-in tasks run: a CUDA device, or the CPU when `None`.
-    pub device: Option<Arc<CudaBackend>>,
 }
 
 impl TaskSuite {
-    /// The built-in tasks on `backend`, with the model's weights uploaded there.
-    fn score_builtin<B: Backend>(
+    /// Whether some task needs an exported copy of the model.
+    pub fn has_external(&self) -> bool {
+        self.scorers
+            .iter()
+            .any(|s| matches!(s, TaskScorer::External(_)))
+    }
+
+    /// Scores `model` (on `backend`) on every task. `export` writes the model as a checkpoint
+    /// directory; it is called only when a task has an external evaluator.
+    pub fn score_model<B: Backend>(
         &self,
         backend: &B,
-        tensors: &[(String, HostTensor)],
-        tok: &Tokenizer,
-        tasks: &[&PreparedTask],
-    ) -> Result<Vec<super::TaskResult>>
+        model: &LlamaModel<B>,
+        label: &str,
+        export: &mut dyn FnMut(&Path) -> Result<()>,
+    ) -> Result<Scored>
     where
         B::Buf: Default,
     {
-        let map: BTreeMap<&str, &HostTensor> =
-            tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        let model = LlamaModel::from_tensors(backend, self.config.clone(), |name| {
-            map.get(name)
-                .map(|t| (*t).clone())
-                .ok_or_else(|| Error::tensor(name, "missing from the model being scored"))
-        })?;
-        evaluate(&model, backend, tok, tasks, self.batch)
-    }
-
-    /// Scores a model on every task: `Ok(Err(reason))` when an external evaluator failed.
-    pub fn score(
-        &self,
-        tensors: &[(String, HostTensor)],
-        label: &str,
-    ) -> Result<std::result::Result<Vec<f64>, String>> {
         let mut scores = vec![f64::NAN; self.scorers.len()];
         let builtin: Vec<(usize, &PreparedTask)> = self
             .scorers
@@ -86,27 +76,14 @@ impl TaskSuite {
                 .as_ref()
                 .ok_or_else(|| Error::invalid("built-in tasks need the base's tokenizer.json"))?;
             let tasks: Vec<&PreparedTask> = builtin.iter().map(|(_, t)| *t).collect();
-            let results = match &self.device {
-                Some(gpu) => self.score_builtin(gpu.as_ref(), tensors, tok, &tasks)?,
-                None => self.score_builtin(&CpuBackend, tensors, tok, &tasks)?,
-            };
+            let results = evaluate(model, backend, tok, &tasks, self.batch)?;
             for ((i, _), r) in builtin.iter().zip(results) {
                 scores[*i] = r.score;
             }
         }
-        if self
-            .scorers
-            .iter()
-            .any(|s| matches!(s, TaskScorer::External(_)))
-        {
+        if self.has_external() {
             let dir = self.work_dir.join(label);
-            export_tensors(
-                &dir,
-                tensors,
-                &self.config_json,
-                Some(&self.companions),
-                u64::MAX,
-            )?;
+            export(&dir)?;
             let outcome = self.score_external(&dir, &mut scores);
             remove_quietly(&dir);
             if let Err(reason) = outcome {
@@ -114,6 +91,38 @@ impl TaskSuite {
             }
         }
         Ok(Ok(scores))
+    }
+
+    /// Scores host tensors (a merge, a final-model candidate, a checkpoint's views) on
+    /// `backend`: the weights are uploaded there for the built-in tasks.
+    pub fn score_tensors<B: Backend>(
+        &self,
+        backend: &B,
+        tensors: &[(String, HostTensor)],
+        label: &str,
+    ) -> Result<Scored>
+    where
+        B::Buf: Default,
+    {
+        let map: BTreeMap<&str, &HostTensor> =
+            tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let model = LlamaModel::from_tensors(backend, self.config.clone(), |name| {
+            map.get(name)
+                .map(|t| (*t).clone())
+                .ok_or_else(|| Error::tensor(name, "missing from the model being scored"))
+        })?;
+        self.score_model(backend, &model, label, &mut |dir| self.export(dir, tensors))
+    }
+
+    /// Writes `tensors` as a checkpoint directory an external evaluator can load.
+    pub fn export(&self, dir: &Path, tensors: &[(String, HostTensor)]) -> Result<()> {
+        export_tensors(
+            dir,
+            tensors,
+            &self.config_json,
+            Some(&self.companions),
+            u64::MAX,
+        )
     }
 
     fn score_external(&self, dir: &Path, scores: &mut [f64]) -> std::result::Result<(), String> {

@@ -13,7 +13,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
-use super::factorize::{Factors, RandomizedSvd};
+use super::factorize::{check_rank, Factors, RandomizedSvd};
 use crate::error::{Error, Result};
 
 /// A batch of column-major matrices of one shape, and the products the algorithm needs.
@@ -112,16 +112,21 @@ impl BatchedLinalg for CpuLinalg {
 }
 
 /// Orthonormalises the columns of every member of `x` in place (shifted CholeskyQR3) and
-/// returns each member's `R` (`l × l`, column-major, f64) with `x_in = Q·R`.
+/// returns each member's `R` (`l × l`, column-major, f64) with `x_in = Q·R`. A member whose
+/// Gram matrix is singular (a task vector of lower rank than the sketch, or zero: experts
+/// often leave tensors untouched) is orthonormalised by a Householder QR on the host instead,
+/// which completes its basis with arbitrary orthonormal columns.
 fn cholesky_qr<O: BatchedLinalg>(ops: &O, x: &mut O::Mat) -> Result<Vec<Vec<f64>>> {
     let (p, l, nb) = ops.dims(x);
     let mut r_total: Vec<Vec<f64>> = (0..nb).map(|_| identity(l)).collect();
     let mut gram = ops.zeros(l, l, nb)?;
     let mut next = ops.zeros(p, l, nb)?;
+    let mut householder = vec![false; nb];
     for pass in 0..3 {
         ops.gemm(&mut gram, x, true, x, false)?;
         let g = ops.download(&gram)?;
         let mut rinv = Vec::with_capacity(l * l * nb);
+        let mut failed = vec![];
         for (i, gi) in g.chunks_exact(l * l).enumerate() {
             let mut g64: Vec<f64> = gi.iter().map(|&v| v as f64).collect();
             if pass == 0 {
@@ -131,17 +136,57 @@ fn cholesky_qr<O: BatchedLinalg>(ops: &O, x: &mut O::Mat) -> Result<Vec<Vec<f64>
                 let shift = 11.0 * ((p * l + l * (l + 1)) as f64) * f32::EPSILON as f64 * norm;
                 (0..l).for_each(|j| g64[j * l + j] += shift);
             }
-            let r = cholesky_upper(&g64, l).ok_or_else(|| {
-                Error::invalid("factorize: CholeskyQR found a singular Gram matrix (task vector of lower rank than the sketch?)")
-            })?;
-            r_total[i] = matmul_upper(&r, &r_total[i], l);
-            rinv.extend(invert_upper(&r, l).iter().map(|&v| v as f32));
+            match cholesky_upper(&g64, l).filter(|_| !householder[i]) {
+                Some(r) => {
+                    r_total[i] = matmul_upper(&r, &r_total[i], l);
+                    rinv.extend(invert_upper(&r, l).iter().map(|&v| v as f32));
+                }
+                None => {
+                    // Left as it is by this pass; replaced by its Householder QR below (and
+                    // already orthonormal in later passes).
+                    if !householder[i] {
+                        failed.push(i);
+                    }
+                    rinv.extend(identity(l).iter().map(|&v| v as f32));
+                }
+            }
         }
         let rinv = ops.upload(&rinv, l, l, nb)?;
         ops.gemm(&mut next, x, false, &rinv, false)?;
         std::mem::swap(x, &mut next);
+        if !failed.is_empty() {
+            let mut host = ops.download(x)?;
+            for &i in &failed {
+                let member = &mut host[i * p * l..(i + 1) * p * l];
+                let r = householder_qr(member, p, l);
+                r_total[i] = matmul_upper(&r, &r_total[i], l);
+                householder[i] = true;
+            }
+            *x = ops.upload(&host, p, l, nb)?;
+        }
     }
     Ok(r_total)
+}
+
+/// Householder QR of a column-major `p × l` matrix (`p ≥ l`) in place: `x ← Q` (orthonormal
+/// columns even when `x` is rank deficient) and the returned `R` (column-major, f64).
+fn householder_qr(x: &mut [f32], p: usize, l: usize) -> Vec<f64> {
+    let xm = Mat::<f64>::from_fn(p, l, |i, j| x[j * p + i] as f64);
+    let qr = xm.qr();
+    let q = qr.compute_thin_Q();
+    let r = qr.thin_R();
+    for j in 0..l {
+        for i in 0..p {
+            x[j * p + i] = q[(i, j)] as f32;
+        }
+    }
+    let mut out = vec![0.0; l * l];
+    for j in 0..l {
+        for i in 0..=j {
+            out[j * l + i] = r[(i, j)];
+        }
+    }
+    out
 }
 
 /// Rank-`rank` randomized SVD of each row-major `[m, n]` matrix in `mats`, batched on
@@ -156,12 +201,7 @@ pub fn randomized_svd_batch<O: BatchedLinalg>(
     seeds: &[u64],
 ) -> Result<Vec<Factors>> {
     let nb = mats.len();
-    if rank == 0 || rank > m.min(n) {
-        return Err(Error::invalid(format!(
-            "rank {rank} is outside 1..={} for a {m}×{n} matrix",
-            m.min(n)
-        )));
-    }
+    check_rank(m, n, rank)?;
     if mats.iter().any(|a| a.len() != m * n) || seeds.len() != nb {
         return Err(Error::invalid(
             "factorize: matrices or seeds do not match the batch",
@@ -238,6 +278,7 @@ pub fn randomized_svd_batch<O: BatchedLinalg>(
                 &u[i * m * l..(i + 1) * m * l],
                 &v[i * n * l..(i + 1) * n * l],
             );
+            // Column k of V (column-major, n rows) is row k of Vᵀ.
             Factors {
                 m,
                 n,
@@ -245,9 +286,7 @@ pub fn randomized_svd_batch<O: BatchedLinalg>(
                     .flat_map(|r| (0..rank).map(move |k| ui[k * m + r]))
                     .collect(),
                 s: sigmas[i][..rank].to_vec(),
-                v: (0..n)
-                    .flat_map(|r| (0..rank).map(move |k| vi[k * n + r]))
-                    .collect(),
+                vt: vi[..rank * n].into(),
             }
         })
         .collect())
@@ -373,6 +412,7 @@ mod tests {
                 }
             }
         }
+        // The rank is checked.
         assert!(randomized_svd_batch(
             &CpuLinalg,
             &[&[0.0; 6][..]],
@@ -383,6 +423,57 @@ mod tests {
             &[0]
         )
         .is_err());
+    }
+
+    #[test]
+    fn flat_spectra_zero_and_low_rank_members_factorise() {
+        // A Gaussian (flat spectrum), an exactly rank-2 and a zero task vector in one batch:
+        // the last two make CholeskyQR's Gram matrices singular.
+        for (m, n) in [(200, 60), (60, 200)] {
+            let mut rng = ChaCha8Rng::seed_from_u64(9);
+            let mut normal = || -> f32 { StandardNormal.sample(&mut rng) };
+            let gaussian: Vec<f32> = (0..m * n).map(|_| normal()).collect();
+            let (p, q): (Vec<f32>, Vec<f32>) = (
+                (0..m * 2).map(|_| normal()).collect(),
+                (0..n * 2).map(|_| normal()).collect(),
+            );
+            let rank2: Vec<f32> = (0..m * n)
+                .map(|idx| {
+                    let (i, j) = (idx / n, idx % n);
+                    p[2 * i] * q[2 * j] + 0.5 * p[2 * i + 1] * q[2 * j + 1]
+                })
+                .collect();
+            let zero = vec![0.0f32; m * n];
+            let r = 12;
+            let got = randomized_svd_batch(
+                &CpuLinalg,
+                &[&gaussian[..], &rank2[..], &zero[..]],
+                m,
+                n,
+                r,
+                RandomizedSvd::default(),
+                &[0, 1, 2],
+            )
+            .unwrap();
+            let optimal = exact_svd(&gaussian, m, n, r)
+                .unwrap()
+                .relative_error(&gaussian);
+            let e = got[0].relative_error(&gaussian);
+            assert!(
+                e <= 1.5 * optimal,
+                "{m}×{n} gaussian: {e} vs optimal {optimal}"
+            );
+            let e = got[1].relative_error(&rank2);
+            assert!(e < 1e-4, "{m}×{n} rank 2: relative error {e}");
+            assert!(got[1].s[2..].iter().all(|&s| s.abs() <= 1e-4 * got[1].s[0]));
+            assert!(
+                got[2].s.iter().all(|&s| s == 0.0)
+                    && got[2].reconstruct().iter().all(|&v| v == 0.0)
+            );
+            for f in &got {
+                assert!(f.u.iter().chain(f.vt.iter()).all(|v| v.is_finite()));
+            }
+        }
     }
 
     #[test]

@@ -1,13 +1,12 @@
-//! Evolution operators: merging (mergekit's methods), task-vector factorisation, genomes with
-//! crossover, SVD mutation and materialisation.
+//! Evolution operators: task-vector factorisation, the expert set, genomes with crossover and
+//! SVD mutation, and the coefficients a genome sets for materialisation.
 
 pub mod batched_svd;
 pub mod cache;
+pub mod expert_set;
 pub mod factorize;
 pub mod genome;
-pub mod materialize;
-pub mod merge;
 
-pub use factorize::{exact_svd, randomized_svd, Factors, RandomizedSvd};
-pub use genome::{is_factorised, CacheStatus, ChildWeights, ExpertSet, Genome, Rank, TensorGenes};
-pub use merge::{merge_tensor, MergeOp};
+pub use expert_set::{is_factorised, CacheStatus, ExpertSet, Rank, TensorFactors};
+pub use factorize::{exact_svd, Factors, RandomizedSvd};
+pub use genome::{Genome, TensorGenes};

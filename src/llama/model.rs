@@ -108,33 +108,38 @@ impl<B: Backend> LlamaModel<B> {
     }
 
     /// Builds a model from weights already where `B` computes (a child materialised on the
-    /// device, or benchmark weights generated there).
+    /// device, or benchmark weights generated there). `w` is asked for every name of
+    /// [`LlamaModel::weight_names`], in that order.
     pub fn from_weights(
         config: LlamaConfig,
         mut w: impl FnMut(&str) -> Result<B::Weight>,
     ) -> Result<Self> {
+        let mut names = Self::weight_names(&config).into_iter();
+        let mut next = || -> Result<B::Weight> {
+            let name = names.next().expect("one name per weight");
+            w(&name)
+        };
         let layers = (0..config.num_hidden_layers)
-            .map(|l| {
-                let p = format!("model.layers.{l}");
+            .map(|_| {
                 Ok(Layer {
-                    input_norm: w(&format!("{p}.input_layernorm.weight"))?,
-                    q: w(&format!("{p}.self_attn.q_proj.weight"))?,
-                    k: w(&format!("{p}.self_attn.k_proj.weight"))?,
-                    v: w(&format!("{p}.self_attn.v_proj.weight"))?,
-                    o: w(&format!("{p}.self_attn.o_proj.weight"))?,
-                    post_norm: w(&format!("{p}.post_attention_layernorm.weight"))?,
-                    gate: w(&format!("{p}.mlp.gate_proj.weight"))?,
-                    up: w(&format!("{p}.mlp.up_proj.weight"))?,
-                    down: w(&format!("{p}.mlp.down_proj.weight"))?,
+                    input_norm: next()?,
+                    q: next()?,
+                    k: next()?,
+                    v: next()?,
+                    o: next()?,
+                    post_norm: next()?,
+                    gate: next()?,
+                    up: next()?,
+                    down: next()?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let embed = w("model.embed_tokens.weight")?;
-        let norm = w("model.norm.weight")?;
+        let embed = next()?;
+        let norm = next()?;
         let lm_head = if config.tie_word_embeddings {
             None
         } else {
-            Some(w("lm_head.weight")?)
+            Some(next()?)
         };
         let inv_freq = rope_inv_freq(&config);
         Ok(LlamaModel {
@@ -145,6 +150,83 @@ impl<B: Backend> LlamaModel<B> {
             lm_head,
             inv_freq,
         })
+    }
+
+    /// The safetensors name of every weight the model holds, in the order of
+    /// [`LlamaModel::from_weights`] and [`LlamaModel::weights_mut`].
+    pub fn weight_names(config: &LlamaConfig) -> Vec<String> {
+        let mut names = vec![];
+        for l in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            for part in [
+                "input_layernorm",
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+                "self_attn.o_proj",
+                "post_attention_layernorm",
+                "mlp.gate_proj",
+                "mlp.up_proj",
+                "mlp.down_proj",
+            ] {
+                names.push(format!("{p}.{part}.weight"));
+            }
+        }
+        names.push("model.embed_tokens.weight".into());
+        names.push("model.norm.weight".into());
+        if !config.tie_word_embeddings {
+            names.push("lm_head.weight".into());
+        }
+        names
+    }
+
+    /// Every weight, in the order of [`LlamaModel::weight_names`], to be rewritten in place (a
+    /// child materialised into the previous child's weights).
+    pub fn weights_mut(&mut self) -> Vec<&mut B::Weight> {
+        let mut out = Vec::with_capacity(self.layers.len() * 9 + 3);
+        for l in &mut self.layers {
+            out.extend([
+                &mut l.input_norm,
+                &mut l.q,
+                &mut l.k,
+                &mut l.v,
+                &mut l.o,
+                &mut l.post_norm,
+                &mut l.gate,
+                &mut l.up,
+                &mut l.down,
+            ]);
+        }
+        out.push(&mut self.embed);
+        out.push(&mut self.norm);
+        if let Some(h) = &mut self.lm_head {
+            out.push(h);
+        }
+        out
+    }
+
+    /// Every weight, in the order of [`LlamaModel::weight_names`].
+    pub fn weights(&self) -> Vec<&B::Weight> {
+        let mut out = Vec::with_capacity(self.layers.len() * 9 + 3);
+        for l in &self.layers {
+            out.extend([
+                &l.input_norm,
+                &l.q,
+                &l.k,
+                &l.v,
+                &l.o,
+                &l.post_norm,
+                &l.gate,
+                &l.up,
+                &l.down,
+            ]);
+        }
+        out.push(&self.embed);
+        out.push(&self.norm);
+        if let Some(h) = &self.lm_head {
+            out.push(h);
+        }
+        out
     }
 
     /// A zeroed KV cache for `slots` sequences of at most `max_seq` positions.

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 
 use serde_yaml::Value;
 
+use super::methods::MergeOp;
 use crate::error::{Error, Result};
-use crate::evolve::MergeOp;
 use crate::model::DType;
 
 /// The supported merge methods.

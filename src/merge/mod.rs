@@ -3,6 +3,7 @@
 //! Peak memory is a few tiles per thread plus the mapped pages of the tensor in flight.
 
 pub mod config;
+pub mod methods;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -12,10 +13,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::evolve::MergeOp;
+
 use crate::model::{CheckpointWriter, HostTensor, LlamaConfig, ModelStore, TensorSpec};
 
 pub use config::{MergeConfig, Method, ResolvedMerge};
+pub use methods::{merge_tensor, MergeOp, Sink};
 
 /// What a merge did, for the CLI's report and the benchmark.
 #[derive(Clone, Debug, serde::Serialize)]

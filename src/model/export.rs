@@ -18,6 +18,7 @@ use serde_json::Value;
 
 use super::safetensors::{build_header, TensorSpec};
 use super::store::{HostTensor, INDEX_FILE, SINGLE_FILE};
+use crate::durable::{sync_dir, write_synced};
 use crate::error::{Error, Result};
 
 /// transformers' `save_pretrained` default shard size (5 GB).
@@ -291,30 +292,4 @@ fn pretty(v: &Value) -> Vec<u8> {
     let mut s = serde_json::to_vec_pretty(v).expect("JSON values serialise");
     s.push(b'\n');
     s
-}
-
-/// Writes a whole file and fsyncs it.
-pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let mut f = File::create(path).map_err(|e| Error::io(path, e))?;
-    f.write_all(bytes).map_err(|e| Error::io(path, e))?;
-    f.sync_all().map_err(|e| Error::io(path, e))
-}
-
-/// Writes a whole file under a temporary name, fsyncs it, renames it into place and syncs the
-/// folder: readers see the old file or the new one, never a part.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    write_synced(&tmp, bytes)?;
-    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => sync_dir(dir),
-        _ => Ok(()),
-    }
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io(dir, e))
 }

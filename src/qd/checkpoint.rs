@@ -1,23 +1,26 @@
-//! Run checkpoints and genome files: one safetensors file whose tensors are the held genomes
-//! (flat f32 coefficients, [`Genome::to_flat`]) and whose metadata carries the population's
-//! JSON state, the length of `events.jsonl` it corresponds to, the run's configuration and a
-//! checksum of the data. Written to a temporary name, fsynced and renamed, so a kill at any
-//! moment leaves either the previous checkpoint or the new one, never a mix.
+//! Run checkpoints and genome files: one safetensors file whose tensors are genomes (flat f32
+//! coefficients, [`Genome::to_flat`]) and whose metadata carries the population's JSON state,
+//! the length of `events.jsonl` it corresponds to, the run's configuration, the next child
+//! number and the children in flight (their specs; their genomes are tensors
+//! `in-flight/child-N`), sealed by a checksum over data and metadata. Written to a temporary
+//! name, fsynced and renamed, so a kill at any moment leaves either the previous checkpoint or
+//! the new one, never a mix.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use crate::durable::{self, write_atomic, Coverage};
 use crate::error::{Error, Result};
-use crate::evolve::cache::{checksum_hex, verify_checksum};
 use crate::evolve::{ExpertSet, Genome};
-use crate::model::export::write_atomic;
 use crate::model::safetensors::{build_header, parse_header, TensorSpec};
 use crate::model::DType;
 
-use super::cycle::Population;
+use super::cycle::{ChildSpec, Population};
 
 const FORMAT: &str = "cycleqd-engine checkpoint";
-const VERSION: &str = "1";
+/// 2: the checksum covers the metadata; children in flight and the next child are recorded.
+const VERSION: &str = "2";
+const IN_FLIGHT: &str = "in-flight/";
 
 /// What a checkpoint holds besides the population.
 #[derive(Clone, Debug, PartialEq)]
@@ -26,40 +29,70 @@ pub struct CheckpointMeta {
     pub events_len: u64,
     /// The run's resolved configuration (TOML), to refuse resuming another run.
     pub config: String,
+    /// The next child number to breed.
+    pub next_child: u64,
+    /// Children bred but not yet applied (re-issued on resume), in child order.
+    pub in_flight: Vec<ChildSpec>,
+}
+
+/// The bytes of a genome file holding `genomes` (by name) with `metadata`, sealed.
+fn encode_genomes<'a>(
+    genomes: impl Iterator<Item = (String, &'a Genome)>,
+    mut metadata: BTreeMap<String, String>,
+) -> Vec<u8> {
+    let mut specs = vec![];
+    let mut data: Vec<u8> = vec![];
+    for (id, g) in genomes {
+        let flat = g.to_flat();
+        specs.push(TensorSpec {
+            name: id,
+            dtype: DType::F32,
+            shape: vec![flat.len()],
+        });
+        data.extend_from_slice(bytemuck::cast_slice(&flat));
+    }
+    metadata.insert("checksum".into(), durable::checksum(&data, &metadata));
+    let (mut bytes, _) = build_header(&specs, &metadata);
+    bytes.extend_from_slice(&data);
+    bytes
 }
 
 /// Writes genomes (by id) as a safetensors file with `metadata`, atomically.
 pub fn write_genomes(
     path: &Path,
     genomes: &BTreeMap<String, Genome>,
-    mut metadata: BTreeMap<String, String>,
+    metadata: BTreeMap<String, String>,
 ) -> Result<()> {
-    let mut specs = vec![];
-    let mut data: Vec<u8> = vec![];
-    for (id, g) in genomes {
-        let flat = g.to_flat();
-        specs.push(TensorSpec {
-            name: id.clone(),
-            dtype: DType::F32,
-            shape: vec![flat.len()],
-        });
-        data.extend_from_slice(bytemuck::cast_slice(&flat));
-    }
-    metadata.insert("checksum".into(), checksum_hex(&data));
-    let (mut bytes, _) = build_header(&specs, &metadata);
-    bytes.extend_from_slice(&data);
-    write_atomic(path, &bytes)
+    write_atomic(
+        path,
+        &encode_genomes(genomes.iter().map(|(k, g)| (k.clone(), g)), metadata),
+    )
 }
 
-/// Reads a genome file written by [`write_genomes`]: its genomes (checked against `set`'s
-/// layout) and metadata. A checksum mismatch or a malformed file is an error naming the file.
+/// Reads a genome file: its genomes (checked against `set`'s layout) and metadata. A checksum
+/// mismatch or a malformed file is an error naming the file.
 pub fn read_genomes(
     path: &Path,
     set: &ExpertSet,
 ) -> Result<(BTreeMap<String, Genome>, BTreeMap<String, String>)> {
+    read_genomes_covered(path, set, |_| Coverage::DataAndMetadata)
+}
+
+/// [`read_genomes`], with the checksum's coverage decided from the (unverified) metadata.
+fn read_genomes_covered(
+    path: &Path,
+    set: &ExpertSet,
+    coverage: impl Fn(&BTreeMap<String, String>) -> Coverage,
+) -> Result<(BTreeMap<String, Genome>, BTreeMap<String, String>)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let header = parse_header(&bytes, path)?;
-    verify_checksum(&bytes, &header, path, "genome file")?;
+    durable::verify(
+        &bytes,
+        &header,
+        path,
+        "genome file",
+        coverage(&header.metadata),
+    )?;
     let mut genomes = BTreeMap::new();
     for (id, e) in &header.tensors {
         if e.dtype != DType::F32 {
@@ -76,8 +109,9 @@ pub fn read_genomes(
     Ok((genomes, header.metadata))
 }
 
-/// Saves the population and its metadata.
-pub fn save(path: &Path, pop: &Population, meta: &CheckpointMeta) -> Result<()> {
+/// The bytes of a checkpoint of `pop` with `meta` (built on the coordinator's thread, written
+/// by [`write_encoded`] anywhere).
+pub fn encode(pop: &Population, meta: &CheckpointMeta) -> Vec<u8> {
     let metadata = BTreeMap::from([
         ("format".to_string(), FORMAT.to_string()),
         ("version".to_string(), VERSION.to_string()),
@@ -87,25 +121,76 @@ pub fn save(path: &Path, pop: &Population, meta: &CheckpointMeta) -> Result<()> 
         ),
         ("events_len".to_string(), meta.events_len.to_string()),
         ("config".to_string(), meta.config.clone()),
+        ("next_child".to_string(), meta.next_child.to_string()),
+        (
+            "in_flight".to_string(),
+            serde_json::to_string(&meta.in_flight).expect("specs serialise"),
+        ),
     ]);
-    write_genomes(path, &pop.genomes, metadata)
+    let held = pop.genomes.iter().map(|(k, g)| (k.clone(), g));
+    let flying = meta
+        .in_flight
+        .iter()
+        .map(|s| (format!("{IN_FLIGHT}{}", s.id()), &s.genome));
+    encode_genomes(held.chain(flying), metadata)
 }
 
-/// Loads a checkpoint written by [`save`] for the expert set `set`.
+/// Writes checkpoint bytes from [`encode`] atomically.
+pub fn write_encoded(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic(path, bytes)
+}
+
+/// Saves the population and its metadata.
+pub fn save(path: &Path, pop: &Population, meta: &CheckpointMeta) -> Result<()> {
+    write_encoded(path, &encode(pop, meta))
+}
+
+/// Loads a checkpoint written by [`save`] (or by version 1, whose checksum covers only the
+/// data and which has nothing in flight) for the expert set `set`.
 pub fn load(path: &Path, set: &ExpertSet) -> Result<(Population, CheckpointMeta)> {
-    let (genomes, md) = read_genomes(path, set)?;
+    let (mut genomes, md) = read_genomes_covered(path, set, |md| {
+        if md.get("version").map(String::as_str) == Some("1") {
+            Coverage::DataOnly
+        } else {
+            Coverage::DataAndMetadata
+        }
+    })?;
     let get = |k: &str| {
         md.get(k)
             .ok_or_else(|| Error::format(path, format!("checkpoint metadata has no `{k}`")))
     };
-    if get("format")? != FORMAT || get("version")? != VERSION {
+    let version = get("version")?.as_str();
+    if get("format")? != FORMAT || !matches!(version, "1" | "2") {
         return Err(Error::format(
             path,
-            "not a cycleqd-engine checkpoint of this version",
+            "not a cycleqd-engine checkpoint of a version this build reads",
         ));
     }
     let mut pop: Population = serde_json::from_str(get("state")?)
         .map_err(|e| Error::format(path, format!("invalid state: {e}")))?;
+    let number = |k: &str| -> Result<u64> {
+        get(k)?
+            .parse()
+            .map_err(|_| Error::format(path, format!("`{k}` is not an integer")))
+    };
+    let events_len = number("events_len")?;
+    let (next_child, mut in_flight) = if version == "1" {
+        (pop.children_done + 1, vec![])
+    } else {
+        let specs: Vec<ChildSpec> = serde_json::from_str(get("in_flight")?)
+            .map_err(|e| Error::format(path, format!("invalid `in_flight`: {e}")))?;
+        (number("next_child")?, specs)
+    };
+    for spec in &mut in_flight {
+        spec.genome = genomes
+            .remove(&format!("{IN_FLIGHT}{}", spec.id()))
+            .ok_or_else(|| {
+                Error::format(
+                    path,
+                    format!("child in flight `{}` has no genome", spec.id()),
+                )
+            })?;
+    }
     pop.genomes = genomes;
     if let Some(id) = pop
         .individuals
@@ -117,14 +202,25 @@ pub fn load(path: &Path, set: &ExpertSet) -> Result<(Population, CheckpointMeta)
             format!("individual `{id}` has no genome"),
         ));
     }
-    let events_len = get("events_len")?
-        .parse()
-        .map_err(|_| Error::format(path, "`events_len` is not an integer"))?;
+    if next_child != pop.children_done + in_flight.len() as u64 + 1
+        || in_flight.iter().any(|s| s.child >= next_child)
+    {
+        return Err(Error::format(
+            path,
+            format!(
+                "inconsistent counts: {} children applied, {} in flight, next child {next_child}",
+                pop.children_done,
+                in_flight.len()
+            ),
+        ));
+    }
     Ok((
         pop,
         CheckpointMeta {
             events_len,
             config: get("config")?.clone(),
+            next_child,
+            in_flight,
         },
     ))
 }

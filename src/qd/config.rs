@@ -1,7 +1,8 @@
 //! The run configuration (`cycleqd.toml`): the base, one expert and task per skill, the
-//! factorisation rank and the operators' parameters. Unknown keys are errors (a typo must not
-//! silently fall back to a default); every value is checked with an error naming its key.
-//! Paths are relative to the configuration file.
+//! factorisation rank, the operators' parameters and the scheduling of workers. Unknown keys
+//! are errors (a typo must not silently fall back to a default); every value is checked with an
+//! error naming its key. Paths are relative to the configuration file and are made absolute
+//! when it is read, so the resolved copy a run folder keeps works from anywhere.
 
 use std::path::{Path, PathBuf};
 
@@ -67,6 +68,10 @@ pub struct TaskConfig {
     pub evaluator: Option<Vec<String>>,
     #[serde(default = "default_evaluator_timeout")]
     pub evaluator_timeout_s: f64,
+    /// The evaluator's working directory (default: the configuration file's folder, so its
+    /// relative paths mean what they say in the file).
+    #[serde(default)]
+    pub evaluator_dir: Option<PathBuf>,
 }
 
 /// How crossover coefficients are drawn: one pair for the model (CycleQD's code), per layer,
@@ -77,6 +82,38 @@ pub enum Granularity {
     Model,
     Layer,
     Tensor,
+}
+
+/// `workers = N` or `"auto"`: one worker per GPU found, or one CPU worker using every core.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum WorkersSpec {
+    Count(usize),
+    Name(String),
+}
+
+impl WorkersSpec {
+    /// `None` for `"auto"`.
+    pub fn count(&self) -> std::result::Result<Option<usize>, String> {
+        match self {
+            WorkersSpec::Count(0) => Err("must be at least 1 (or \"auto\")".into()),
+            WorkersSpec::Count(n) => Ok(Some(*n)),
+            WorkersSpec::Name(n) if n == "auto" => Ok(None),
+            WorkersSpec::Name(n) => Err(format!("`{n}` is not a number or \"auto\"")),
+        }
+    }
+}
+
+/// When results reach the archives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleKind {
+    /// `batch` children are bred from one snapshot of the archives and applied in child order:
+    /// the archives are the same for any number of workers (and any failures).
+    Batch,
+    /// Every worker always holds a child, and its result is applied when it arrives
+    /// (CycleQD's asynchronous mode; the archives depend on timing).
+    Steady,
 }
 
 /// Which model `final/` holds.
@@ -118,8 +155,15 @@ pub struct Evolution {
     pub final_model: FinalRule,
     #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every: u64,
-    #[serde(default = "one_usize")]
-    pub workers: usize,
+    /// `N` or `"auto"` (one per GPU found, else one CPU worker on every core).
+    #[serde(default = "default_workers")]
+    pub workers: WorkersSpec,
+    #[serde(default = "default_schedule")]
+    pub schedule: ScheduleKind,
+    /// Children bred per archive snapshot with `schedule = "batch"` (default: the number of
+    /// workers of the run's first start; recorded in the run folder's `config.toml`).
+    #[serde(default)]
+    pub batch: Option<usize>,
     /// Sequences per forward batch when scoring.
     #[serde(default = "default_batch")]
     pub eval_batch: usize,
@@ -163,8 +207,11 @@ fn default_bins() -> usize {
 fn one() -> f32 {
     1.0
 }
-fn one_usize() -> usize {
-    1
+fn default_workers() -> WorkersSpec {
+    WorkersSpec::Name("auto".into())
+}
+fn default_schedule() -> ScheduleKind {
+    ScheduleKind::Batch
 }
 fn default_crossover_std() -> f32 {
     0.01
@@ -196,15 +243,33 @@ impl RunConfig {
     pub fn load(path: &Path) -> Result<RunConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let mut c: RunConfig = toml::from_str(&text).map_err(|e| {
-            // toml's messages span lines (a source excerpt): keep them on one.
+            // toml's messages span lines (a source excerpt): keep them on one, with the line
+            // and the key the error is on.
             let msg = e.message().to_string();
             let at = e
                 .span()
-                .map(|s| format!("line {}: ", text[..s.start].lines().count().max(1)))
+                .map(|s| {
+                    let line_no = text[..s.start].lines().count().max(1);
+                    let line = text[..s.start].rsplit('\n').next().unwrap_or("");
+                    let line_end = text[s.start..].split('\n').next().unwrap_or("");
+                    let whole = format!("{line}{line_end}");
+                    match whole.split_once('=') {
+                        Some((key, _)) if !key.trim().is_empty() => {
+                            format!("line {line_no}, `{}`: ", key.trim())
+                        }
+                        _ => format!("line {line_no}: "),
+                    }
+                })
                 .unwrap_or_default();
             Error::config(path, format!("{at}{msg}"))
         })?;
-        let dir = path.parent().unwrap_or(Path::new("."));
+        let parent = path.parent().unwrap_or(Path::new("."));
+        let dir = std::path::absolute(if parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            parent
+        })
+        .map_err(|e| Error::io(path, e))?;
         let abs = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = dir.join(&*p);
@@ -221,6 +286,10 @@ impl RunConfig {
             }
             if let Some(p) = &mut t.heldout {
                 abs(p);
+            }
+            if t.evaluator.is_some() {
+                let d = t.evaluator_dir.get_or_insert_with(|| dir.clone());
+                abs(d);
             }
         }
         c.validate().map_err(|m| Error::config(path, m))?;
@@ -308,11 +377,18 @@ impl RunConfig {
         if e.checkpoint_every == 0 {
             return Err("`evolution.checkpoint_every`: must be at least 1".into());
         }
-        if e.workers != 1 {
-            return Err(format!(
-                "`evolution.workers`: {} workers need one device each; this build runs one (CPU) worker",
-                e.workers
-            ));
+        e.workers
+            .count()
+            .map_err(|m| format!("`evolution.workers`: {m}"))?;
+        match (e.schedule, e.batch) {
+            (_, Some(0)) => return Err("`evolution.batch`: must be at least 1".into()),
+            (ScheduleKind::Steady, Some(_)) => {
+                return Err(
+                    "`evolution.batch`: not used by schedule = \"steady\" (each worker holds one child)"
+                        .into(),
+                )
+            }
+            _ => {}
         }
         if e.eval_batch == 0 {
             return Err("`evolution.eval_batch`: must be at least 1".into());
@@ -363,6 +439,20 @@ impl RunConfig {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("the configuration serialises")
     }
+
+    /// Whether a run folder made with `saved` (its resolved configuration) can be continued
+    /// with this one: everything that shapes the run must agree. The number of children (a
+    /// run may be extended) and the workers (a run may move to another machine) may differ;
+    /// an unset `batch` takes the saved one.
+    pub fn same_run_as(&mut self, saved: &RunConfig) -> bool {
+        if self.evolution.batch.is_none() {
+            self.evolution.batch = saved.evolution.batch;
+        }
+        let mut prev = saved.clone();
+        prev.evolution.generations = self.evolution.generations;
+        prev.evolution.workers = self.evolution.workers.clone();
+        prev == *self
+    }
 }
 
 #[cfg(test)]
@@ -401,8 +491,75 @@ measure_range = [0.0, 0.5]
         assert_eq!(c.evolution.crossover_std, 0.01);
         assert_eq!(c.evolution.final_model, FinalRule::BestMean);
         assert_eq!(c.tasks[0].max_new_tokens, 32);
+        assert_eq!(c.evolution.workers, WorkersSpec::Name("auto".into()));
+        assert_eq!(c.evolution.schedule, ScheduleKind::Batch);
+        assert_eq!(c.evolution.batch, None);
         let again: RunConfig = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(again, c);
+    }
+
+    #[test]
+    fn relative_paths_resolve_from_the_file_and_stay_valid_when_saved_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("cfg");
+        std::fs::create_dir_all(&sub).unwrap();
+        let text = GOOD.replace(
+            "fitness = \"a.jsonl\"",
+            "evaluator = [\"sh\", \"score.sh\"]",
+        );
+        std::fs::write(sub.join("cycleqd.toml"), &text).unwrap();
+        // Read through a path relative to the working directory (`../../tmp/…/cfg/…`).
+        let cwd = std::env::current_dir().unwrap();
+        let up: PathBuf = cwd.components().skip(1).map(|_| "..").collect();
+        let relative = up.join(sub.strip_prefix("/").unwrap()).join("cycleqd.toml");
+        assert!(relative.is_relative());
+        let c = RunConfig::load(&relative).unwrap();
+        let same = |p: &Path, want: &Path| {
+            assert!(p.is_absolute(), "{}", p.display());
+            assert_eq!(
+                std::fs::canonicalize(p.parent().unwrap())
+                    .unwrap()
+                    .join(p.file_name().unwrap()),
+                std::fs::canonicalize(want.parent().unwrap())
+                    .unwrap()
+                    .join(want.file_name().unwrap())
+            );
+        };
+        same(&c.base, &sub.join("base"));
+        same(c.tasks[1].fitness.as_deref().unwrap(), &sub.join("b.jsonl"));
+        let d = c.tasks[0].evaluator_dir.as_deref().unwrap();
+        assert_eq!(
+            std::fs::canonicalize(d).unwrap(),
+            std::fs::canonicalize(&sub).unwrap()
+        );
+        // The resolved copy, read from another folder, means the same files.
+        let run = dir.path().join("run");
+        std::fs::create_dir_all(&run).unwrap();
+        std::fs::write(run.join("config.toml"), c.to_toml()).unwrap();
+        assert_eq!(RunConfig::load(&run.join("config.toml")).unwrap(), c);
+    }
+
+    #[test]
+    fn a_run_may_change_its_length_and_workers_but_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |text: &str| {
+            let p = dir.path().join("cycleqd.toml");
+            std::fs::write(&p, text).unwrap();
+            RunConfig::load(&p).unwrap()
+        };
+        let mut saved = load(GOOD);
+        saved.evolution.batch = Some(4);
+        let edit = |with: &str| load(&GOOD.replace("generations = 10", with));
+        let mut c = edit("generations = 20\nworkers = 3");
+        assert!(c.same_run_as(&saved));
+        assert_eq!(
+            c.evolution.batch,
+            Some(4),
+            "an unset batch takes the saved one"
+        );
+        assert!(!edit("generations = 10\nbatch = 2").same_run_as(&saved));
+        assert!(!edit("generations = 10\nseed = 5").same_run_as(&saved));
+        assert!(!edit("generations = 10\nschedule = \"steady\"").same_run_as(&saved));
     }
 
     #[test]
@@ -419,8 +576,27 @@ measure_range = [0.0, 0.5]
                 "evolution.bins",
             ),
             (
-                ("generations = 10", "generations = 10\nworkers = 2"),
+                ("generations = 10", "generations = 10\nworkers = 0"),
                 "evolution.workers",
+            ),
+            (
+                ("generations = 10", "generations = 10\nworkers = \"all\""),
+                "evolution.workers",
+            ),
+            (
+                ("generations = 10", "generations = 10\nbatch = 0"),
+                "evolution.batch",
+            ),
+            (
+                (
+                    "generations = 10",
+                    "generations = 10\nschedule = \"steady\"\nbatch = 4",
+                ),
+                "evolution.batch",
+            ),
+            (
+                ("generations = 10", "generations = 10\nschedule = \"async\""),
+                "schedule",
             ),
             (
                 (

@@ -1,12 +1,15 @@
-//! The CycleQD loop (`cycleqd.md` §1), on genomes: one archive per task; child `n` takes the
-//! quality task `n mod K`, draws two parents from that archive by elite sampling, crosses them
-//! over, mutates along the quality expert's singular directions, is scored on every task and
-//! offered to every archive. All randomness of child `n` comes from an RNG seeded by
-//! `(run seed, n)`, so a run replays exactly and can resume from any checkpoint.
+//! The CycleQD loop's state and operators (`cycleqd.md` §1), on genomes: one archive per task;
+//! child `n` takes the quality task `n mod K`, draws two parents from that archive by elite
+//! sampling, crosses them over and mutates along the quality expert's singular directions
+//! ([`Population::breed`]); its scores on every task are offered to every archive
+//! ([`Population::apply`]). All randomness of child `n` comes from an RNG seeded by
+//! `(run seed, n)`, so a child bred from the same archives is the same child: a run replays
+//! exactly and resumes from any checkpoint. Who evaluates children, and when results are
+//! applied, is the coordinator's business (`crate::run`).
 
 use std::collections::BTreeMap;
 
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
@@ -14,16 +17,6 @@ use serde::{Deserialize, Serialize};
 use super::archive::{AddStatus, ArchiveStats, EliteSampling, GridArchive};
 use crate::error::{Error, Result};
 use crate::evolve::{ExpertSet, Genome};
-
-/// Scores a genome on every task: `Ok(Err(reason))` marks a failed child (the run goes on),
-/// `Err` is fatal (I/O, a broken invariant).
-pub trait Evaluator {
-    fn evaluate(
-        &mut self,
-        genome: &Genome,
-        id: &str,
-    ) -> Result<std::result::Result<Vec<f64>, String>>;
-}
 
 /// The operators' parameters.
 #[derive(Clone, Debug)]
@@ -62,7 +55,8 @@ pub struct HistoryPoint {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Population {
     pub tasks: Vec<String>,
-    /// Children produced so far (child numbers are 1-based).
+    /// Children evaluated and applied so far (child numbers are 1-based; with several
+    /// workers they need not have been applied in number order).
     pub children_done: u64,
     pub failed: u64,
     pub archives: Vec<GridArchive<String>>,
@@ -75,7 +69,47 @@ pub struct Population {
     pub history: Vec<HistoryPoint>,
 }
 
-/// One line of `events.jsonl`.
+/// A child to evaluate: what [`Population::breed`] made of child number `child`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChildSpec {
+    pub child: u64,
+    /// Index of the quality task.
+    pub quality_task: usize,
+    /// Index of the archive the parents came from (the quality task's, unless it had < 2
+    /// elites).
+    pub parents_from: usize,
+    pub parents: [String; 2],
+    /// `[ω₁, ω₂]` per coefficient group.
+    pub crossover_weights: Vec<[f32; 2]>,
+    /// The RNG of this child is seeded by `(run seed, child)`.
+    pub seed: [u64; 2],
+    /// Stored beside the spec in checkpoints (as an f32 tensor), not in its JSON.
+    #[serde(skip)]
+    pub genome: Genome,
+}
+
+impl ChildSpec {
+    /// The child's id: `child-{n}`.
+    pub fn id(&self) -> String {
+        child_id(self.child)
+    }
+}
+
+/// The id of child `n`.
+pub fn child_id(n: u64) -> String {
+    format!("child-{n}")
+}
+
+/// What evaluating a child gave.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// A score per task, in task order.
+    Scored(Vec<f64>),
+    /// The reason the child could not be scored (it enters no archive).
+    Failed(String),
+}
+
+/// One line of `events.jsonl`: a child as it was told to the archives.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ChildEvent {
     pub child: u64,
@@ -92,7 +126,18 @@ pub struct ChildEvent {
     pub failed: Option<String>,
     /// Archives the child entered, with how.
     pub entered: BTreeMap<String, AddStatus>,
+    /// Seconds the worker spent on it.
     pub seconds: f64,
+    /// The worker that ran it (the last one, when it was retried).
+    #[serde(default)]
+    pub worker: String,
+    /// Evaluations it took (2 when a failing worker's child was retried on another).
+    #[serde(default = "one_attempt")]
+    pub attempts: u32,
+}
+
+fn one_attempt() -> u32 {
+    1
 }
 
 /// The RNG of child `n` of a run.
@@ -211,20 +256,14 @@ impl Population {
         self.tasks.len() as u64 + self.children_done
     }
 
-    /// Produces, evaluates and offers the next child.
-    pub fn step(
-        &mut self,
-        set: &ExpertSet,
-        ops: &Operators,
-        evaluator: &mut dyn Evaluator,
-    ) -> Result<ChildEvent> {
-        let start = std::time::Instant::now();
-        let n = self.children_done + 1;
+    /// Breeds child `n` from the archives as they are now: parents by elite sampling from
+    /// the quality task's archive (else the fullest archive that can breed), crossover and
+    /// SVD mutation, every draw from the child's own RNG. Changes nothing.
+    pub fn breed(&self, n: u64, set: &ExpertSet, ops: &Operators) -> Result<ChildSpec> {
         let k = self.tasks.len();
         let q = ((n - 1) % k as u64) as usize;
         let mut rng = child_rng(ops.seed, n);
 
-        // Parents: the quality archive, else the fullest one that can breed.
         let from = if self.archives[q].len() >= 2 {
             q
         } else {
@@ -256,52 +295,69 @@ impl Population {
         let (g1, g2) = (&self.genomes[&p1], &self.genomes[&p2]);
         let w1: Vec<f32> = ops.groups.iter().map(|&g| weights[g][0]).collect();
         let w2: Vec<f32> = ops.groups.iter().map(|&g| weights[g][1]).collect();
-        let mut child = Genome::crossover_per_tensor(g1, g2, &w1, &w2);
+        let mut genome = Genome::crossover_per_tensor(g1, g2, &w1, &w2);
         let w = Genome::draw_mutation(set, q, ops.mutation_w_max, &mut rng);
-        child.mutate(set, q, &w, ops.mutation_w_max);
-        // Keep the stream position independent of how many draws the operators made.
-        let _: u64 = rng.random();
+        genome.mutate(set, q, &w, ops.mutation_w_max);
+        Ok(ChildSpec {
+            child: n,
+            quality_task: q,
+            parents_from: from,
+            parents: [p1, p2],
+            crossover_weights: weights,
+            seed: [ops.seed, n],
+            genome,
+        })
+    }
 
-        let id = format!("child-{n}");
-        let outcome = evaluator.evaluate(&child, &id)?;
-        self.children_done = n;
+    /// Applies an evaluated child: a scored one is offered to every archive (scores that are
+    /// not one finite value per task mark it failed). Returns the child's event without its
+    /// timing (the caller fills `seconds`, `worker` and `attempts`).
+    pub fn apply(&mut self, spec: &ChildSpec, outcome: Outcome) -> Result<ChildEvent> {
+        let k = self.tasks.len();
+        let id = spec.id();
+        self.children_done += 1;
         let (scores, failed, entered) = match outcome {
-            Ok(f) if f.len() == k && f.iter().all(|x| x.is_finite()) => {
+            Outcome::Scored(f) if f.len() == k && f.iter().all(|x| x.is_finite()) => {
                 let entered = self.offer(
                     Individual {
                         id: id.clone(),
                         fitness: f.clone(),
                     },
-                    child,
+                    spec.genome.clone(),
                 )?;
                 (Some(f), None, entered)
             }
-            Ok(f) => {
+            Outcome::Scored(f) => {
                 self.failed += 1;
                 (
                     None,
-                    Some(format!("evaluator returned {} scores ({f:?})", f.len())),
+                    Some(format!(
+                        "evaluator returned {} scores for {k} tasks, or a non-finite one ({f:?})",
+                        f.len()
+                    )),
                     BTreeMap::new(),
                 )
             }
-            Err(reason) => {
+            Outcome::Failed(reason) => {
                 self.failed += 1;
                 (None, Some(reason), BTreeMap::new())
             }
         };
         self.record(self.evaluations());
         Ok(ChildEvent {
-            child: n,
+            child: spec.child,
             id,
-            quality_task: self.tasks[q].clone(),
-            parents_from: self.tasks[from].clone(),
-            parents: [p1, p2],
-            crossover_weights: weights,
-            seed: [ops.seed, n],
+            quality_task: self.tasks[spec.quality_task].clone(),
+            parents_from: self.tasks[spec.parents_from].clone(),
+            parents: spec.parents.clone(),
+            crossover_weights: spec.crossover_weights.clone(),
+            seed: spec.seed,
             scores,
             failed,
             entered,
-            seconds: start.elapsed().as_secs_f64(),
+            seconds: 0.0,
+            worker: String::new(),
+            attempts: 1,
         })
     }
 
@@ -351,10 +407,12 @@ mod tests {
     }
 
     #[test]
-    fn child_rngs_are_distinct_and_replayable() {
+    fn child_rngs_differ_by_child_and_by_run_seed() {
+        use rand::Rng;
         let draw = |s, n| child_rng(s, n).random::<u64>();
-        assert_eq!(draw(7, 3), draw(7, 3));
         assert_ne!(draw(7, 3), draw(7, 4));
         assert_ne!(draw(7, 3), draw(8, 3));
+        // The seed bytes are (seed, n) little-endian: swapping them is another stream.
+        assert_ne!(draw(3, 7), draw(7, 3));
     }
 }

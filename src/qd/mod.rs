@@ -8,4 +8,4 @@ pub mod cycle;
 
 pub use archive::{AddStatus, ArchiveStats, Elite, EliteSampling, GridArchive};
 pub use config::RunConfig;
-pub use cycle::{ChildEvent, Evaluator, Individual, Operators, Population};
+pub use cycle::{child_id, ChildEvent, ChildSpec, Individual, Operators, Outcome, Population};

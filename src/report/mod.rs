@@ -9,8 +9,8 @@ use std::path::Path;
 
 use serde_json::json;
 
+use crate::durable::write_synced;
 use crate::error::{Error, Result};
-use crate::model::export::write_synced;
 use crate::qd::Population;
 
 use canvas::{Canvas, Rgb};

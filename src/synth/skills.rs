@@ -28,11 +28,12 @@ use serde_json::{json, Value};
 
 use super::random::{random_llama, LlamaShape};
 use crate::backend::cpu::CpuBackend;
+use crate::durable::write_synced;
 use crate::error::{Error, Result};
 use crate::eval::task::to_jsonl;
 use crate::eval::{evaluate, Example, PreparedTask, Scoring, TaskFile};
 use crate::llama::{LlamaModel, Probe, Step};
-use crate::model::export::{write_synced, CheckpointWriter};
+use crate::model::export::CheckpointWriter;
 use crate::model::safetensors::TensorSpec;
 use crate::model::{DType, HostTensor, LlamaConfig, Tokenizer};
 

@@ -2,17 +2,21 @@
 //! every other backend's kernels are checked against, and the backend CI and most machines run.
 
 mod attention;
+mod materialize;
 mod matmul;
 
 use rayon::prelude::*;
 
+use std::sync::Arc;
+
+use super::materialize::{Placement, TensorCoefficients, TensorSources};
 use super::{AttentionGeometry, Backend};
 use crate::error::{Error, Result};
-use crate::evolve::materialize::{check_shapes, materialize, LowRank};
-use crate::evolve::merge::{merge_tensor, MergeOp, Sink};
-use crate::model::{dtype, DType, HostTensor};
+use crate::merge::methods::{merge_tensor, MergeOp, Sink};
+use crate::model::{dtype, DType, HostTensor, TensorBytes};
 
 pub use attention::attention;
+pub use materialize::materialize;
 pub use matmul::matmul_t;
 
 /// The rayon CPU backend (uses the global thread pool).
@@ -25,6 +29,7 @@ const ROW_CHUNK: usize = 8;
 impl Backend for CpuBackend {
     type Weight = HostTensor;
     type Buf = Vec<f32>;
+    type Sources = Vec<TensorSources>;
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -32,6 +37,21 @@ impl Backend for CpuBackend {
 
     fn upload_weight(&self, t: &HostTensor) -> Result<HostTensor> {
         Ok(t.clone())
+    }
+
+    fn zeros_weight(&self, shape: &[usize], dtype: DType) -> Result<HostTensor> {
+        let bytes = checked_numel(shape)?
+            .checked_mul(dtype.size())
+            .ok_or_else(|| Error::invalid(format!("a {shape:?} weight overflows memory sizes")))?;
+        Ok(HostTensor {
+            dtype,
+            shape: shape.to_vec(),
+            bytes: TensorBytes::Owned(Arc::new(vec![0u8; bytes])),
+        })
+    }
+
+    fn download_weight(&self, w: &HostTensor) -> Result<HostTensor> {
+        Ok(w.clone())
     }
 
     fn zeros(&self, len: usize) -> Result<Vec<f32>> {
@@ -276,21 +296,89 @@ impl Backend for CpuBackend {
         merge_tensor(name, op, base, models, out_dtype, sink)
     }
 
+    fn place_sources(
+        &self,
+        tensors: Vec<TensorSources>,
+        _placement: Placement,
+    ) -> Result<Vec<TensorSources>> {
+        // The host is where the sources already are: the views are kept as they are.
+        tensors.iter().try_for_each(TensorSources::check)?;
+        Ok(tensors)
+    }
+
+    fn describe_sources(&self, sources: &Vec<TensorSources>) -> String {
+        let bytes: usize = sources.iter().map(TensorSources::bytes).sum();
+        format!(
+            "host memory ({} tensors, {:.2} GB mapped and factors)",
+            sources.len(),
+            bytes as f64 / 1e9
+        )
+    }
+
+    fn materialize_into(
+        &self,
+        outs: &mut [&mut HostTensor],
+        sources: &mut Vec<TensorSources>,
+        coefs: &[TensorCoefficients],
+    ) -> Result<()> {
+        if outs.len() != sources.len() || coefs.len() != sources.len() {
+            return Err(Error::invalid(format!(
+                "materialize: {} outputs and {} coefficient sets for {} placed tensors",
+                outs.len(),
+                coefs.len(),
+                sources.len()
+            )));
+        }
+        for ((out, src), coef) in outs.iter_mut().zip(sources.iter()).zip(coefs) {
+            if out.numel() != src.numel() {
+                return Err(Error::tensor(
+                    &src.name,
+                    format!("materialize: output of shape {:?}", out.shape),
+                ));
+            }
+            let dtype = out.dtype;
+            let bytes = unique_bytes(out);
+            src.check_call(bytes.len(), dtype, coef)?;
+            materialize(bytes, dtype, src, coef);
+        }
+        Ok(())
+    }
+
     fn materialize(
         &self,
         out: &mut [u8],
         out_dtype: DType,
-        base: &HostTensor,
-        experts: &[&HostTensor],
-        a: &[f32],
-        low_rank: &[LowRank],
-        m: usize,
-        n: usize,
+        src: &TensorSources,
+        coef: &TensorCoefficients,
     ) -> Result<()> {
-        check_shapes(out.len(), out_dtype, base, experts, m, n)?;
-        materialize(out, out_dtype, base, experts, a, low_rank, m, n);
+        src.check()?;
+        src.check_call(out.len(), out_dtype, coef)?;
+        materialize(out, out_dtype, src, coef);
         Ok(())
     }
+}
+
+/// The bytes of an owned weight, to write in place. A buffer still shared (a clone handed to
+/// an export, a model built over the previous child) or mapped from a file is replaced, never
+/// written under its other holders.
+fn unique_bytes(w: &mut HostTensor) -> &mut [u8] {
+    let len = w.data().len();
+    if !matches!(&w.bytes, TensorBytes::Owned(a) if Arc::strong_count(a) == 1 && Arc::weak_count(a) == 0)
+    {
+        w.bytes = TensorBytes::Owned(Arc::new(vec![0u8; len]));
+    }
+    match &mut w.bytes {
+        TensorBytes::Owned(a) => Arc::get_mut(a).expect("unique after the check above"),
+        TensorBytes::Mapped { .. } => unreachable!("replaced by an owned buffer above"),
+    }
+}
+
+/// `Π shape`, or an error when it overflows.
+fn checked_numel(shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| Error::invalid(format!("a tensor of shape {shape:?} overflows sizes")))
 }
 
 /// One row of RMSNorm, as transformers' LlamaRMSNorm computes it in f32.

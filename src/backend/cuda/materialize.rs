@@ -4,25 +4,29 @@
 //! in L2, and the fused kernel (`kernels/materialize.cu`) reads the sources once, adds the tile
 //! and rounds once into the output weight.
 //!
-//! Two modes: **resident** (sources in device memory: a read of every source per child) and
-//! **streamed** (sources in pinned host memory, copied tensor by tensor into two staging sets on
-//! a copy stream while the previous tensor computes); the caller picks one from free memory
-//! ([`CudaBackend::memory`]), as `bench` does.
+//! Two placements of a model's sources ([`CudaSources`]): **resident** (sources in device
+//! memory: a read of every source per child) and **streamed** (sources in pinned host memory,
+//! copied tensor by tensor into two staging sets on a copy stream while the previous tensor
+//! computes). [`crate::backend::Backend::place_sources`] picks one from free memory. Scratch
+//! (the scaled `U`, the tile, the coefficients, the staging sets) is allocated once with the
+//! sources, so a child costs no device allocation.
+
+use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaEvent, CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PinnedHostSlice,
-    PushKernelArg,
+    CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
+    PinnedHostSlice, PushKernelArg,
 };
 
 use super::gemm::Precision;
 use super::{cuda_err, dtype_suffix, grid_stride, CudaBackend, CudaWeight};
+use crate::backend::materialize::{Placement, TensorCoefficients, TensorSources};
 use crate::error::{Error, Result};
-use crate::evolve::materialize::{check_shapes, LowRank};
-use crate::model::{DType, HostTensor};
+use crate::model::DType;
 
-/// Largest f32 low-rank tile: read back by the fused pass while it is still in L2 (50 MB on
-/// H100, 60 MB on H200).
-const TILE_BYTES: usize = 16 << 20;
+/// Default largest f32 low-rank tile: read back by the fused pass while it is still in L2
+/// (50 MB on H100, 60 MB on H200).
+pub const TILE_BYTES: usize = 16 << 20;
 /// `MAX_SOURCES` in materialize.cu.
 const MAX_SOURCES: usize = 16;
 
@@ -67,69 +71,103 @@ pub struct StreamedTensor {
     pub n: usize,
 }
 
+/// Device scratch of [`CudaBackend::fused`], sized for the largest tensor it serves.
+struct Scratch {
+    /// `U·diag(c)`, `[m, K]`.
+    us: CudaSlice<f32>,
+    /// The low-rank tile, `[tile_rows, n]`.
+    tile: CudaSlice<f32>,
+    /// `c`, `[K]`.
+    coef: CudaSlice<f32>,
+}
+
+/// The streamed placement's copy machinery: a copy stream and two staging sets of
+/// `1 + experts` buffers of the largest tensor's size.
+struct Staging {
+    copy: Arc<CudaStream>,
+    slots: [Vec<CudaSlice<u8>>; 2],
+}
+
+enum Placed {
+    Resident(Vec<ResidentTensor>),
+    Streamed(Vec<StreamedTensor>, Staging),
+}
+
+/// A model's materialisation sources on one device ([`crate::backend::Backend::Sources`]).
+pub struct CudaSources {
+    placed: Placed,
+    scratch: Scratch,
+    /// Bytes of sources (weights and factors) this placement holds.
+    pub bytes: usize,
+}
+
+impl CudaSources {
+    pub fn is_resident(&self) -> bool {
+        matches!(self.placed, Placed::Resident(_))
+    }
+
+    /// Tensors placed, in order.
+    pub fn len(&self) -> usize {
+        match &self.placed {
+            Placed::Resident(t) => t.len(),
+            Placed::Streamed(t, _) => t.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// `U` `[m, Σr]` and `Vᵀ` `[Σr, n]` concatenated over the experts' low-rank terms.
-fn concat_factors(
-    low_rank: &[(&[f32], &[f32], usize)],
-    m: usize,
-    n: usize,
-) -> (Vec<f32>, Vec<f32>, usize) {
-    let k: usize = low_rank.iter().map(|l| l.2).sum();
+fn concat_factors(src: &TensorSources) -> (Vec<f32>, Vec<f32>, usize) {
+    let (m, n, k) = (src.m, src.n, src.total_rank());
     let mut u = Vec::with_capacity(m * k);
     for i in 0..m {
-        for &(ue, _, r) in low_rank {
-            u.extend_from_slice(&ue[i * r..(i + 1) * r]);
+        for f in &src.factors {
+            u.extend_from_slice(&f.u[i * f.rank..(i + 1) * f.rank]);
         }
     }
     let mut vt = Vec::with_capacity(k * n);
-    for &(_, vte, r) in low_rank {
-        vt.extend_from_slice(&vte[..r * n]);
+    for f in &src.factors {
+        vt.extend_from_slice(&f.vt[..f.rank * n]);
     }
     (u, vt, k)
 }
 
-/// Every source is `[m, n]` of the base's dtype.
-fn check_sources(base: &HostTensor, experts: &[&HostTensor], m: usize, n: usize) -> Result<()> {
-    if base.numel() != m * n
-        || experts
-            .iter()
-            .any(|x| x.numel() != m * n || x.dtype != base.dtype)
-    {
-        return Err(Error::invalid(format!(
-            "materialize: sources do not all hold a {m}×{n} tensor of {}",
-            base.dtype
-        )));
-    }
-    if experts.len() + 1 > MAX_SOURCES {
-        return Err(Error::invalid(format!(
-            "materialize: {} experts, at most {} on CUDA",
-            experts.len(),
-            MAX_SOURCES - 1
-        )));
+fn check_source_count(src: &TensorSources) -> Result<()> {
+    if src.experts.len() + 1 > MAX_SOURCES {
+        return Err(Error::tensor(
+            &src.name,
+            format!(
+                "materialize: {} experts, at most {} on CUDA",
+                src.experts.len(),
+                MAX_SOURCES - 1
+            ),
+        ));
     }
     Ok(())
 }
 
 impl CudaBackend {
-    fn upload_factors(
-        &self,
-        low_rank: &[(&[f32], &[f32], usize)],
-        m: usize,
-        n: usize,
-    ) -> Result<Option<DeviceFactors>> {
+    /// The low-rank tile size in bytes (default [`TILE_BYTES`]; tests make it small so small
+    /// tensors cross several tiles).
+    pub fn set_materialize_tile_bytes(&self, bytes: usize) {
+        self.tile_bytes
+            .store(bytes.max(4), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn tile_rows(&self, m: usize, n: usize) -> usize {
+        let bytes = self.tile_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        (bytes / (n * 4).max(1)).clamp(1, m.max(1))
+    }
+
+    fn upload_factors(&self, src: &TensorSources) -> Result<Option<DeviceFactors>> {
         // Rank-0 terms contribute nothing (and cuBLAS refuses k = 0).
-        let terms: Vec<_> = low_rank.iter().copied().filter(|t| t.2 > 0).collect();
-        if terms.is_empty() {
+        if src.total_rank() == 0 {
             return Ok(None);
         }
-        if terms
-            .iter()
-            .any(|&(u, vt, r)| u.len() < m * r || vt.len() < r * n)
-        {
-            return Err(Error::invalid(format!(
-                "materialize: factors shorter than their rank for a {m}×{n} tensor"
-            )));
-        }
-        let (u, vt, k) = concat_factors(&terms, m, n);
+        let (u, vt, k) = concat_factors(src);
         let up = |v: &[f32]| {
             self.stream
                 .clone_htod(v)
@@ -142,26 +180,21 @@ impl CudaBackend {
         }))
     }
 
-    /// Uploads one tensor's sources and factors (`(U [m, r], Vᵀ [r, n], r)` per expert).
-    pub fn resident_tensor(
-        &self,
-        base: &HostTensor,
-        experts: &[&HostTensor],
-        low_rank: &[(&[f32], &[f32], usize)],
-        m: usize,
-        n: usize,
-    ) -> Result<ResidentTensor> {
+    /// Uploads one tensor's sources and factors.
+    pub fn resident_tensor(&self, src: &TensorSources) -> Result<ResidentTensor> {
         use crate::backend::Backend;
-        check_sources(base, experts, m, n)?;
+        src.check()?;
+        check_source_count(src)?;
         Ok(ResidentTensor {
-            base: self.upload_weight(base)?,
-            experts: experts
+            base: self.upload_weight(&src.base)?,
+            experts: src
+                .experts
                 .iter()
                 .map(|x| self.upload_weight(x))
                 .collect::<Result<_>>()?,
-            factors: self.upload_factors(low_rank, m, n)?,
-            m,
-            n,
+            factors: self.upload_factors(src)?,
+            m: src.m,
+            n: src.n,
         })
     }
 
@@ -204,18 +237,12 @@ impl CudaBackend {
         })
     }
 
-    /// Copies one tensor's sources into pinned host memory for the streamed mode.
-    pub fn streamed_tensor(
-        &self,
-        base: &HostTensor,
-        experts: &[&HostTensor],
-        low_rank: &[(&[f32], &[f32], usize)],
-        m: usize,
-        n: usize,
-    ) -> Result<StreamedTensor> {
-        check_sources(base, experts, m, n)?;
+    /// Copies one tensor's sources into pinned host memory for the streamed placement.
+    pub fn streamed_tensor(&self, src: &TensorSources) -> Result<StreamedTensor> {
+        src.check()?;
+        check_source_count(src)?;
         let mut sources = vec![];
-        for t in std::iter::once(base).chain(experts.iter().copied()) {
+        for t in std::iter::once(&src.base).chain(&src.experts) {
             // SAFETY: the pinned buffer is fully written below before any read.
             let mut p = unsafe { self.ctx.alloc_pinned::<u8>(t.data().len().max(1)) }
                 .map_err(|e| cuda_err("allocating pinned host memory", e))?;
@@ -225,55 +252,60 @@ impl CudaBackend {
             sources.push(p);
         }
         Ok(StreamedTensor {
-            dtype: base.dtype,
+            dtype: src.base.dtype,
             sources,
-            factors: self.upload_factors(low_rank, m, n)?,
-            m,
-            n,
+            factors: self.upload_factors(src)?,
+            m: src.m,
+            n: src.n,
         })
     }
 
-    /// Materialises a resident tensor into `out` (same shape and dtype as the base).
-    /// `coef` is `γ − a·S` concatenated over the experts (length `K`).
-    pub fn materialize_resident(
-        &self,
-        out: &mut CudaWeight,
-        t: &ResidentTensor,
-        a: &[f32],
-        coef: &[f32],
-    ) -> Result<()> {
-        if out.dtype != t.base.dtype || out.numel() != t.m * t.n {
-            return Err(Error::invalid(
-                "materialize: output weight does not match the tensor",
-            ));
+    /// Scratch for tensors of these `(m, n, K)`.
+    fn scratch(&self, dims: impl Iterator<Item = (usize, usize, usize)>) -> Result<Scratch> {
+        let (mut us, mut tile, mut coef) = (1, 1, 1);
+        for (m, n, k) in dims {
+            if k > 0 {
+                us = us.max(m * k);
+                tile = tile.max(self.tile_rows(m, n) * n);
+                coef = coef.max(k);
+            }
         }
-        let stream = &self.stream;
-        let guards: Vec<_> = std::iter::once(&t.base)
-            .chain(&t.experts)
-            .map(|w| w.data.device_ptr(stream))
-            .collect();
-        let ptrs: Vec<u64> = guards.iter().map(|g| g.0).collect();
-        let (o, _go) = out.data.device_ptr_mut(stream);
-        self.fused(o, out.dtype, &ptrs, a, t.factors.as_ref(), coef, t.m, t.n)
+        Ok(Scratch {
+            us: self.alloc_f32(us)?,
+            tile: self.alloc_f32(tile)?,
+            coef: self.alloc_f32(coef)?,
+        })
     }
 
-    /// Materialises streamed tensors into `outs` (one per tensor), overlapping each tensor's
-    /// host-to-device copy with the previous tensor's compute. `genes[i]` = (a, coef).
-    pub fn materialize_streamed(
-        &self,
-        outs: &mut [CudaWeight],
-        tensors: &[StreamedTensor],
-        genes: &[(Vec<f32>, Vec<f32>)],
-    ) -> Result<()> {
-        if outs.len() != tensors.len() || genes.len() != tensors.len() {
+    /// Resident sources of a model, with their scratch.
+    pub fn resident_sources(&self, tensors: Vec<ResidentTensor>) -> Result<CudaSources> {
+        let scratch = self.scratch(
+            tensors
+                .iter()
+                .map(|t| (t.m, t.n, t.factors.as_ref().map_or(0, |f| f.k))),
+        )?;
+        let bytes = tensors
+            .iter()
+            .map(|t| {
+                (1 + t.experts.len()) * t.m * t.n * t.base.dtype.size()
+                    + t.factors.as_ref().map_or(0, |f| f.k * (t.m + t.n) * 4)
+            })
+            .sum();
+        Ok(CudaSources {
+            placed: Placed::Resident(tensors),
+            scratch,
+            bytes,
+        })
+    }
+
+    /// Streamed sources of a model, with their scratch, copy stream and staging sets.
+    pub fn streamed_sources(&self, tensors: Vec<StreamedTensor>) -> Result<CudaSources> {
+        let n_sources = tensors.first().map_or(0, |t| t.sources.len());
+        if tensors.iter().any(|t| t.sources.len() != n_sources) {
             return Err(Error::invalid(
-                "materialize_streamed: outputs, tensors and genes differ in number",
+                "materialize: streamed tensors differ in their number of sources",
             ));
         }
-        let Some(first) = tensors.first() else {
-            return Ok(());
-        };
-        let n_sources = first.sources.len();
         let max_bytes = tensors
             .iter()
             .map(|t| t.m * t.n * t.dtype.size())
@@ -283,45 +315,162 @@ impl CudaBackend {
             .ctx
             .new_stream()
             .map_err(|e| cuda_err("creating the copy stream", e))?;
-        let mut staging: [Vec<CudaSlice<u8>>; 2] = [vec![], vec![]];
-        for slot in &mut staging {
+        let mut slots: [Vec<CudaSlice<u8>>; 2] = [vec![], vec![]];
+        for slot in &mut slots {
             for _ in 0..n_sources {
                 slot.push(self.alloc_bytes(max_bytes)?);
             }
         }
-        let mut computed: [Option<CudaEvent>; 2] = [None, None];
-        for (i, (t, out)) in tensors.iter().zip(outs.iter_mut()).enumerate() {
-            if t.sources.len() != n_sources || out.dtype != t.dtype || out.numel() != t.m * t.n {
-                return Err(Error::invalid(
-                    "materialize_streamed: tensors differ in sources, or an output does not match",
-                ));
+        let scratch = self.scratch(
+            tensors
+                .iter()
+                .map(|t| (t.m, t.n, t.factors.as_ref().map_or(0, |f| f.k))),
+        )?;
+        let bytes = tensors
+            .iter()
+            .map(|t| {
+                t.sources.len() * t.m * t.n * t.dtype.size()
+                    + t.factors.as_ref().map_or(0, |f| f.k * (t.m + t.n) * 4)
+            })
+            .sum();
+        Ok(CudaSources {
+            placed: Placed::Streamed(tensors, Staging { copy, slots }),
+            scratch,
+            bytes,
+        })
+    }
+
+    /// [`crate::backend::Backend::place_sources`]: resident when the sources fit in free
+    /// device memory with the reserve left over, else streamed.
+    pub(super) fn place(
+        &self,
+        tensors: Vec<TensorSources>,
+        placement: Placement,
+    ) -> Result<CudaSources> {
+        let need: usize = tensors.iter().map(|t| t.bytes()).sum();
+        let resident = match placement {
+            Placement::Resident => true,
+            Placement::Streamed => false,
+            Placement::Auto { reserve_bytes } => {
+                let (free, _) = self.memory()?;
+                need.saturating_add(reserve_bytes) <= free
             }
+        };
+        if resident {
+            let placed = tensors
+                .iter()
+                .map(|t| self.resident_tensor(t))
+                .collect::<Result<_>>()?;
+            self.resident_sources(placed)
+        } else {
+            let placed = tensors
+                .iter()
+                .map(|t| self.streamed_tensor(t))
+                .collect::<Result<_>>()?;
+            self.streamed_sources(placed)
+        }
+    }
+
+    /// Writes a child into `outs` (one per placed tensor, in order): resident sources are read
+    /// in place; streamed ones overlap each tensor's host-to-device copy with the previous
+    /// tensor's compute.
+    pub fn materialize_placed(
+        &self,
+        outs: &mut [&mut CudaWeight],
+        sources: &mut CudaSources,
+        coefs: &[TensorCoefficients],
+    ) -> Result<()> {
+        if outs.len() != sources.len() || coefs.len() != sources.len() {
+            return Err(Error::invalid(format!(
+                "materialize: {} outputs and {} coefficient sets for {} placed tensors",
+                outs.len(),
+                coefs.len(),
+                sources.len()
+            )));
+        }
+        let CudaSources {
+            placed, scratch, ..
+        } = sources;
+        match placed {
+            Placed::Resident(tensors) => {
+                for ((t, out), coef) in tensors.iter().zip(outs.iter_mut()).zip(coefs) {
+                    check_output(out, t.base.dtype, t.m, t.n)?;
+                    let guards: Vec<_> = std::iter::once(&t.base)
+                        .chain(&t.experts)
+                        .map(|w| w.data.device_ptr(&self.stream))
+                        .collect();
+                    let ptrs: Vec<u64> = guards.iter().map(|g| g.0).collect();
+                    let (o, _go) = out.data.device_ptr_mut(&self.stream);
+                    self.fused(
+                        o,
+                        t.base.dtype,
+                        &ptrs,
+                        coef,
+                        t.factors.as_ref(),
+                        scratch,
+                        t.m,
+                        t.n,
+                    )?;
+                }
+                Ok(())
+            }
+            Placed::Streamed(tensors, staging) => {
+                self.materialize_streamed(outs, tensors, staging, scratch, coefs)
+            }
+        }
+    }
+
+    fn materialize_streamed(
+        &self,
+        outs: &mut [&mut CudaWeight],
+        tensors: &[StreamedTensor],
+        staging: &mut Staging,
+        scratch: &mut Scratch,
+        coefs: &[TensorCoefficients],
+    ) -> Result<()> {
+        let mut computed: [Option<CudaEvent>; 2] = [None, None];
+        for (i, ((t, out), coef)) in tensors.iter().zip(outs.iter_mut()).zip(coefs).enumerate() {
+            check_output(out, t.dtype, t.m, t.n)?;
             let slot = i % 2;
             // The copy into this slot waits for the compute that last read it.
             if let Some(ev) = &computed[slot] {
-                copy.wait(ev).map_err(|e| cuda_err("stream wait", e))?;
+                staging
+                    .copy
+                    .wait(ev)
+                    .map_err(|e| cuda_err("stream wait", e))?;
             }
             let bytes = t.m * t.n * t.dtype.size();
-            for (src, dst) in t.sources.iter().zip(staging[slot].iter_mut()) {
+            for (src, dst) in t.sources.iter().zip(staging.slots[slot].iter_mut()) {
                 let mut view = dst.slice_mut(..bytes);
-                copy.memcpy_htod(src, &mut view)
+                staging
+                    .copy
+                    .memcpy_htod(src, &mut view)
                     .map_err(|e| cuda_err("host-to-device copy", e))?;
             }
-            let copied = copy
+            let copied = staging
+                .copy
                 .record_event(None)
                 .map_err(|e| cuda_err("recording an event", e))?;
             self.stream
                 .wait(&copied)
                 .map_err(|e| cuda_err("stream wait", e))?;
             {
-                let guards: Vec<_> = staging[slot]
+                let guards: Vec<_> = staging.slots[slot]
                     .iter()
                     .map(|s| s.device_ptr(&self.stream))
                     .collect();
                 let ptrs: Vec<u64> = guards.iter().map(|g| g.0).collect();
                 let (o, _go) = out.data.device_ptr_mut(&self.stream);
-                let (a, coef) = &genes[i];
-                self.fused(o, t.dtype, &ptrs, a, t.factors.as_ref(), coef, t.m, t.n)?;
+                self.fused(
+                    o,
+                    t.dtype,
+                    &ptrs,
+                    coef,
+                    t.factors.as_ref(),
+                    scratch,
+                    t.m,
+                    t.n,
+                )?;
             }
             computed[slot] = Some(
                 self.stream
@@ -333,40 +482,33 @@ impl CudaBackend {
     }
 
     /// The [`crate::backend::Backend::materialize`] entry: host sources in, host weights out
-    /// (uploads, computes, downloads). The resident and streamed modes avoid the copies.
-    #[allow(clippy::too_many_arguments)]
+    /// (uploads, computes, downloads). The placed sources avoid the copies.
     pub(super) fn materialize_host(
         &self,
         out: &mut [u8],
         out_dtype: DType,
-        base: &HostTensor,
-        experts: &[&HostTensor],
-        a: &[f32],
-        low_rank: &[LowRank],
-        m: usize,
-        n: usize,
+        src: &TensorSources,
+        coef: &TensorCoefficients,
     ) -> Result<()> {
-        check_shapes(out.len(), out_dtype, base, experts, m, n)?;
-        // Sources and output share one dtype on the device (`resident_tensor` checks sources).
-        if base.dtype != out_dtype {
-            return Err(Error::invalid(format!(
-                "materialize: a {} output from {} sources (CUDA keeps one dtype)",
-                out_dtype, base.dtype
-            )));
+        src.check()?;
+        src.check_call(out.len(), out_dtype, coef)?;
+        // Sources and output share one dtype on the device.
+        if src.base.dtype != out_dtype {
+            return Err(Error::tensor(
+                &src.name,
+                format!(
+                    "materialize: a {} output from {} sources (CUDA keeps one dtype)",
+                    out_dtype, src.base.dtype
+                ),
+            ));
         }
-        let factors: Vec<(&[f32], &[f32], usize)> =
-            low_rank.iter().map(|l| (l.u, l.vt, l.coef.len())).collect();
-        let coef: Vec<f32> = low_rank
-            .iter()
-            .flat_map(|l| l.coef.iter().copied())
-            .collect();
-        let t = self.resident_tensor(base, experts, &factors, m, n)?;
+        let mut sources = self.resident_sources(vec![self.resident_tensor(src)?])?;
         let mut w = CudaWeight {
             dtype: out_dtype,
-            shape: vec![m, n],
+            shape: vec![src.m, src.n],
             data: self.alloc_bytes(out.len())?,
         };
-        self.materialize_resident(&mut w, &t, a, &coef)?;
+        self.materialize_placed(&mut [&mut w], &mut sources, std::slice::from_ref(coef))?;
         self.stream
             .memcpy_dtoh(&w.data.slice(..out.len()), out)
             .map_err(|e| cuda_err("downloading the weight", e))?;
@@ -382,12 +524,13 @@ impl CudaBackend {
         out: u64,
         dtype: DType,
         sources: &[u64],
-        a: &[f32],
+        coef: &TensorCoefficients,
         factors: Option<&DeviceFactors>,
-        coef: &[f32],
+        scratch: &mut Scratch,
         m: usize,
         n: usize,
     ) -> Result<()> {
+        let a = &coef.a;
         if sources.len() > MAX_SOURCES || sources.len() != a.len() + 1 {
             return Err(Error::invalid(format!(
                 "materialize: {} sources for {} coefficients (at most {MAX_SOURCES} sources)",
@@ -407,47 +550,48 @@ impl CudaBackend {
             "materialize",
             &format!("materialize_{}", dtype_suffix(dtype)),
         )?;
-
-        // U·diag(c), once per tensor.
-        let scaled = match factors {
-            Some(f) => {
-                if coef.len() != f.k {
-                    return Err(Error::invalid(format!(
-                        "materialize: {} low-rank coefficients for rank {}",
-                        coef.len(),
-                        f.k
-                    )));
-                }
-                let coef_d = self
-                    .stream
-                    .clone_htod(coef)
-                    .map_err(|e| cuda_err("uploading coefficients", e))?;
-                let mut us = self.alloc_f32(m * f.k)?;
-                let scale = self.kernels.function("materialize", "scale_columns")?;
-                let (rows, cols) = (m as u64, f.k as u32);
-                let mut b = self.stream.launch_builder(&scale);
-                b.arg(&mut us).arg(&f.u).arg(&coef_d).arg(&rows).arg(&cols);
-                // SAFETY: u and us hold m·K values, coef K.
-                unsafe { b.launch(grid_stride(m * f.k)) }
-                    .map_err(|e| cuda_err("scale_columns", e))?;
-                Some(us)
-            }
-            None => None,
-        };
+        let expected_k = factors.map_or(0, |f| f.k);
+        if coef.c.len() != expected_k {
+            return Err(Error::invalid(format!(
+                "materialize: {} low-rank coefficients for rank {expected_k}",
+                coef.c.len(),
+            )));
+        }
         let tile_rows = match factors {
-            Some(_) => (TILE_BYTES / (n * 4).max(1)).clamp(1, m.max(1)),
+            Some(_) => self.tile_rows(m, n),
             None => m.max(1),
         };
-        let mut tile = match factors {
-            Some(_) => Some(self.alloc_f32(tile_rows * n)?),
-            None => None,
-        };
+        // U·diag(c), once per tensor, into the scratch.
+        if let Some(f) = factors {
+            if scratch.us.len() < m * f.k
+                || scratch.coef.len() < f.k
+                || scratch.tile.len() < tile_rows * n
+            {
+                return Err(Error::invalid(
+                    "materialize: scratch smaller than the tensor (sources placed for another model?)",
+                ));
+            }
+            let mut coef_view = scratch.coef.slice_mut(..f.k);
+            self.stream
+                .memcpy_htod(&coef.c[..], &mut coef_view)
+                .map_err(|e| cuda_err("uploading coefficients", e))?;
+            let scale = self.kernels.function("materialize", "scale_columns")?;
+            let (rows, cols) = (m as u64, f.k as u32);
+            let mut b = self.stream.launch_builder(&scale);
+            b.arg(&mut scratch.us)
+                .arg(&f.u)
+                .arg(&scratch.coef)
+                .arg(&rows)
+                .arg(&cols);
+            // SAFETY: u and us hold at least m·K values, coef K.
+            unsafe { b.launch(grid_stride(m * f.k)) }.map_err(|e| cuda_err("scale_columns", e))?;
+        }
         for r0 in (0..m).step_by(tile_rows) {
             let rows = tile_rows.min(m - r0);
-            let lr_ptr = match (factors, &scaled, &mut tile) {
-                (Some(f), Some(us), Some(tile)) => {
-                    let (tp, _gt) = tile.device_ptr_mut(&self.stream);
-                    let (up, _gu) = us.device_ptr(&self.stream);
+            let lr_ptr = match factors {
+                Some(f) => {
+                    let (tp, _gt) = scratch.tile.device_ptr_mut(&self.stream);
+                    let (up, _gu) = scratch.us.device_ptr(&self.stream);
                     let (vp, _gv) = f.vt.device_ptr(&self.stream);
                     let precision = if dtype == DType::BF16 {
                         Precision::Tf32
@@ -469,7 +613,7 @@ impl CudaBackend {
                     };
                     tp
                 }
-                _ => 0,
+                None => 0,
             };
             let off = (r0 * n) as u64 * esize;
             let mut chunk = src;
@@ -485,4 +629,15 @@ impl CudaBackend {
         }
         Ok(())
     }
+}
+
+/// An output weight of `m·n` elements of `dtype`.
+fn check_output(out: &CudaWeight, dtype: DType, m: usize, n: usize) -> Result<()> {
+    if out.dtype != dtype || out.numel() != m * n {
+        return Err(Error::invalid(format!(
+            "materialize: output weight {} {:?} does not match a {m}×{n} tensor of {dtype}",
+            out.dtype, out.shape
+        )));
+    }
+    Ok(())
 }

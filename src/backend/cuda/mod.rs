@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::model::DType;
 
 pub use device::{cuda_device_count, cuda_unavailable_reason, DeviceChoice, DeviceInfo};
-pub use materialize::{ResidentTensor, StreamedTensor};
+pub use materialize::{CudaSources, ResidentTensor, StreamedTensor, TILE_BYTES};
 
 /// A weight tensor in device memory, in its storage dtype.
 pub struct CudaWeight {
@@ -80,6 +80,8 @@ pub struct CudaBackend {
     cast_scratch: Mutex<Option<CudaSlice<u8>>>,
     index_uploads: UploadCache<u32>,
     freq_uploads: UploadCache<f32>,
+    /// Largest low-rank tile of materialisation, in bytes.
+    tile_bytes: std::sync::atomic::AtomicUsize,
 }
 
 /// Host arrays recently copied to the device, reused while ops pass the same ones: within a
@@ -162,6 +164,7 @@ impl CudaBackend {
             cast_scratch: Mutex::new(None),
             index_uploads: UploadCache::default(),
             freq_uploads: UploadCache::default(),
+            tile_bytes: std::sync::atomic::AtomicUsize::new(TILE_BYTES),
         })
     }
 

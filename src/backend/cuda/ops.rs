@@ -4,12 +4,14 @@
 
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
-use super::{cuda_err, dtype_suffix, grid_stride, per_row, CudaBackend, CudaBuf, CudaWeight};
+use super::{
+    cuda_err, dtype_suffix, grid_stride, per_row, CudaBackend, CudaBuf, CudaSources, CudaWeight,
+};
+use crate::backend::materialize::{Placement, TensorCoefficients, TensorSources};
 use crate::backend::{AttentionGeometry, Backend};
 use crate::error::{Error, Result};
-use crate::evolve::materialize::LowRank;
-use crate::evolve::merge::{merge_tensor, MergeOp, Sink};
-use crate::model::{DType, HostTensor};
+use crate::merge::methods::{merge_tensor, MergeOp, Sink};
+use crate::model::{DType, HostTensor, TensorBytes};
 
 /// Batches of up to this many rows use the matvec kernel (one read of the weights per 8 rows);
 /// larger ones go to cuBLAS.
@@ -45,6 +47,7 @@ fn launch_err(op: &str, r: std::result::Result<impl Sized, impl std::fmt::Displa
 impl Backend for CudaBackend {
     type Weight = CudaWeight;
     type Buf = CudaBuf;
+    type Sources = CudaSources;
 
     fn name(&self) -> String {
         self.name.clone()
@@ -59,6 +62,34 @@ impl Backend for CudaBackend {
             dtype: t.dtype,
             shape: t.shape.clone(),
             data,
+        })
+    }
+
+    fn zeros_weight(&self, shape: &[usize], dtype: DType) -> Result<CudaWeight> {
+        let len = shape
+            .iter()
+            .try_fold(dtype.size(), |n, &d| n.checked_mul(d))
+            .ok_or_else(|| Error::invalid(format!("a {shape:?} weight overflows memory sizes")))?;
+        Ok(CudaWeight {
+            dtype,
+            shape: shape.to_vec(),
+            data: self.alloc_bytes(len)?,
+        })
+    }
+
+    fn download_weight(&self, w: &CudaWeight) -> Result<HostTensor> {
+        let len = w.numel() * w.dtype.size();
+        let mut bytes = vec![0u8; len];
+        if len > 0 {
+            self.stream
+                .memcpy_dtoh(&w.data.slice(..len), &mut bytes)
+                .map_err(|e| cuda_err("downloading a weight", e))?;
+            self.synchronize()?;
+        }
+        Ok(HostTensor {
+            dtype: w.dtype,
+            shape: w.shape.clone(),
+            bytes: TensorBytes::Owned(std::sync::Arc::new(bytes)),
         })
     }
 
@@ -492,18 +523,45 @@ impl Backend for CudaBackend {
         merge_tensor(name, op, base, models, out_dtype, sink)
     }
 
+    fn place_sources(
+        &self,
+        tensors: Vec<TensorSources>,
+        placement: Placement,
+    ) -> Result<CudaSources> {
+        self.place(tensors, placement)
+    }
+
+    fn describe_sources(&self, sources: &CudaSources) -> String {
+        format!(
+            "{} on {} ({} tensors, {:.2} GB)",
+            if sources.is_resident() {
+                "resident in device memory"
+            } else {
+                "streamed from pinned host memory"
+            },
+            self.name,
+            sources.len(),
+            sources.bytes as f64 / 1e9
+        )
+    }
+
+    fn materialize_into(
+        &self,
+        outs: &mut [&mut CudaWeight],
+        sources: &mut CudaSources,
+        coefs: &[TensorCoefficients],
+    ) -> Result<()> {
+        self.materialize_placed(outs, sources, coefs)
+    }
+
     fn materialize(
         &self,
         out: &mut [u8],
         out_dtype: DType,
-        base: &HostTensor,
-        experts: &[&HostTensor],
-        a: &[f32],
-        low_rank: &[LowRank],
-        m: usize,
-        n: usize,
+        src: &TensorSources,
+        coef: &TensorCoefficients,
     ) -> Result<()> {
-        self.materialize_host(out, out_dtype, base, experts, a, low_rank, m, n)
+        self.materialize_host(out, out_dtype, src, coef)
     }
 }
 

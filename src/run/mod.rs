@@ -1,0 +1,499 @@
+//! A CycleQD run as a library: [`Run::open`] locks the run folder, reads the configuration's
+//! inputs, factorises the expert set (on the first GPU when there is one) and finds a
+//! checkpoint to resume; [`Run::execute`] builds one [`worker::Worker`] per device, drives the
+//! [`coordinator::Coordinator`] with them ([`drive::drive`]) and, when every child is applied,
+//! writes the final table, `final/`, `summary.json` and `report/` ([`finish::finish`]).
+//! The CLI's `run` is a thin shell over this: parse, open, execute, print.
+
+pub mod coordinator;
+pub mod drive;
+pub mod finish;
+pub mod lock;
+mod signals;
+pub mod worker;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::{cuda_device_count, cuda_unavailable_reason, CudaBackend, DeviceChoice};
+use crate::error::{Error, Result};
+use crate::eval::{
+    ExternalEvaluator, Metric, PreparedTask, Scoring, TaskFile, TaskScorer, TaskSuite,
+};
+use crate::evolve::batched_svd::CpuLinalg;
+use crate::evolve::{ExpertSet, Genome};
+use crate::model::{ModelStore, Tokenizer};
+use crate::qd::checkpoint::{self, CheckpointMeta};
+use crate::qd::config::{RangeSpec, RunConfig, ScheduleKind};
+use crate::qd::cycle::coefficient_groups;
+use crate::qd::{GridArchive, Operators, Population};
+
+pub use coordinator::{Coordinator, CoordinatorConfig, Progress, Report, Schedule, Told};
+pub use drive::{drive, DriveEnd, DriveEvent, Stop};
+pub use finish::{Row, Summary};
+pub use lock::RunLock;
+pub use worker::{ModelWorker, Split, Suites, Worker};
+
+/// The last stop signal received (SIGINT 2, SIGTERM 15), or 0.
+pub fn last_signal() -> i32 {
+    signals::last()
+}
+
+/// Where one worker runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Device {
+    /// The CPU, with this many threads.
+    Cpu { threads: usize },
+    /// CUDA device `N`.
+    Cuda(usize),
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu { threads } => write!(f, "cpu ({threads} threads)"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// The workers of a run: `count` of them (`None`: one per GPU found, else one CPU worker on
+/// every core) on `device` (`None`: CUDA when present). CPU workers split the cores.
+pub fn plan_workers(count: Option<usize>, device: Option<DeviceChoice>) -> Result<Vec<Device>> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpu = |n: usize| -> Vec<Device> {
+        (0..n)
+            .map(|_| Device::Cpu {
+                threads: (cores / n).max(1),
+            })
+            .collect()
+    };
+    let gpus = |ordinal: Option<usize>| -> Result<Vec<Device>> {
+        if let Some(why) = cuda_unavailable_reason() {
+            return Err(Error::invalid(format!(
+                "--device cuda: CUDA is unavailable: {why}"
+            )));
+        }
+        let found = cuda_device_count()?;
+        match ordinal {
+            Some(i) => {
+                if count.is_some_and(|n| n != 1) {
+                    return Err(Error::invalid(format!(
+                        "workers = {}: --device cuda:{i} is one device, one worker",
+                        count.unwrap_or(1)
+                    )));
+                }
+                if i >= found {
+                    return Err(Error::invalid(format!(
+                        "CUDA device {i} requested, {found} present"
+                    )));
+                }
+                Ok(vec![Device::Cuda(i)])
+            }
+            None => {
+                let n = count.unwrap_or(found);
+                if n > found {
+                    return Err(Error::invalid(format!(
+                        "workers = {n}: one worker per GPU, and {found} GPU(s) are present \
+                         (use --device cpu for CPU workers)"
+                    )));
+                }
+                Ok((0..n).map(Device::Cuda).collect())
+            }
+        }
+    };
+    match device {
+        Some(DeviceChoice::Cpu) => Ok(cpu(count.unwrap_or(1))),
+        Some(DeviceChoice::Cuda(i)) => gpus(i),
+        None if cuda_unavailable_reason().is_none() && cuda_device_count()? > 0 => gpus(None),
+        None => Ok(cpu(count.unwrap_or(1))),
+    }
+}
+
+/// A device opened for a worker (and, the first one, for factorising).
+enum Opened {
+    Cpu { threads: usize },
+    Cuda(Box<CudaBackend>),
+}
+
+/// How a run's messages and progress reach a person (the CLI's bars) or nobody.
+pub trait Reporter {
+    /// A line for the log.
+    fn note(&mut self, _line: &str) {}
+    /// The loop starts, with this progress already made (a resume).
+    fn started(&mut self, _p: &Progress, _workers: &[String]) {}
+    /// After every result.
+    fn progress(&mut self, _p: &Progress) {}
+    /// The loop is over.
+    fn loop_ended(&mut self) {}
+    /// The final table: `step` of `total` models scored, `what` next.
+    fn table(&mut self, _step: usize, _total: usize, _what: &str) {}
+}
+
+/// A reporter that says nothing.
+pub struct Quiet;
+impl Reporter for Quiet {}
+
+/// How [`Run::execute`] ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RunEnd {
+    /// Every child is applied and the outputs are written.
+    Finished(Summary),
+    /// The folder held a finished run: its table, unchanged.
+    AlreadyFinished(Summary),
+    /// Stopped on request: the checkpoint holds `applied` children and `in_flight` more to
+    /// redo; the same run resumes there.
+    Stopped { applied: u64, in_flight: usize },
+}
+
+/// An opened run folder.
+pub struct Run {
+    pub cfg: RunConfig,
+    pub out: PathBuf,
+    pub set: Arc<ExpertSet>,
+    pub suites: Arc<Suites>,
+    pub devices: Vec<Device>,
+    saved: Option<(Population, CheckpointMeta)>,
+    opened: Vec<Opened>,
+    started: Instant,
+    _lock: RunLock,
+}
+
+impl Run {
+    /// Locks `out`, checks the task files, opens the models and `devices`, factorises the
+    /// expert set (cached; on the first device when it is a GPU) and reads the checkpoint of
+    /// an earlier session, which must be of the same run.
+    pub fn open(
+        mut cfg: RunConfig,
+        out: &Path,
+        devices: Vec<Device>,
+        reporter: &mut dyn Reporter,
+    ) -> Result<Run> {
+        let started = Instant::now();
+        if devices.is_empty() {
+            return Err(Error::invalid("a run needs at least one worker"));
+        }
+        let lock = RunLock::acquire(out)?;
+        let base = ModelStore::open_llama(&cfg.base)?;
+        let suites = Arc::new(build_suites(&cfg, &base, out)?);
+        let experts = cfg
+            .tasks
+            .iter()
+            .map(|t| ModelStore::open_llama(&t.expert))
+            .collect::<Result<Vec<_>>>()?;
+        let opened = devices
+            .iter()
+            .map(|d| match d {
+                Device::Cpu { threads } => Ok(Opened::Cpu { threads: *threads }),
+                Device::Cuda(i) => CudaBackend::open(*i).map(|b| Opened::Cuda(Box::new(b))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let cache_dir = cfg
+            .factor_cache
+            .clone()
+            .unwrap_or_else(|| out.join("factors"));
+        let t0 = Instant::now();
+        let set = match opened.first() {
+            Some(Opened::Cuda(gpu)) => {
+                ExpertSet::build_with(base, experts, cfg.rank(), Some(&cache_dir), gpu.as_ref())?
+            }
+            _ => ExpertSet::build_with(base, experts, cfg.rank(), Some(&cache_dir), &CpuLinalg)?,
+        };
+        reporter.note(&format!(
+            "factors: {}, {} tensors, {} in {} ({:.2} s); worst relative error {:.2e}",
+            set.rank,
+            set.factorised_tensors(),
+            set.cache_status,
+            cache_dir.display(),
+            t0.elapsed().as_secs_f64(),
+            set.worst_relative_error(),
+        ));
+        let ckpt = out.join("checkpoint.safetensors");
+        let saved = if ckpt.is_file() {
+            let (pop, meta) = checkpoint::load(&ckpt, &set)?;
+            let prev: RunConfig = toml::from_str(&meta.config).map_err(|e| {
+                Error::format(&ckpt, format!("unreadable saved configuration: {e}"))
+            })?;
+            if !cfg.same_run_as(&prev) {
+                return Err(Error::format(
+                    &ckpt,
+                    "this run folder belongs to a different configuration; use another --out",
+                ));
+            }
+            Some((pop, meta))
+        } else {
+            None
+        };
+        if cfg.evolution.schedule == ScheduleKind::Batch && cfg.evolution.batch.is_none() {
+            cfg.evolution.batch = Some(devices.len());
+        }
+        Ok(Run {
+            cfg,
+            out: out.to_path_buf(),
+            set: Arc::new(set),
+            suites,
+            devices,
+            saved,
+            opened,
+            started,
+            _lock: lock,
+        })
+    }
+
+    /// The schedule the configuration resolves to.
+    pub fn schedule(&self) -> Schedule {
+        match self.cfg.evolution.schedule {
+            ScheduleKind::Steady => Schedule::Steady,
+            ScheduleKind::Batch => Schedule::Batch(self.cfg.evolution.batch.unwrap_or(1)),
+        }
+    }
+
+    /// Whether the folder holds a finished run (its summary written).
+    pub fn finished_summary(&self) -> Result<Option<Summary>> {
+        let path = self.out.join("summary.json");
+        match &self.saved {
+            Some((pop, meta))
+                if path.is_file()
+                    && meta.in_flight.is_empty()
+                    && pop.children_done >= self.cfg.evolution.generations =>
+            {
+                Ok(Some(Summary::read(&path)?))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// One worker per opened device (each places the set's sources there once).
+    pub fn workers(&mut self) -> Result<Vec<Box<dyn Worker>>> {
+        let mut out: Vec<Box<dyn Worker>> = vec![];
+        for (i, d) in std::mem::take(&mut self.opened).into_iter().enumerate() {
+            let w: Box<dyn Worker> = match d {
+                Opened::Cpu { threads } => {
+                    let pool = if self.devices.len() > 1 {
+                        Some(
+                            rayon::ThreadPoolBuilder::new()
+                                .num_threads(threads)
+                                .thread_name(move |t| format!("cpu{i}-{t}"))
+                                .build()
+                                .map_err(|e| Error::invalid(format!("CPU worker {i}: {e}")))?,
+                        )
+                    } else {
+                        None
+                    };
+                    Box::new(ModelWorker::new(
+                        format!("cpu:{i}"),
+                        CpuBackend,
+                        self.set.clone(),
+                        self.suites.clone(),
+                        None,
+                        pool,
+                    )?)
+                }
+                Opened::Cuda(gpu) => {
+                    use crate::backend::Backend;
+                    let name = gpu.name();
+                    Box::new(ModelWorker::new(
+                        name,
+                        *gpu,
+                        self.set.clone(),
+                        self.suites.clone(),
+                        None,
+                        None,
+                    )?)
+                }
+            };
+            out.push(w);
+        }
+        Ok(out)
+    }
+
+    /// The coordinator: resumed from the checkpoint, or a new run whose archives are seeded
+    /// with the experts, scored by `first`.
+    pub fn coordinator(&mut self, first: &mut dyn Worker) -> Result<Coordinator> {
+        let names: Vec<&str> = self.set.tensors.iter().map(|t| t.name.as_str()).collect();
+        let e = &self.cfg.evolution;
+        let ccfg = CoordinatorConfig {
+            ops: Operators {
+                seed: e.seed,
+                crossover_mean: e.crossover_mean,
+                crossover_std: e.crossover_std,
+                groups: coefficient_groups(&names, e.crossover_granularity),
+                mutation_w_max: e.mutation_w_max,
+                sampling: self.cfg.elite_sampling().map_err(Error::invalid)?,
+            },
+            schedule: self.schedule(),
+            generations: e.generations,
+            checkpoint_every: e.checkpoint_every,
+            config_toml: self.cfg.to_toml(),
+        };
+        if let Some((pop, meta)) = self.saved.take() {
+            return Coordinator::resume(&self.out, self.set.clone(), pop, meta, ccfg);
+        }
+        let tasks: Vec<String> = self.cfg.tasks.iter().map(|t| t.name.clone()).collect();
+        let expert_fitness = (0..self.set.experts.len())
+            .map(|e| {
+                first
+                    .evaluate(&Genome::seed(&self.set, e), &format!("expert-{}", tasks[e]))?
+                    .map_err(|r| Error::invalid(format!("expert {}: {r}", tasks[e])))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let ranges = measure_ranges(&self.cfg, &expert_fitness)?;
+        let pop = Population::new(
+            &self.set,
+            tasks,
+            &ranges,
+            self.cfg.evolution.bins,
+            expert_fitness,
+        )?;
+        Coordinator::create(&self.out, self.set.clone(), pop, ccfg)
+    }
+
+    /// The whole run from where the folder stands: workers, the loop (until done or `stop`),
+    /// then the outputs.
+    pub fn execute(&mut self, stop: &Stop, reporter: &mut dyn Reporter) -> Result<RunEnd> {
+        if let Some(s) = self.finished_summary()? {
+            return Ok(RunEnd::AlreadyFinished(s));
+        }
+        let mut workers = self.workers()?;
+        for w in &workers {
+            reporter.note(&format!("worker {}", w.name()));
+        }
+        let mut coord = self.coordinator(workers[0].as_mut())?;
+        let names: Vec<String> = workers.iter().map(|w| w.name()).collect();
+        let resumed_at = coord.population().children_done;
+        reporter.started(&coord.progress(), &names);
+        let loop_start = Instant::now();
+        let (end, mut back) = drive(&mut coord, workers, stop, &mut |ev| match ev {
+            DriveEvent::Progress(p) => reporter.progress(p),
+            DriveEvent::Note(n) => reporter.note(&n),
+        })?;
+        coord.checkpoint()?;
+        reporter.loop_ended();
+        let loop_seconds = loop_start.elapsed().as_secs_f64();
+        if let DriveEnd::Stopped { .. } = end {
+            return Ok(RunEnd::Stopped {
+                applied: coord.population().children_done,
+                in_flight: coord.in_flight(),
+            });
+        }
+        let children_run = coord.population().children_done - resumed_at;
+        let timing = json!({
+            "workers": names,
+            "schedule": format!("{:?}", self.schedule()).to_lowercase(),
+            "children_this_session": children_run,
+            "loop_seconds_this_session": loop_seconds,
+            "children_per_second": children_run as f64 / loop_seconds.max(1e-9),
+            "total_seconds_this_session": self.started.elapsed().as_secs_f64(),
+        });
+        let worker = back
+            .first_mut()
+            .ok_or_else(|| Error::invalid("no worker is left to score the final table"))?;
+        let summary = finish::finish(
+            &self.out,
+            &self.set,
+            coord.population(),
+            self.cfg.evolution.final_model,
+            &self.suites.table_split,
+            worker.as_mut(),
+            timing,
+            &mut |step, total, what| reporter.table(step, total, what),
+        )?;
+        Ok(RunEnd::Finished(summary))
+    }
+}
+
+/// The fitness and held-out suites, and per task which split the table shows.
+fn build_suites(cfg: &RunConfig, base: &ModelStore, out: &Path) -> Result<Suites> {
+    let base_dir = base.dir().to_path_buf();
+    let tok = if cfg.tasks.iter().any(|t| t.fitness.is_some()) {
+        Some(Tokenizer::from_dir(&base_dir)?)
+    } else {
+        None
+    };
+    let mut fit = vec![];
+    let mut held = vec![];
+    let mut split = vec![];
+    for t in &cfg.tasks {
+        let scoring = Scoring {
+            metric: Metric::parse(&t.metric, t.pattern.as_deref()).map_err(Error::invalid)?,
+            max_new_tokens: t.max_new_tokens,
+            stop: t.stop.clone(),
+        };
+        match (&t.fitness, &t.evaluator) {
+            (Some(f), _) => {
+                let tk = tok.as_ref().expect("loaded when a task has a fitness file");
+                let file = TaskFile::load(f)?;
+                fit.push(TaskScorer::Builtin(PreparedTask::new(
+                    tk,
+                    &t.name,
+                    &file,
+                    scoring.clone(),
+                )?));
+                let (hfile, s) = match &t.heldout {
+                    Some(h) => (TaskFile::load(h)?, "heldout"),
+                    None => (file, "fitness"),
+                };
+                held.push(TaskScorer::Builtin(PreparedTask::new(
+                    tk, &t.name, &hfile, scoring,
+                )?));
+                split.push(s);
+            }
+            (None, Some(cmd)) => {
+                let ev = ExternalEvaluator {
+                    command: cmd.clone(),
+                    timeout: Duration::from_secs_f64(t.evaluator_timeout_s),
+                    dir: t.evaluator_dir.clone(),
+                };
+                fit.push(TaskScorer::External(ev.clone()));
+                held.push(TaskScorer::External(ev));
+                split.push("external");
+            }
+            (None, None) => unreachable!("validated"),
+        }
+    }
+    let config = base.config().clone();
+    let config_json = config.to_json_with_dtype(base.dominant_dtype());
+    let suite = |scorers| TaskSuite {
+        names: cfg.tasks.iter().map(|t| t.name.clone()).collect(),
+        scorers,
+        config: config.clone(),
+        config_json: config_json.clone(),
+        companions: base_dir.clone(),
+        tokenizer: tok.clone(),
+        work_dir: out.join("work"),
+        batch: cfg.evolution.eval_batch,
+    };
+    Ok(Suites {
+        fitness: suite(fit),
+        heldout: suite(held),
+        table_split: split,
+    })
+}
+
+/// Per task, the range of its score where it is a measure.
+fn measure_ranges(cfg: &RunConfig, expert_fitness: &[Vec<f64>]) -> Result<Vec<(f64, f64)>> {
+    cfg.tasks
+        .iter()
+        .enumerate()
+        .map(|(k, t)| match &t.measure_range {
+            None => Ok((0.0, 1.0)),
+            Some(RangeSpec::Explicit([lo, hi])) => Ok((*lo, *hi)),
+            Some(RangeSpec::Rule(_)) => {
+                let scores: Vec<f64> = expert_fitness.iter().map(|f| f[k]).collect();
+                let (lo, hi) = GridArchive::<()>::paper_range(&scores);
+                if lo >= hi {
+                    return Err(Error::invalid(format!(
+                        "task {}: measure_range = \"experts\" gives an empty range ({lo}, {hi}): \
+                         every expert scores {} on it; set [lo, hi]",
+                        t.name, scores[0]
+                    )));
+                }
+                Ok((lo, hi))
+            }
+        })
+        .collect()
+}

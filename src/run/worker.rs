@@ -1,0 +1,250 @@
+//! Workers: one per device, each turning genomes into scores. A [`ModelWorker`] owns its
+//! device's copy of the materialisation sources (base, experts, factors: placed once, resident
+//! or streamed) and one child model whose weights every child is written into in place, so a
+//! child costs a materialisation pass and its evaluation, with no upload of weights and no
+//! allocation of them. The [`Worker`] trait is the seam the coordinator drives (and tests use
+//! to inject failures).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::backend::{Backend, Placement, TensorCoefficients};
+use crate::error::{Error, Result};
+use crate::eval::{Scored, TaskScorer, TaskSuite};
+use crate::evolve::{ExpertSet, Genome};
+use crate::llama::LlamaModel;
+use crate::model::HostTensor;
+
+/// Which split of the tasks to score.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    Fitness,
+    Heldout,
+}
+
+/// A run's tasks: the fitness split (selection) and the held-out one (the final table), and
+/// per task which split the table shows (`heldout`, or `fitness`/`external` without one).
+pub struct Suites {
+    pub fitness: TaskSuite,
+    pub heldout: TaskSuite,
+    pub table_split: Vec<&'static str>,
+}
+
+impl Suites {
+    pub fn get(&self, split: Split) -> &TaskSuite {
+        match split {
+            Split::Fitness => &self.fitness,
+            Split::Heldout => &self.heldout,
+        }
+    }
+
+    /// The longest sequence any built-in task puts in a KV cache slot.
+    pub fn longest_sequence(&self) -> usize {
+        [&self.fitness, &self.heldout]
+            .iter()
+            .flat_map(|s| s.scorers.iter())
+            .filter_map(|s| match s {
+                TaskScorer::Builtin(t) => Some(t.longest_sequence()),
+                TaskScorer::External(_) => None,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// Turns genomes into scores on one device.
+pub trait Worker: Send {
+    /// Its name in logs and events (`cpu:0`, `cuda:3 NVIDIA H100`).
+    fn name(&self) -> String;
+    /// Materialises `genome` and scores it on every fitness task. `Ok(Err(reason))`: the
+    /// child failed (an external evaluator crashed); `Err`: this worker failed (the child may
+    /// be retried elsewhere).
+    fn evaluate(&mut self, genome: &Genome, label: &str) -> Result<Scored>;
+    /// Scores host tensors (a baseline merge, a final-model candidate) on a split.
+    fn score_tensors(
+        &mut self,
+        tensors: &[(String, HostTensor)],
+        split: Split,
+        label: &str,
+    ) -> Result<Scored>;
+}
+
+/// A worker over a backend: sources placed on it once, one child model rewritten per child.
+pub struct ModelWorker<B: Backend> {
+    name: String,
+    backend: B,
+    set: Arc<ExpertSet>,
+    suites: Arc<Suites>,
+    sources: B::Sources,
+    /// The expert-set tensor of each model weight, in the model's weight order.
+    placed: Vec<usize>,
+    model: LlamaModel<B>,
+    /// Reused for every child.
+    coefs: Vec<TensorCoefficients>,
+    /// The threads of a CPU worker that shares the machine with others (`None`: the global
+    /// pool).
+    pool: Option<rayon::ThreadPool>,
+}
+
+impl<B: Backend> ModelWorker<B>
+where
+    B::Buf: Default,
+{
+    /// Places the set's sources on `backend` and allocates the child model. With
+    /// [`Placement::Auto`], the reserve left free is estimated here from the model and the
+    /// tasks (the child's weights, then a KV cache for a full batch of the longest task).
+    pub fn new(
+        name: String,
+        backend: B,
+        set: Arc<ExpertSet>,
+        suites: Arc<Suites>,
+        placement: Option<Placement>,
+        pool: Option<rayon::ThreadPool>,
+    ) -> Result<Self> {
+        let config = set.base.config().clone();
+        let names = LlamaModel::<B>::weight_names(&config);
+        let index: HashMap<&str, usize> = set
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.as_str(), i))
+            .collect();
+        let placed: Vec<usize> = names
+            .iter()
+            .map(|n| {
+                index
+                    .get(n.as_str())
+                    .copied()
+                    .ok_or_else(|| Error::tensor(n, "the model needs it and the base lacks it"))
+            })
+            .collect::<Result<_>>()?;
+        // The child's weights first: they are what every placement must leave room for.
+        let model = LlamaModel::from_weights(config, |name| {
+            let (dtype, shape) = set.base.meta(name)?;
+            backend.zeros_weight(shape, dtype)
+        })?;
+        let placement = placement.unwrap_or(Placement::Auto {
+            reserve_bytes: inference_reserve(&set, &suites),
+        });
+        let sources = backend.place_sources(
+            placed
+                .iter()
+                .map(|&t| set.tensor_sources(t))
+                .collect::<Result<_>>()?,
+            placement,
+        )?;
+        let coefs = vec![TensorCoefficients::default(); placed.len()];
+        Ok(ModelWorker {
+            name,
+            backend,
+            set,
+            suites,
+            sources,
+            placed,
+            model,
+            coefs,
+            pool,
+        })
+    }
+
+    /// Where the sources live, for the log.
+    pub fn placement(&self) -> String {
+        self.backend.describe_sources(&self.sources)
+    }
+
+    /// The child model (its weights hold the last child materialised).
+    pub fn model(&self) -> &LlamaModel<B> {
+        &self.model
+    }
+
+    /// Writes `genome` into the child model's weights.
+    pub fn materialize(&mut self, genome: &Genome) -> Result<()> {
+        for (coef, &t) in self.coefs.iter_mut().zip(&self.placed) {
+            self.set.coefficients_into(genome, t, coef);
+        }
+        let mut outs = self.model.weights_mut();
+        self.backend
+            .materialize_into(&mut outs, &mut self.sources, &self.coefs)
+    }
+
+    /// The child as host tensors in the set's order, for an external evaluator's export: the
+    /// model's weights downloaded (no copy on the CPU), any tensor the model does not use
+    /// materialised on the host.
+    fn child_tensors(&self, genome: &Genome) -> Result<Vec<(String, HostTensor)>> {
+        let weights = self.model.weights();
+        let by_tensor: HashMap<usize, usize> = self
+            .placed
+            .iter()
+            .enumerate()
+            .map(|(w, &t)| (t, w))
+            .collect();
+        (0..self.set.tensors.len())
+            .map(|t| {
+                let tensor = match by_tensor.get(&t) {
+                    Some(&w) => self.backend.download_weight(weights[w])?,
+                    None => self.set.materialize_tensor(genome, t)?,
+                };
+                Ok((self.set.tensors[t].name.clone(), tensor))
+            })
+            .collect()
+    }
+
+    fn in_pool<T: Send>(pool: &Option<rayon::ThreadPool>, f: impl FnOnce() -> T + Send) -> T {
+        match pool {
+            Some(p) => p.install(f),
+            None => f(),
+        }
+    }
+}
+
+/// Bytes a device keeps free beside the sources: a KV cache (f32 keys and values, every
+/// layer) for a full scoring batch of the longest task's sequences, plus activations.
+fn inference_reserve(set: &ExpertSet, suites: &Suites) -> usize {
+    let c = set.base.config();
+    let per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4;
+    let seqs = suites.fitness.batch.max(suites.heldout.batch);
+    let kv = per_token
+        .saturating_mul(suites.longest_sequence().max(1))
+        .saturating_mul(seqs);
+    let activations = seqs
+        .saturating_mul(suites.longest_sequence().max(1))
+        .saturating_mul(c.hidden_size.max(c.intermediate_size) * 4 * 4);
+    kv.saturating_add(activations).saturating_add(1 << 30)
+}
+
+impl<B: Backend> Worker for ModelWorker<B>
+where
+    B::Buf: Default,
+{
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn evaluate(&mut self, genome: &Genome, label: &str) -> Result<Scored> {
+        let pool = self.pool.take();
+        let r = Self::in_pool(&pool, || {
+            self.materialize(genome)?;
+            let suite = &self.suites.fitness;
+            let mut export = |dir: &Path| -> Result<()> {
+                let tensors = self.child_tensors(genome)?;
+                suite.export(dir, &tensors)
+            };
+            suite.score_model(&self.backend, &self.model, label, &mut export)
+        });
+        self.pool = pool;
+        r
+    }
+
+    fn score_tensors(
+        &mut self,
+        tensors: &[(String, HostTensor)],
+        split: Split,
+        label: &str,
+    ) -> Result<Scored> {
+        let (backend, suites) = (&self.backend, &self.suites);
+        Self::in_pool(&self.pool, || {
+            suites.get(split).score_tensors(backend, tensors, label)
+        })
+    }
+}
