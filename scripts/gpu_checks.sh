@@ -33,13 +33,35 @@ case "$mode" in
     mkdir -p "$out"
     export CYCLEQD_TESTDATA="$PWD/$dir/testdata" CYCLEQD_BIN="$PWD/$dir/cycleqd-engine" LD_LIBRARY_PATH="/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
-    {
-      "$dir/unit_tests" --test-threads 1 2>&1 || true
-      "$dir/cuda_parity" --test-threads 1 --nocapture 2>&1 || true
-      "$dir/llama_reference" 2>&1 || true
-    } | tee "$out/tests.txt"
-    "$dir/cycleqd-engine" bench --device cuda --out "$out/bench.json" 2>&1 | tee "$out/bench.txt"
-    python3 scripts/torch_side_by_side.py --engine "$out/bench.json" --out "$out/torch.json" 2>&1 | tee "$out/torch.txt"
+    # Every step runs even when an earlier one fails (one device call must tell everything);
+    # each failure is counted and named, and the script exits non-zero if there was any.
+    failed=()
+    step() {
+      local name=$1 rc=0; shift
+      echo "== $name" | tee -a "$out/steps.txt"
+      "$@" 2>&1 | tee "$out/$name.txt" || rc=${PIPESTATUS[0]}
+      if [ "$rc" -eq 0 ]; then
+        echo "ok $name" | tee -a "$out/steps.txt"
+      else
+        echo "FAILED $name (exit $rc)" | tee -a "$out/steps.txt"
+        failed+=("$name")
+      fi
+    }
+    step unit_tests "$dir/unit_tests" --test-threads 1
+    step cuda_parity "$dir/cuda_parity" --test-threads 1 --nocapture
+    step llama_reference "$dir/llama_reference"
+    step bench "$dir/cycleqd-engine" bench --device cuda --out "$out/bench.json"
+    step demo_bench "$dir/cycleqd-engine" bench --op demo --device cuda --out "$out/demo.json"
+    step torch python3 scripts/torch_side_by_side.py --engine "$out/bench.json" --out "$out/torch.json"
+    # A GPU test that prints SKIPPED on a machine with a GPU did not run: that is a failure.
+    if grep -h "^SKIPPED" "$out/cuda_parity.txt" "$out/unit_tests.txt" 2>/dev/null; then
+      failed+=("skipped GPU tests")
+    fi
+    if [ ${#failed[@]} -gt 0 ]; then
+      echo "GPU checks failed: ${failed[*]}" | tee -a "$out/steps.txt"
+      exit 1
+    fi
+    echo "all GPU checks passed" | tee -a "$out/steps.txt"
     ;;
   *) echo "usage: $0 --stage DIR | --run DIR" >&2; exit 2 ;;
 esac

@@ -3,6 +3,7 @@
 
 pub mod ceilings;
 pub mod cuda;
+pub mod scheduler;
 pub mod suite;
 
 pub use ceilings::{cpu_copy_bandwidth, cpu_peak_flops, time_median};

@@ -27,8 +27,40 @@ enum Shape {
     Llama3_8b,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Op {
+    /// The device's ceilings and every hot operation (the default).
+    Device,
+    /// The coordinator driving simulated devices: busy fractions and time per child.
+    Scheduler,
+    /// The synthetic demo's loop on real CPU or GPU workers: children per second.
+    Demo,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ScheduleArg {
+    Batch,
+    Steady,
+    Both,
+}
+
 #[derive(Args, Debug)]
 pub struct BenchArgs {
+    /// What to measure.
+    #[arg(long, value_enum, default_value = "device")]
+    op: Op,
+    /// Workers (`scheduler`: simulated devices; `demo`: CPU workers, or one per GPU).
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// `scheduler`: how long each simulated device holds a child, in milliseconds.
+    #[arg(long, default_value_t = 20.0)]
+    child_ms: f64,
+    /// `scheduler`: children to run (default 50 per worker, at least 400).
+    #[arg(long)]
+    children: Option<u64>,
+    /// `scheduler`: which schedules (batch of one child per worker, steady, or both).
+    #[arg(long, value_enum, default_value = "both")]
+    schedule: ScheduleArg,
     /// Model shape (default: tiny on a CPU, llama3-8b on CUDA).
     #[arg(long, value_enum)]
     shape: Option<Shape>,
@@ -80,6 +112,11 @@ impl Plan {
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
+    match a.op {
+        Op::Device => {}
+        Op::Scheduler => return scheduler(&a),
+        Op::Demo => return demo(&a),
+    }
     let choice = a.device.unwrap_or(match cuda_unavailable_reason() {
         None => DeviceChoice::Cuda(None),
         Some(_) => DeviceChoice::Cpu,
@@ -283,4 +320,136 @@ fn print_table(r: &Value) {
             o["status"].as_str().unwrap_or("")
         );
     }
+}
+
+/// Writes the report (`--out`), then prints it as JSON or with `table`.
+fn emit(a: &BenchArgs, report: &Value, table: impl Fn(&Value)) -> anyhow::Result<ExitCode> {
+    if let Some(p) = &a.out {
+        let text = serde_json::to_string_pretty(report)?;
+        write_atomic(p, text.as_bytes()).with_context(|| format!("writing {}", p.display()))?;
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        table(report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn scheduler(a: &BenchArgs) -> anyhow::Result<ExitCode> {
+    use cycleqd_engine::bench::scheduler::{demo_set, measure};
+    use cycleqd_engine::run::Schedule;
+    if a.workers == 0 || !(a.child_ms >= 0.0 && a.child_ms.is_finite()) {
+        bail!("--workers must be at least 1 and --child-ms a time ≥ 0");
+    }
+    let scratch = std::env::temp_dir().join("cycleqd-bench");
+    progress("the demo's expert set");
+    let set = std::sync::Arc::new(demo_set(&scratch.join("demo"))?);
+    let children = a.children.unwrap_or((50 * a.workers as u64).max(400));
+    let schedules = match a.schedule {
+        ScheduleArg::Batch => vec![Schedule::Batch(a.workers)],
+        ScheduleArg::Steady => vec![Schedule::Steady],
+        ScheduleArg::Both => vec![Schedule::Batch(a.workers), Schedule::Steady],
+    };
+    // Three runs each, the median kept: a machine's scheduling noise (a VM's above all) is
+    // of the same order as what is measured.
+    let mut results = vec![];
+    for s in schedules {
+        progress(&format!(
+            "{s:?} with {} simulated workers (3 runs)",
+            a.workers
+        ));
+        let mut runs = (0..3)
+            .map(|_| measure(set.clone(), &scratch, a.workers, a.child_ms, s, children))
+            .collect::<cycleqd_engine::Result<Vec<_>>>()?;
+        runs.sort_by(|x, y| {
+            x["busy_fraction_mean"]
+                .as_f64()
+                .partial_cmp(&y["busy_fraction_mean"].as_f64())
+                .expect("finite fractions")
+        });
+        let mut median = runs[1].clone();
+        median["busy_fraction_mean_of_runs"] = json!(runs
+            .iter()
+            .map(|r| r["busy_fraction_mean"].clone())
+            .collect::<Vec<_>>());
+        results.push(median);
+    }
+    let report = json!({
+        "op": "scheduler",
+        "machine": cpu_model(),
+        "checkpoint_every": 25,
+        "results": results,
+    });
+    emit(a, &report, |r| {
+        println!(
+            "{:<10} {:>7} {:>8} {:>9} {:>10} {:>10} {:>14}",
+            "schedule",
+            "workers",
+            "child ms",
+            "children",
+            "busy min",
+            "busy mean",
+            "coord ms/child"
+        );
+        for x in r["results"].as_array().into_iter().flatten() {
+            println!(
+                "{:<10} {:>7} {:>8.1} {:>9} {:>9.1}% {:>9.1}% {:>14.3}",
+                x["schedule"].as_str().unwrap_or(""),
+                x["workers"],
+                x["child_ms"].as_f64().unwrap_or(0.0),
+                x["children"],
+                100.0 * x["busy_fraction_min"].as_f64().unwrap_or(0.0),
+                100.0 * x["busy_fraction_mean"].as_f64().unwrap_or(0.0),
+                x["coordinator_ms_per_child"].as_f64().unwrap_or(0.0),
+            );
+        }
+    })
+}
+
+/// The demo's loop with `--workers` workers on `--device`, in a scratch folder: children per
+/// second of the loop (the final table is not timed).
+fn demo(a: &BenchArgs) -> anyhow::Result<ExitCode> {
+    use cycleqd_engine::qd::RunConfig;
+    use cycleqd_engine::run::{plan_workers, Quiet, Run, RunEnd, Stop};
+    let scratch = std::env::temp_dir().join(format!("cycleqd-bench-demo-{}", std::process::id()));
+    let demo_dir = scratch.join("demo");
+    progress("synthesising the demo");
+    cycleqd_engine::synth::synthesize(&demo_dir, &cycleqd_engine::synth::SynthOptions::default())?;
+    let mut cfg = RunConfig::load(&demo_dir.join("cycleqd.toml"))?;
+    if let Some(c) = a.children {
+        cfg.evolution.generations = c;
+    }
+    let devices = plan_workers(Some(a.workers), a.device)?;
+    let device_names: Vec<String> = devices.iter().map(|d| d.to_string()).collect();
+    progress(&format!("the demo's loop on {}", device_names.join(", ")));
+    let out = scratch.join("run");
+    let mut run = Run::open(cfg, &out, devices, &mut Quiet)?;
+    let schedule = format!("{:?}", run.schedule());
+    let end = run.execute(&Stop::default(), &mut Quiet)?;
+    let RunEnd::Finished(_) = end else {
+        bail!("the demo run did not finish");
+    };
+    let summary: Value = serde_json::from_slice(&std::fs::read(out.join("summary.json"))?)?;
+    let _ = std::fs::remove_dir_all(&scratch);
+    let t = &summary["timing"];
+    let report = json!({
+        "op": "demo",
+        "machine": cpu_model(),
+        "devices": device_names,
+        "schedule": schedule,
+        "children": t["children_this_session"],
+        "loop_seconds": t["loop_seconds_this_session"],
+        "children_per_second": t["children_per_second"],
+    });
+    emit(a, &report, |r| {
+        println!(
+            "demo loop: {} children in {:.2} s = {:.1} children/s on {} ({})",
+            r["children"],
+            r["loop_seconds"].as_f64().unwrap_or(0.0),
+            r["children_per_second"].as_f64().unwrap_or(0.0),
+            r["devices"],
+            r["schedule"].as_str().unwrap_or("")
+        );
+    })
 }

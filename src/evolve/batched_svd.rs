@@ -3,7 +3,8 @@
 //! GEMMs) so the same algorithm runs on the GPU (cuBLAS strided-batched GEMMs) and on the CPU
 //! (faer; what tests it on machines without a GPU). Orthonormalisation is shifted CholeskyQR3
 //! (Fukaya et al. 2020): Gram matrix on the device, `l × l` Cholesky and triangular inverse on
-//! the host in f64, `X ← X·R⁻¹` on the device. The small SVD is of `R` from the QR of
+//! the host in f64, `X ← X·R⁻¹` on the device (a CPU uses its Householder QR instead, as
+//! [`BatchedLinalg::orthonormalize`] lets a device do). The small SVD is of `R` from the QR of
 //! `Bᵀ = Aᵀ Q` (`l × l`, host, f64), so nothing `m × n`-sized is squared or copied back.
 //!
 //! Matrices are column-major; a row-major `A` `[m, n]` is the column-major `Aᵀ`.
@@ -34,6 +35,16 @@ pub trait BatchedLinalg {
         tb: bool,
     ) -> Result<()>;
     fn download(&self, m: &Self::Mat) -> Result<Vec<f32>>;
+    /// Orthonormalises the columns of every member in place and returns each member's `R`
+    /// (`l × l`, column-major, f64) with `x_in = Q·R`. The default is shifted CholeskyQR3
+    /// built on [`BatchedLinalg::gemm`] (what a GPU runs fast); a device with a good
+    /// Householder QR (the CPU) overrides it.
+    fn orthonormalize(&self, x: &mut Self::Mat) -> Result<Vec<Vec<f64>>>
+    where
+        Self: Sized,
+    {
+        cholesky_qr(self, x)
+    }
 }
 
 /// The CPU implementation (faer GEMMs, members in parallel).
@@ -109,6 +120,17 @@ impl BatchedLinalg for CpuLinalg {
     fn download(&self, m: &CpuBatch) -> Result<Vec<f32>> {
         Ok(m.data.clone())
     }
+
+    /// Householder QR per member (faer, in parallel across members): on a CPU it costs a
+    /// sixth of CholeskyQR3's six GEMMs and is exact in its orthogonality.
+    fn orthonormalize(&self, x: &mut CpuBatch) -> Result<Vec<Vec<f64>>> {
+        use rayon::prelude::*;
+        let (p, l) = (x.rows, x.cols);
+        Ok(x.data
+            .par_chunks_mut(p * l)
+            .map(|member| householder_qr(member, p, l))
+            .collect())
+    }
 }
 
 /// Orthonormalises the columns of every member of `x` in place (shifted CholeskyQR3) and
@@ -171,19 +193,18 @@ fn cholesky_qr<O: BatchedLinalg>(ops: &O, x: &mut O::Mat) -> Result<Vec<Vec<f64>
 /// Householder QR of a column-major `p × l` matrix (`p ≥ l`) in place: `x ← Q` (orthonormal
 /// columns even when `x` is rank deficient) and the returned `R` (column-major, f64).
 fn householder_qr(x: &mut [f32], p: usize, l: usize) -> Vec<f64> {
-    let xm = Mat::<f64>::from_fn(p, l, |i, j| x[j * p + i] as f64);
-    let qr = xm.qr();
+    let qr = faer::MatRef::from_column_major_slice(&*x, p, l).qr();
     let q = qr.compute_thin_Q();
     let r = qr.thin_R();
     for j in 0..l {
         for i in 0..p {
-            x[j * p + i] = q[(i, j)] as f32;
+            x[j * p + i] = q[(i, j)];
         }
     }
     let mut out = vec![0.0; l * l];
     for j in 0..l {
         for i in 0..=j {
-            out[j * l + i] = r[(i, j)];
+            out[j * l + i] = r[(i, j)] as f64;
         }
     }
     out
@@ -200,9 +221,29 @@ pub fn randomized_svd_batch<O: BatchedLinalg>(
     opts: RandomizedSvd,
     seeds: &[u64],
 ) -> Result<Vec<Factors>> {
-    let nb = mats.len();
+    if mats.iter().any(|a| a.len() != m * n) {
+        return Err(Error::invalid(
+            "factorize: matrices do not match the batch's shape",
+        ));
+    }
+    randomized_svd_concat(ops, &mats.concat(), m, n, rank, opts, seeds)
+}
+
+/// [`randomized_svd_batch`] of `seeds.len()` row-major `[m, n]` matrices stored one after
+/// another in `concat` (the expert set writes task vectors straight into such a buffer).
+pub fn randomized_svd_concat<O: BatchedLinalg>(
+    ops: &O,
+    concat: &[f32],
+    m: usize,
+    n: usize,
+    rank: usize,
+    opts: RandomizedSvd,
+    seeds: &[u64],
+) -> Result<Vec<Factors>> {
+    use rayon::prelude::*;
+    let nb = seeds.len();
     check_rank(m, n, rank)?;
-    if mats.iter().any(|a| a.len() != m * n) || seeds.len() != nb {
+    if concat.len() != nb * m * n {
         return Err(Error::invalid(
             "factorize: matrices or seeds do not match the batch",
         ));
@@ -212,31 +253,29 @@ pub fn randomized_svd_batch<O: BatchedLinalg>(
     }
     let l = (rank + opts.oversample).min(m.min(n));
     // Row-major A is column-major Aᵀ [n, m].
-    let mut host = Vec::with_capacity(nb * m * n);
-    mats.iter().for_each(|a| host.extend_from_slice(a));
-    let at = ops.upload(&host, n, m, nb)?;
-    drop(host);
-    let mut omega = Vec::with_capacity(nb * n * l);
-    for &s in seeds {
+    let at = ops.upload(concat, n, m, nb)?;
+    let mut omega = vec![0.0f32; nb * n * l];
+    omega.par_chunks_mut(n * l).zip(seeds).for_each(|(o, &s)| {
         let mut rng = ChaCha8Rng::seed_from_u64(opts.seed ^ s);
-        omega.extend((0..n * l).map(|_| -> f32 { StandardNormal.sample(&mut rng) }));
-    }
+        o.iter_mut()
+            .for_each(|x| *x = StandardNormal.sample(&mut rng));
+    });
     let omega = ops.upload(&omega, n, l, nb)?;
 
     let mut q = ops.zeros(m, l, nb)?; // Q = orth(A Ω)
     ops.gemm(&mut q, &at, true, &omega, false)?;
-    cholesky_qr(ops, &mut q)?;
+    ops.orthonormalize(&mut q)?;
     let mut z = ops.zeros(n, l, nb)?;
     for _ in 0..opts.power_iters {
         ops.gemm(&mut z, &at, false, &q, false)?; // Aᵀ Q
-        cholesky_qr(ops, &mut z)?;
+        ops.orthonormalize(&mut z)?;
         ops.gemm(&mut q, &at, true, &z, false)?; // A Z
-        cholesky_qr(ops, &mut q)?;
+        ops.orthonormalize(&mut q)?;
     }
     // Bᵀ = Aᵀ Q = Q_b R_b; R_b = U_r Σ V_rᵀ ⇒ A ≈ (Q V_r) Σ (Q_b U_r)ᵀ.
     let mut qb = ops.zeros(n, l, nb)?;
     ops.gemm(&mut qb, &at, false, &q, false)?;
-    let r_b = cholesky_qr(ops, &mut qb)?;
+    let r_b = ops.orthonormalize(&mut qb)?;
     let (mut ur_all, mut vr_all, mut sigmas) = (vec![], vec![], vec![]);
     for r in &r_b {
         let rm = Mat::from_fn(l, l, |i, j| r[j * l + i]);
@@ -356,9 +395,44 @@ mod tests {
     use super::*;
     use crate::evolve::factorize::exact_svd;
 
-    /// The whole algorithm on the CPU implementation: the GPU runs the same code with cuBLAS.
+    /// The CPU's GEMMs with the default orthonormalisation, shifted CholeskyQR3: what the GPU
+    /// runs (with cuBLAS GEMMs), tested here.
+    struct CholeskyOnCpu;
+
+    impl BatchedLinalg for CholeskyOnCpu {
+        type Mat = CpuBatch;
+        fn upload(&self, h: &[f32], r: usize, c: usize, b: usize) -> Result<CpuBatch> {
+            CpuLinalg.upload(h, r, c, b)
+        }
+        fn zeros(&self, r: usize, c: usize, b: usize) -> Result<CpuBatch> {
+            CpuLinalg.zeros(r, c, b)
+        }
+        fn dims(&self, m: &CpuBatch) -> (usize, usize, usize) {
+            CpuLinalg.dims(m)
+        }
+        fn gemm(
+            &self,
+            c: &mut CpuBatch,
+            a: &CpuBatch,
+            ta: bool,
+            b: &CpuBatch,
+            tb: bool,
+        ) -> Result<()> {
+            CpuLinalg.gemm(c, a, ta, b, tb)
+        }
+        fn download(&self, m: &CpuBatch) -> Result<Vec<f32>> {
+            CpuLinalg.download(m)
+        }
+    }
+
+    /// The whole algorithm with both orthonormalisations.
     #[test]
     fn batched_randomized_svd_is_near_optimal_and_orthonormal() {
+        near_optimal(&CpuLinalg);
+        near_optimal(&CholeskyOnCpu);
+    }
+
+    fn near_optimal<O: BatchedLinalg>(ops: &O) {
         for (m, n) in [(300, 80), (80, 300), (128, 128)] {
             let mats: Vec<Vec<f32>> = (0..3u64)
                 .map(|b| {
@@ -384,16 +458,9 @@ mod tests {
                 .collect();
             let refs: Vec<&[f32]> = mats.iter().map(|v| &v[..]).collect();
             let r = 12;
-            let got = randomized_svd_batch(
-                &CpuLinalg,
-                &refs,
-                m,
-                n,
-                r,
-                RandomizedSvd::default(),
-                &[0, 1, 2],
-            )
-            .unwrap();
+            let got =
+                randomized_svd_batch(ops, &refs, m, n, r, RandomizedSvd::default(), &[0, 1, 2])
+                    .unwrap();
             for (a, f) in mats.iter().zip(&got) {
                 let optimal = exact_svd(a, m, n, r).unwrap();
                 let (e_opt, e_got) = (optimal.relative_error(a), f.relative_error(a));
@@ -427,6 +494,11 @@ mod tests {
 
     #[test]
     fn flat_spectra_zero_and_low_rank_members_factorise() {
+        degenerate(&CpuLinalg);
+        degenerate(&CholeskyOnCpu);
+    }
+
+    fn degenerate<O: BatchedLinalg>(ops: &O) {
         // A Gaussian (flat spectrum), an exactly rank-2 and a zero task vector in one batch:
         // the last two make CholeskyQR's Gram matrices singular.
         for (m, n) in [(200, 60), (60, 200)] {
@@ -446,7 +518,7 @@ mod tests {
             let zero = vec![0.0f32; m * n];
             let r = 12;
             let got = randomized_svd_batch(
-                &CpuLinalg,
+                ops,
                 &[&gaussian[..], &rank2[..], &zero[..]],
                 m,
                 n,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::batched_svd::{randomized_svd_batch, BatchedLinalg, CpuLinalg};
+use super::batched_svd::{randomized_svd_concat, BatchedLinalg, CpuLinalg};
 use super::cache;
 use super::factorize::{exact_svd, Factors, RandomizedSvd};
 use super::genome::Genome;
@@ -317,10 +317,30 @@ fn validate(base: &ModelStore, experts: &[ModelStore], rank: Rank) -> Result<Vec
 
 /// `τ = θ_e − θ_b` of one tensor, in f32.
 fn task_vector(base: &ModelStore, expert: &ModelStore, name: &str) -> Result<Vec<f32>> {
-    let b = base.tensor(name)?.to_f32();
-    let mut tau = expert.tensor(name)?.to_f32();
-    tau.iter_mut().zip(&b).for_each(|(x, b)| *x -= b);
+    let mut tau = vec![0.0f32; base.tensor(name)?.numel()];
+    task_vector_into(base, expert, name, &mut tau)?;
     Ok(tau)
+}
+
+/// [`task_vector`] into `dst`, a block at a time (no f32 copy of either tensor).
+fn task_vector_into(
+    base: &ModelStore,
+    expert: &ModelStore,
+    name: &str,
+    dst: &mut [f32],
+) -> Result<()> {
+    const BLOCK: usize = 1 << 14;
+    let (b, x) = (base.tensor(name)?, expert.tensor(name)?);
+    let size = b.dtype.size();
+    let mut tmp = vec![0.0f32; BLOCK];
+    for (i, out) in dst.chunks_mut(BLOCK).enumerate() {
+        let (lo, hi) = (i * BLOCK * size, (i * BLOCK + out.len()) * size);
+        crate::model::dtype::to_f32(x.dtype, &x.data()[lo..hi], out);
+        let tmp = &mut tmp[..out.len()];
+        crate::model::dtype::to_f32(b.dtype, &b.data()[lo..hi], tmp);
+        out.iter_mut().zip(tmp.iter()).for_each(|(o, b)| *o -= b);
+    }
+    Ok(())
 }
 
 /// Every (factorised tensor, expert) pair, in (tensor, expert) order.
@@ -389,13 +409,14 @@ fn factorise_randomized<L: BatchedLinalg>(
     for ((m, n), members) in by_shape {
         let per_batch = (BATCH_BYTES / (m * n * 4).max(1)).max(1);
         for chunk in members.chunks(per_batch) {
-            let taus: Vec<Vec<f32>> = chunk
-                .par_iter()
-                .map(|&j| {
+            // The chunk's task vectors, written straight into one buffer.
+            let mut taus = vec![0.0f32; chunk.len() * m * n];
+            taus.par_chunks_mut(m * n)
+                .zip(chunk)
+                .try_for_each(|(dst, &j)| {
                     let (t, e) = jobs[j];
-                    task_vector(base, &experts[e], &tensors[t].name)
-                })
-                .collect::<Result<_>>()?;
+                    task_vector_into(base, &experts[e], &tensors[t].name, dst)
+                })?;
             let seeds: Vec<u64> = chunk
                 .iter()
                 .map(|&j| {
@@ -403,9 +424,9 @@ fn factorise_randomized<L: BatchedLinalg>(
                     crate::durable::hash_bytes(format!("{}::{e}", tensors[t].name).as_bytes())
                 })
                 .collect();
-            let refs: Vec<&[f32]> = taus.iter().map(|v| &v[..]).collect();
             let factors =
-                randomized_svd_batch(linalg, &refs, m, n, rank, RandomizedSvd::default(), &seeds)?;
+                randomized_svd_concat(linalg, &taus, m, n, rank, RandomizedSvd::default(), &seeds)?;
+            let taus: Vec<&[f32]> = taus.chunks(m * n).collect();
             let errors: Vec<f64> = factors
                 .par_iter()
                 .zip(&taus)

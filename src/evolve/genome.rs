@@ -84,21 +84,30 @@ impl Genome {
     /// Crossover with one coefficient pair per tensor (`w1[t]`, `w2[t]`): the per-layer and
     /// per-tensor options; equal to [`Genome::crossover`] when all pairs are equal.
     pub fn crossover_per_tensor(p1: &Genome, p2: &Genome, w1: &[f32], w2: &[f32]) -> Genome {
-        let mut out = p1.clone();
-        for (t, tg) in out.tensors.iter_mut().enumerate() {
-            let s = w1[t] + w2[t];
-            let (c1, c2) = (w1[t] / s, w2[t] / s);
-            let (g1, g2) = (&p1.tensors[t], &p2.tensors[t]);
-            for (e, a) in tg.a.iter_mut().enumerate() {
-                *a = c1 * g1.a[e] + c2 * g2.a[e];
-            }
-            for (e, gamma) in tg.gamma.iter_mut().enumerate() {
-                for (k, v) in gamma.iter_mut().enumerate() {
-                    *v = c1 * g1.gamma[e][k] + c2 * g2.gamma[e][k];
-                }
-            }
+        let mix = |c1: f32, c2: f32, x: &[f32], y: &[f32]| -> Vec<f32> {
+            x.iter().zip(y).map(|(a, b)| c1 * a + c2 * b).collect()
+        };
+        Genome {
+            tensors: p1
+                .tensors
+                .iter()
+                .zip(&p2.tensors)
+                .enumerate()
+                .map(|(t, (g1, g2))| {
+                    let s = w1[t] + w2[t];
+                    let (c1, c2) = (w1[t] / s, w2[t] / s);
+                    TensorGenes {
+                        a: mix(c1, c2, &g1.a, &g2.a),
+                        gamma: g1
+                            .gamma
+                            .iter()
+                            .zip(&g2.gamma)
+                            .map(|(x, y)| mix(c1, c2, x, y))
+                            .collect(),
+                    }
+                })
+                .collect(),
         }
-        out
     }
 
     /// All coefficients in order (per tensor: `a`, then each expert's `γ`): the genome's

@@ -88,6 +88,17 @@ impl<S: Clone> GridArchive<S> {
 
     /// The paper's range for a measure: 85% of the weakest expert's score to 115% of the
     /// strongest's.
+    /// An empty archive with the same grid, for solutions of any type.
+    pub fn empty_like<T: Clone>(&self) -> GridArchive<T> {
+        GridArchive {
+            bins: self.bins,
+            ranges: self.ranges.clone(),
+            qd_offset: self.qd_offset,
+            edges: self.edges.clone(),
+            cells: BTreeMap::new(),
+        }
+    }
+
     pub fn paper_range(expert_scores: &[f64]) -> (f64, f64) {
         let min = expert_scores.iter().copied().fold(f64::INFINITY, f64::min);
         let max = expert_scores
@@ -142,6 +153,16 @@ impl<S: Clone> GridArchive<S> {
     /// Offers a solution: it takes its cell if the cell is empty or its objective is
     /// strictly greater than the elite's.
     pub fn add(&mut self, solution: S, objective: f64, measures: &[f64]) -> Result<AddStatus> {
+        Ok(self.insert(solution, objective, measures)?.0)
+    }
+
+    /// [`GridArchive::add`], also returning the elite it displaced, if any.
+    pub fn insert(
+        &mut self,
+        solution: S,
+        objective: f64,
+        measures: &[f64],
+    ) -> Result<(AddStatus, Option<S>)> {
         if objective.is_nan() {
             return Err(Error::invalid("objective is not a number"));
         }
@@ -150,9 +171,9 @@ impl<S: Clone> GridArchive<S> {
         let status = match self.cells.get(&key) {
             None => AddStatus::New,
             Some(e) if objective > e.objective => AddStatus::ImproveExisting,
-            Some(_) => return Ok(AddStatus::NotAdded),
+            Some(_) => return Ok((AddStatus::NotAdded, None)),
         };
-        self.cells.insert(
+        let old = self.cells.insert(
             key,
             Elite {
                 solution,
@@ -161,7 +182,7 @@ impl<S: Clone> GridArchive<S> {
                 cell,
             },
         );
-        Ok(status)
+        Ok((status, old.map(|e| e.solution)))
     }
 
     /// Elites in cell order.

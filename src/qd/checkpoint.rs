@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::durable::{self, write_atomic, Coverage};
 use crate::error::{Error, Result};
@@ -58,14 +59,14 @@ fn encode_genomes<'a>(
 }
 
 /// Writes genomes (by id) as a safetensors file with `metadata`, atomically.
-pub fn write_genomes(
+pub fn write_genomes<'a>(
     path: &Path,
-    genomes: &BTreeMap<String, Genome>,
+    genomes: impl Iterator<Item = (&'a String, &'a Genome)>,
     metadata: BTreeMap<String, String>,
 ) -> Result<()> {
     write_atomic(
         path,
-        &encode_genomes(genomes.iter().map(|(k, g)| (k.clone(), g)), metadata),
+        &encode_genomes(genomes.map(|(k, g)| (k.clone(), g)), metadata),
     )
 }
 
@@ -127,11 +128,11 @@ pub fn encode(pop: &Population, meta: &CheckpointMeta) -> Vec<u8> {
             serde_json::to_string(&meta.in_flight).expect("specs serialise"),
         ),
     ]);
-    let held = pop.genomes.iter().map(|(k, g)| (k.clone(), g));
+    let held = pop.genomes.iter().map(|(k, g)| (k.clone(), &**g));
     let flying = meta
         .in_flight
         .iter()
-        .map(|s| (format!("{IN_FLIGHT}{}", s.id()), &s.genome));
+        .map(|s| (format!("{IN_FLIGHT}{}", s.id()), &*s.genome));
     encode_genomes(held.chain(flying), metadata)
 }
 
@@ -182,7 +183,7 @@ pub fn load(path: &Path, set: &ExpertSet) -> Result<(Population, CheckpointMeta)
         (number("next_child")?, specs)
     };
     for spec in &mut in_flight {
-        spec.genome = genomes
+        let g = genomes
             .remove(&format!("{IN_FLIGHT}{}", spec.id()))
             .ok_or_else(|| {
                 Error::format(
@@ -190,8 +191,9 @@ pub fn load(path: &Path, set: &ExpertSet) -> Result<(Population, CheckpointMeta)
                     format!("child in flight `{}` has no genome", spec.id()),
                 )
             })?;
+        spec.genome = Arc::new(g);
     }
-    pop.genomes = genomes;
+    pop.genomes = genomes.into_iter().map(|(k, g)| (k, Arc::new(g))).collect();
     if let Some(id) = pop
         .individuals
         .keys()

@@ -8,6 +8,7 @@
 //! applied, is the coordinator's business (`crate::run`).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -63,9 +64,12 @@ pub struct Population {
     /// Individuals held by at least one archive, by id.
     pub individuals: BTreeMap<String, Individual>,
     #[serde(skip)]
-    pub genomes: BTreeMap<String, Genome>,
+    pub genomes: BTreeMap<String, Arc<Genome>>,
     /// The experts as first evaluated (kept for the report even once displaced).
     pub experts: Vec<Individual>,
+    /// The archives' statistics after every evaluation. Not checkpointed (it grows with the
+    /// run): [`Population::replay_history`] rebuilds it from the event log.
+    #[serde(skip)]
     pub history: Vec<HistoryPoint>,
 }
 
@@ -83,9 +87,10 @@ pub struct ChildSpec {
     pub crossover_weights: Vec<[f32; 2]>,
     /// The RNG of this child is seeded by `(run seed, child)`.
     pub seed: [u64; 2],
-    /// Stored beside the spec in checkpoints (as an f32 tensor), not in its JSON.
+    /// Stored beside the spec in checkpoints (as an f32 tensor), not in its JSON. Shared:
+    /// the archives keep the same genome when the child enters them.
     #[serde(skip)]
-    pub genome: Genome,
+    pub genome: Arc<Genome>,
 }
 
 impl ChildSpec {
@@ -206,7 +211,7 @@ impl Population {
                 fitness,
             };
             pop.experts.push(ind.clone());
-            pop.offer(ind, Genome::seed(set, e))?;
+            pop.offer(ind, Arc::new(Genome::seed(set, e)))?;
         }
         pop.record(k as u64);
         Ok(pop)
@@ -217,31 +222,74 @@ impl Population {
     pub fn offer(
         &mut self,
         ind: Individual,
-        genome: Genome,
+        genome: Arc<Genome>,
     ) -> Result<BTreeMap<String, AddStatus>> {
         let mut entered = BTreeMap::new();
+        let mut displaced = vec![];
         for (k, archive) in self.archives.iter_mut().enumerate() {
             let measures: Vec<f64> = (0..ind.fitness.len())
                 .filter(|&d| d != k)
                 .map(|d| ind.fitness[d])
                 .collect();
-            let status = archive.add(ind.id.clone(), ind.fitness[k], &measures)?;
+            let (status, old) = archive.insert(ind.id.clone(), ind.fitness[k], &measures)?;
             if status != AddStatus::NotAdded {
                 entered.insert(self.tasks[k].clone(), status);
             }
+            displaced.extend(old);
         }
         if !entered.is_empty() {
             self.genomes.insert(ind.id.clone(), genome);
             self.individuals.insert(ind.id.clone(), ind);
-            let held: std::collections::BTreeSet<&String> = self
+        }
+        // An individual leaves with its last cell.
+        for id in displaced {
+            if !self
                 .archives
                 .iter()
-                .flat_map(|a| a.elites().map(|e| &e.solution))
-                .collect();
-            self.individuals.retain(|id, _| held.contains(id));
-            self.genomes.retain(|id, _| held.contains(id));
+                .any(|a| a.elites().any(|e| e.solution == id))
+            {
+                self.individuals.remove(&id);
+                self.genomes.remove(&id);
+            }
         }
         Ok(entered)
+    }
+
+    /// The history of a run whose applied children are `events` (in the order they were
+    /// applied): the experts, then each scored child offered to fresh archives of the same
+    /// grids, exactly as the run did.
+    pub fn replay_history<'a>(
+        &self,
+        events: impl IntoIterator<Item = &'a ChildEvent>,
+    ) -> Result<Vec<HistoryPoint>> {
+        let k = self.tasks.len();
+        let mut archives: Vec<GridArchive<()>> =
+            self.archives.iter().map(|a| a.empty_like()).collect();
+        let offer = |archives: &mut Vec<GridArchive<()>>, f: &[f64]| -> Result<()> {
+            for (q, a) in archives.iter_mut().enumerate() {
+                let measures: Vec<f64> = (0..f.len()).filter(|&d| d != q).map(|d| f[d]).collect();
+                a.add((), f[q], &measures)?;
+            }
+            Ok(())
+        };
+        for e in &self.experts {
+            offer(&mut archives, &e.fitness)?;
+        }
+        let stats = |archives: &[GridArchive<()>]| archives.iter().map(|a| a.stats()).collect();
+        let mut history = vec![HistoryPoint {
+            evaluations: k as u64,
+            stats: stats(&archives),
+        }];
+        for (i, ev) in events.into_iter().enumerate() {
+            if let Some(f) = &ev.scores {
+                offer(&mut archives, f)?;
+            }
+            history.push(HistoryPoint {
+                evaluations: (k + i + 1) as u64,
+                stats: stats(&archives),
+            });
+        }
+        Ok(history)
     }
 
     fn record(&mut self, evaluations: u64) {
@@ -249,6 +297,21 @@ impl Population {
             evaluations,
             stats: self.archives.iter().map(|a| a.stats()).collect(),
         });
+    }
+
+    /// A copy of everything a checkpoint records (the history is not: it is replayed from the
+    /// log). Cheap: genomes are shared, not copied.
+    pub fn snapshot(&self) -> Population {
+        Population {
+            tasks: self.tasks.clone(),
+            children_done: self.children_done,
+            failed: self.failed,
+            archives: self.archives.clone(),
+            individuals: self.individuals.clone(),
+            genomes: self.genomes.clone(),
+            experts: self.experts.clone(),
+            history: vec![],
+        }
     }
 
     /// Evaluations so far (experts included).
@@ -305,7 +368,7 @@ impl Population {
             parents: [p1, p2],
             crossover_weights: weights,
             seed: [ops.seed, n],
-            genome,
+            genome: Arc::new(genome),
         })
     }
 

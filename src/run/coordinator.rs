@@ -121,12 +121,22 @@ impl Coordinator {
     pub fn resume(
         out: &Path,
         set: Arc<ExpertSet>,
-        pop: Population,
+        mut pop: Population,
         meta: CheckpointMeta,
         cfg: CoordinatorConfig,
     ) -> Result<Coordinator> {
         let events_path = out.join("events.jsonl");
-        check_events(&events_path, meta.events_len, pop.children_done)?;
+        let events = read_events(&events_path, meta.events_len, pop.children_done)?;
+        // The statistics' history is the log replayed; its end must be the archives the
+        // checkpoint holds, or log and checkpoint are not of one run.
+        pop.history = pop.replay_history(&events)?;
+        let now: Vec<_> = pop.archives.iter().map(|a| a.stats()).collect();
+        if pop.history.last().map(|h| &h.stats) != Some(&now) {
+            return Err(Error::format(
+                &events_path,
+                "does not replay to the checkpoint's archives (not this run's log?)",
+            ));
+        }
         let f = OpenOptions::new()
             .write(true)
             .open(&events_path)
@@ -204,13 +214,19 @@ impl Coordinator {
         Ok(self.pending.pop_front().map(|n| self.in_flight[&n].clone()))
     }
 
-    /// Breeds up to `count` new children from the archives as they are.
+    /// Breeds up to `count` new children from the archives as they are (in parallel: the
+    /// children of a batch are independent, and every worker waits for them).
     fn breed(&mut self, count: u64) -> Result<()> {
+        use rayon::prelude::*;
         let last = (self.next_child + count - 1).min(self.cfg.generations);
-        for n in self.next_child..=last {
-            let spec = Arc::new(self.pop.breed(n, &self.set, &self.cfg.ops)?);
-            self.in_flight.insert(n, spec);
-            self.pending.push_back(n);
+        let (pop, set, ops) = (&self.pop, &self.set, &self.cfg.ops);
+        let specs = (self.next_child..=last)
+            .into_par_iter()
+            .map(|n| pop.breed(n, set, ops).map(Arc::new))
+            .collect::<Result<Vec<_>>>()?;
+        for spec in specs {
+            self.pending.push_back(spec.child);
+            self.in_flight.insert(spec.child, spec);
         }
         self.next_child = last + 1;
         Ok(())
@@ -314,8 +330,9 @@ impl Coordinator {
     }
 
     fn checkpoint_in_background(&mut self) -> Result<()> {
-        let bytes = checkpoint::encode(&self.pop, &self.meta());
-        self.writer.submit(bytes)
+        // A snapshot (genomes shared) is all this thread pays; encoding and writing happen on
+        // the writer's.
+        self.writer.submit(self.pop.snapshot(), self.meta())
     }
 
     /// Writes a checkpoint of the state now and waits until it is on disk.
@@ -336,17 +353,22 @@ struct CheckpointWriter {
 }
 
 impl CheckpointWriter {
-    fn submit(&mut self, bytes: Vec<u8>) -> Result<()> {
+    fn submit(&mut self, pop: Population, meta: CheckpointMeta) -> Result<()> {
         self.wait()?;
         let events = self
             .events
             .try_clone()
             .map_err(|e| Error::io(&self.events_path, e))?;
         let (path, events_path) = (self.path.clone(), self.events_path.clone());
-        self.pending = Some(std::thread::spawn(move || {
-            events.sync_data().map_err(|e| Error::io(&events_path, e))?;
-            checkpoint::write_encoded(&path, &bytes)
-        }));
+        let thread = std::thread::Builder::new()
+            .name("checkpoint".into())
+            .spawn(move || {
+                let bytes = checkpoint::encode(&pop, &meta);
+                events.sync_data().map_err(|e| Error::io(&events_path, e))?;
+                checkpoint::write_encoded(&path, &bytes)
+            })
+            .map_err(|e| Error::invalid(format!("starting the checkpoint writer: {e}")))?;
+        self.pending = Some(thread);
         Ok(())
     }
 
@@ -366,8 +388,8 @@ impl Drop for CheckpointWriter {
     }
 }
 
-/// `events.jsonl` up to `len` bytes must be `applied` complete lines, each an event.
-fn check_events(path: &Path, len: u64, applied: u64) -> Result<()> {
+/// The events of `events.jsonl` up to `len` bytes, which must be `applied` complete lines.
+pub fn read_events(path: &Path, len: u64, applied: u64) -> Result<Vec<ChildEvent>> {
     let f = File::open(path).map_err(|e| Error::io(path, e))?;
     let size = f.metadata().map_err(|e| Error::io(path, e))?.len();
     if size < len {
@@ -376,7 +398,7 @@ fn check_events(path: &Path, len: u64, applied: u64) -> Result<()> {
             format!("{size} bytes, shorter than the checkpoint's {len}: the log was truncated"),
         ));
     }
-    let mut lines = 0u64;
+    let mut events = vec![];
     let mut reader = std::io::BufReader::new(std::io::Read::take(f, len));
     let mut line = String::new();
     loop {
@@ -387,19 +409,28 @@ fn check_events(path: &Path, len: u64, applied: u64) -> Result<()> {
         if n == 0 {
             break;
         }
-        lines += 1;
-        if !line.ends_with('\n') || serde_json::from_str::<ChildEvent>(&line).is_err() {
-            return Err(Error::format(
-                path,
-                format!("line {lines} is not a complete event (corrupted log)"),
-            ));
-        }
+        let event = serde_json::from_str::<ChildEvent>(&line)
+            .ok()
+            .filter(|_| line.ends_with('\n'))
+            .ok_or_else(|| {
+                Error::format(
+                    path,
+                    format!(
+                        "line {} is not a complete event (corrupted log)",
+                        events.len() + 1
+                    ),
+                )
+            })?;
+        events.push(event);
     }
-    if lines != applied {
+    if events.len() as u64 != applied {
         return Err(Error::format(
             path,
-            format!("{lines} events before the checkpoint, which applied {applied} children"),
+            format!(
+                "{} events before the checkpoint, which applied {applied} children",
+                events.len()
+            ),
         ));
     }
-    Ok(())
+    Ok(events)
 }

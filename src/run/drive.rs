@@ -53,6 +53,27 @@ pub enum DriveEnd {
     Stopped { abandoned: usize },
 }
 
+/// Where a drive's time went.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DriveStats {
+    /// From the first child handed out to the end.
+    pub wall_seconds: f64,
+    /// Spent by the driving thread in the coordinator (asks, tells, checkpoint encoding).
+    pub coordinator_seconds: f64,
+    /// Per worker: seconds spent evaluating children.
+    pub busy_seconds: Vec<f64>,
+    /// Results received (retries included).
+    pub results: u64,
+}
+
+/// What a drive returns: how it ended, the workers it could take back (all of them unless
+/// children were abandoned) and where the time went.
+pub struct Driven {
+    pub end: DriveEnd,
+    pub workers: Vec<Box<dyn Worker>>,
+    pub stats: DriveStats,
+}
+
 /// What the drive tells its observer.
 pub enum DriveEvent<'a> {
     /// After every result.
@@ -93,15 +114,14 @@ struct Slot {
     faults: u32,
 }
 
-/// Drives `coord` with `workers` until every child is applied or a stop is requested; returns
-/// how it ended and the workers it could take back (all of them unless children were
-/// abandoned). The caller checkpoints afterwards.
+/// Drives `coord` with `workers` until every child is applied or a stop is requested. The
+/// caller checkpoints afterwards.
 pub fn drive(
     coord: &mut Coordinator,
     workers: Vec<Box<dyn Worker>>,
     stop: &Stop,
     observe: &mut dyn FnMut(DriveEvent),
-) -> Result<(DriveEnd, Vec<Box<dyn Worker>>)> {
+) -> Result<Driven> {
     if workers.is_empty() {
         return Err(Error::invalid("a run needs at least one worker"));
     }
@@ -113,6 +133,11 @@ pub fn drive(
         .collect::<Result<_>>()?;
     drop(done_tx);
     let mut retries: VecDeque<Retry> = VecDeque::new();
+    let mut stats = DriveStats {
+        busy_seconds: vec![0.0; slots.len()],
+        ..DriveStats::default()
+    };
+    let start = Instant::now();
     let end = loop {
         let stopping = stop.requests() > 0;
         if stop.requests() > 1 {
@@ -120,7 +145,9 @@ pub fn drive(
                 abandoned: slots.iter().filter(|s| s.busy).count(),
             };
         }
+        let t = Instant::now();
         dispatch(coord, &mut slots, &mut retries, stopping)?;
+        stats.coordinator_seconds += t.elapsed().as_secs_f64();
         let busy = slots.iter().filter(|s| s.busy).count();
         if busy == 0 {
             if coord.is_done() {
@@ -155,8 +182,17 @@ pub fn drive(
                 return Err(Error::invalid("every worker thread ended"))
             }
         };
+        let t = Instant::now();
+        stats.results += 1;
+        stats.busy_seconds[d.worker] += d.seconds;
+        slots[d.worker].busy = false;
+        // The worker gets its next child before this result is applied: it is what keeps a
+        // worker busy (with the batch schedule, the rest of the batch is already bred; with
+        // the steady one, a child is bred from the archives without the result in hand).
+        if d.result.is_ok() {
+            dispatch(coord, &mut slots, &mut retries, stopping)?;
+        }
         let slot = &mut slots[d.worker];
-        slot.busy = false;
         let report = Report {
             worker: slot.name.clone(),
             seconds: d.seconds,
@@ -192,8 +228,10 @@ pub fn drive(
                 }
             }
         }
+        stats.coordinator_seconds += t.elapsed().as_secs_f64();
         observe(DriveEvent::Progress(&coord.progress()));
     };
+    stats.wall_seconds = start.elapsed().as_secs_f64();
     // Hand back every idle worker; busy ones (abandoned children) finish on their own.
     let mut back = vec![];
     for s in &mut slots {
@@ -207,7 +245,11 @@ pub fn drive(
             }
         }
     }
-    Ok((end, back))
+    Ok(Driven {
+        end,
+        workers: back,
+        stats,
+    })
 }
 
 fn tell(

@@ -94,7 +94,7 @@ pub fn finish(
     // Candidates for the final model.
     let best = pop.best_per_archive();
     let objectives: Vec<f64> = best.iter().enumerate().map(|(q, b)| b.fitness[q]).collect();
-    let best_genomes: Vec<&Genome> = best.iter().map(|b| &pop.genomes[&b.id]).collect();
+    let best_genomes: Vec<&Genome> = best.iter().map(|b| &*pop.genomes[&b.id]).collect();
     let softmax = Genome::softmax_merge(&best_genomes, &objectives);
     let best_mean = pop.best_mean();
     let candidates: Vec<(String, FinalRule, Genome)> = vec![
@@ -112,7 +112,7 @@ pub fn finish(
         (
             format!("CycleQD best-mean elite ({})", best_mean.id),
             FinalRule::BestMean,
-            pop.genomes[&best_mean.id].clone(),
+            (*pop.genomes[&best_mean.id]).clone(),
         ),
     ];
 
@@ -173,16 +173,18 @@ pub fn finish(
     let (chosen, chosen_tensors) = chosen.expect("every rule has a candidate");
 
     // The archives' genomes, with the final model's under `final` (for `export`).
-    let mut genomes = pop.genomes.clone();
     let final_genome = candidates
         .iter()
         .find(|c| c.1 == final_rule)
-        .map(|c| c.2.clone())
+        .map(|c| &c.2)
         .expect("every rule has a candidate");
-    genomes.insert("final".into(), final_genome);
+    let final_id = "final".to_string();
+    let mut genomes: Vec<(&String, &Genome)> = pop.genomes.iter().map(|(k, g)| (k, &**g)).collect();
+    genomes.push((&final_id, final_genome));
+    genomes.sort_by(|a, b| a.0.cmp(b.0));
     checkpoint::write_genomes(
         &adir.join("genomes.safetensors"),
-        &genomes,
+        genomes.into_iter(),
         [("tasks".to_string(), names.join(","))].into(),
     )?;
 

@@ -33,7 +33,7 @@ use crate::qd::cycle::coefficient_groups;
 use crate::qd::{GridArchive, Operators, Population};
 
 pub use coordinator::{Coordinator, CoordinatorConfig, Progress, Report, Schedule, Told};
-pub use drive::{drive, DriveEnd, DriveEvent, Stop};
+pub use drive::{drive, DriveEnd, DriveEvent, DriveStats, Driven, Stop};
 pub use finish::{Row, Summary};
 pub use lock::RunLock;
 pub use worker::{ModelWorker, Split, Suites, Worker};
@@ -358,20 +358,43 @@ impl Run {
         if let Some(s) = self.finished_summary()? {
             return Ok(RunEnd::AlreadyFinished(s));
         }
-        let mut workers = self.workers()?;
+        let workers = self.workers()?;
+        self.execute_with(workers, stop, reporter)
+    }
+
+    /// [`Run::execute`] with the caller's workers (the first scores the experts and the final
+    /// table).
+    pub fn execute_with(
+        &mut self,
+        mut workers: Vec<Box<dyn Worker>>,
+        stop: &Stop,
+        reporter: &mut dyn Reporter,
+    ) -> Result<RunEnd> {
+        if workers.is_empty() {
+            return Err(Error::invalid("a run needs at least one worker"));
+        }
         for w in &workers {
-            reporter.note(&format!("worker {}", w.name()));
+            reporter.note(&match w.placement() {
+                Some(p) => format!("worker {}: sources {p}", w.name()),
+                None => format!("worker {}", w.name()),
+            });
         }
         let mut coord = self.coordinator(workers[0].as_mut())?;
         let names: Vec<String> = workers.iter().map(|w| w.name()).collect();
         let resumed_at = coord.population().children_done;
         reporter.started(&coord.progress(), &names);
         let loop_start = Instant::now();
-        let (end, mut back) = drive(&mut coord, workers, stop, &mut |ev| match ev {
+        let Driven {
+            end,
+            workers: mut back,
+            ..
+        } = drive(&mut coord, workers, stop, &mut |ev| match ev {
             DriveEvent::Progress(p) => reporter.progress(p),
             DriveEvent::Note(n) => reporter.note(&n),
         })?;
         coord.checkpoint()?;
+        // Past the loop a stop request has nothing left to save: signals act as usual again.
+        signals::restore();
         reporter.loop_ended();
         let loop_seconds = loop_start.elapsed().as_secs_f64();
         if let DriveEnd::Stopped { .. } = end {

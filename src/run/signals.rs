@@ -1,11 +1,12 @@
 //! SIGINT and SIGTERM as stop requests: the handler only counts them (an atomic increment is
 //! all a signal handler may safely do); the drive loop polls the count.
 
-use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 static COUNTER: OnceLock<Arc<AtomicUsize>> = OnceLock::new();
 static LAST: AtomicI32 = AtomicI32::new(0);
+static INSTALLED: AtomicBool = AtomicBool::new(false);
 
 /// The count of stop signals received since [`install`].
 pub fn counter() -> Arc<AtomicUsize> {
@@ -34,5 +35,18 @@ pub fn install() {
     unsafe {
         libc::signal(libc::SIGINT, handler);
         libc::signal(libc::SIGTERM, handler);
+    }
+    INSTALLED.store(true, Ordering::SeqCst);
+}
+
+/// Gives SIGINT and SIGTERM their default action back, if [`install`] took them.
+pub fn restore() {
+    if !INSTALLED.swap(false, Ordering::SeqCst) {
+        return;
+    }
+    // SAFETY: resetting a signal's disposition to the default.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_DFL);
+        libc::signal(libc::SIGTERM, libc::SIG_DFL);
     }
 }

@@ -57,6 +57,10 @@ impl Suites {
 pub trait Worker: Send {
     /// Its name in logs and events (`cpu:0`, `cuda:3 NVIDIA H100`).
     fn name(&self) -> String;
+    /// Where its materialisation sources live, for the log.
+    fn placement(&self) -> Option<String> {
+        None
+    }
     /// Materialises `genome` and scores it on every fitness task. `Ok(Err(reason))`: the
     /// child failed (an external evaluator crashed); `Err`: this worker failed (the child may
     /// be retried elsewhere).
@@ -148,11 +152,6 @@ where
         })
     }
 
-    /// Where the sources live, for the log.
-    pub fn placement(&self) -> String {
-        self.backend.describe_sources(&self.sources)
-    }
-
     /// The child model (its weights hold the last child materialised).
     pub fn model(&self) -> &LlamaModel<B> {
         &self.model
@@ -160,34 +159,17 @@ where
 
     /// Writes `genome` into the child model's weights.
     pub fn materialize(&mut self, genome: &Genome) -> Result<()> {
-        for (coef, &t) in self.coefs.iter_mut().zip(&self.placed) {
-            self.set.coefficients_into(genome, t, coef);
-        }
-        let mut outs = self.model.weights_mut();
-        self.backend
-            .materialize_into(&mut outs, &mut self.sources, &self.coefs)
-    }
-
-    /// The child as host tensors in the set's order, for an external evaluator's export: the
-    /// model's weights downloaded (no copy on the CPU), any tensor the model does not use
-    /// materialised on the host.
-    fn child_tensors(&self, genome: &Genome) -> Result<Vec<(String, HostTensor)>> {
-        let weights = self.model.weights();
-        let by_tensor: HashMap<usize, usize> = self
-            .placed
-            .iter()
-            .enumerate()
-            .map(|(w, &t)| (t, w))
-            .collect();
-        (0..self.set.tensors.len())
-            .map(|t| {
-                let tensor = match by_tensor.get(&t) {
-                    Some(&w) => self.backend.download_weight(weights[w])?,
-                    None => self.set.materialize_tensor(genome, t)?,
-                };
-                Ok((self.set.tensors[t].name.clone(), tensor))
-            })
-            .collect()
+        Self::in_pool(&self.pool, || {
+            write_child(
+                &self.backend,
+                &self.set,
+                &self.placed,
+                &mut self.coefs,
+                &mut self.model,
+                &mut self.sources,
+                genome,
+            )
+        })
     }
 
     fn in_pool<T: Send>(pool: &Option<rayon::ThreadPool>, f: impl FnOnce() -> T + Send) -> T {
@@ -196,6 +178,46 @@ where
             None => f(),
         }
     }
+}
+
+/// Writes `genome` into `model`'s weights from the placed sources.
+fn write_child<B: Backend>(
+    backend: &B,
+    set: &ExpertSet,
+    placed: &[usize],
+    coefs: &mut [TensorCoefficients],
+    model: &mut LlamaModel<B>,
+    sources: &mut B::Sources,
+    genome: &Genome,
+) -> Result<()> {
+    for (coef, &t) in coefs.iter_mut().zip(placed) {
+        set.coefficients_into(genome, t, coef);
+    }
+    backend.materialize_into(&mut model.weights_mut(), sources, coefs)
+}
+
+/// The child as host tensors in the set's order, for an external evaluator's export: the
+/// model's weights downloaded (no copy on the CPU), any tensor the model does not use
+/// materialised on the host.
+fn child_tensors<B: Backend>(
+    backend: &B,
+    set: &ExpertSet,
+    placed: &[usize],
+    model: &LlamaModel<B>,
+    genome: &Genome,
+) -> Result<Vec<(String, HostTensor)>> {
+    let weights = model.weights();
+    let by_tensor: HashMap<usize, usize> =
+        placed.iter().enumerate().map(|(w, &t)| (t, w)).collect();
+    (0..set.tensors.len())
+        .map(|t| {
+            let tensor = match by_tensor.get(&t) {
+                Some(&w) => backend.download_weight(weights[w])?,
+                None => set.materialize_tensor(genome, t)?,
+            };
+            Ok((set.tensors[t].name.clone(), tensor))
+        })
+        .collect()
 }
 
 /// Bytes a device keeps free beside the sources: a KV cache (f32 keys and values, every
@@ -221,19 +243,30 @@ where
         self.name.clone()
     }
 
+    fn placement(&self) -> Option<String> {
+        Some(self.backend.describe_sources(&self.sources))
+    }
+
     fn evaluate(&mut self, genome: &Genome, label: &str) -> Result<Scored> {
-        let pool = self.pool.take();
-        let r = Self::in_pool(&pool, || {
-            self.materialize(genome)?;
-            let suite = &self.suites.fitness;
+        let ModelWorker {
+            backend,
+            set,
+            suites,
+            sources,
+            placed,
+            model,
+            coefs,
+            pool,
+            ..
+        } = self;
+        Self::in_pool(pool, || {
+            write_child(backend, set, placed, coefs, model, sources, genome)?;
+            let suite = &suites.fitness;
             let mut export = |dir: &Path| -> Result<()> {
-                let tensors = self.child_tensors(genome)?;
-                suite.export(dir, &tensors)
+                suite.export(dir, &child_tensors(backend, set, placed, model, genome)?)
             };
-            suite.score_model(&self.backend, &self.model, label, &mut export)
-        });
-        self.pool = pool;
-        r
+            suite.score_model(backend, model, label, &mut export)
+        })
     }
 
     fn score_tensors(

@@ -145,3 +145,96 @@ pub fn decisive_steps(margins: &[f32]) -> usize {
         .position(|&m| m < 1e-2)
         .unwrap_or(margins.len())
 }
+
+/// The demo (synth output) in `dir/demo`, with `edit` applied to its `cycleqd.toml`.
+pub fn demo(dir: &Path, edit: impl Fn(String) -> String) -> PathBuf {
+    let d = dir.join("demo");
+    let o = run(&["synth", "--out", d.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "synth: {}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for r in report["requirements"].as_array().unwrap() {
+        assert!(
+            r[1].as_bool().unwrap(),
+            "synth requirement not met: {}",
+            r[0]
+        );
+    }
+    let cfg = d.join("cycleqd.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, edit(text)).unwrap();
+    cfg
+}
+
+pub fn set_key(text: String, key: &str, value: &str) -> String {
+    text.lines()
+        .map(|l| {
+            if l.starts_with(&format!("{key} =")) {
+                format!("{key} = {value}")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+pub fn run_to_end(cfg: &Path, out: &Path) -> std::process::Output {
+    let o = run(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "run: {}", stderr(&o));
+    o
+}
+
+pub fn read(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// The events without their timings and the names of the workers that ran them.
+pub fn events(out: &Path) -> Vec<serde_json::Value> {
+    String::from_utf8(read(&out.join("events.jsonl")))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("seconds");
+            v.as_object_mut().unwrap().remove("worker");
+            v
+        })
+        .collect()
+}
+
+/// `extra` lines added to the `[evolution]` table of a configuration.
+pub fn with_evolution(text: String, extra: &str) -> String {
+    text.replacen("[evolution]\n", &format!("[evolution]\n{extra}\n"), 1)
+}
+
+/// `run --config cfg --out out` with `args` added, which must succeed.
+pub fn run_with(cfg: &Path, out: &Path, args: &[&str]) -> std::process::Output {
+    let mut all = vec![
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    all.extend_from_slice(args);
+    let o = run(&all);
+    assert!(o.status.success(), "run {args:?}: {}", stderr(&o));
+    o
+}
+
+/// The files of a run folder that must not depend on how it was run: the archives, their
+/// genomes and the final model.
+pub fn assert_same_archives(a: &Path, b: &Path, tasks: &[&str]) {
+    for f in tasks.iter().map(|t| format!("archives/{t}.json")).chain([
+        "archives/genomes.safetensors".into(),
+        "final/model.safetensors".into(),
+    ]) {
+        assert!(read(&a.join(&f)) == read(&b.join(&f)), "{f} differs");
+    }
+}

@@ -1,0 +1,166 @@
+//! `bench --op scheduler`: the real coordinator (asks, tells, archive inserts, the event log,
+//! checkpoints at the configured cadence) driving simulated devices, one per worker, that hold
+//! each child a fixed time. It measures what the scheduling costs: each worker's busy fraction
+//! (time evaluating ÷ wall time; the ceiling is 1) and the coordinator's time per child.
+//!
+//! The genomes are the demo's, bred by the real operators; a simulated worker scores a genome
+//! by a fixed function of its coefficients, so the archives fill as in a run and the results
+//! are a deterministic function of the schedule.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::eval::Scored;
+use crate::evolve::{ExpertSet, Genome, Rank};
+use crate::model::{HostTensor, ModelStore};
+use crate::qd::config::Granularity;
+use crate::qd::cycle::coefficient_groups;
+use crate::qd::{EliteSampling, Operators, Population};
+use crate::run::coordinator::{Coordinator, CoordinatorConfig, Schedule};
+use crate::run::drive::{drive, Stop};
+use crate::run::worker::{Split, Worker};
+
+/// A device that holds every child `hold` and scores it by [`simulated_scores`].
+pub struct SimulatedWorker {
+    pub name: String,
+    pub hold: Duration,
+}
+
+/// Scores of a genome, one per expert: 0.7 × the mean of its `a_e` over tensors (clamped to
+/// [0, 1]) plus 0.3 × a uniform draw hashed from its coefficients. An expert's seed leads on its
+/// own task; crossovers mix; every distinct genome scores differently, deterministically.
+pub fn simulated_scores(genome: &Genome) -> Vec<f64> {
+    let k = genome.tensors.first().map_or(0, |t| t.a.len());
+    let id = u64::from_str_radix(&genome.content_id(), 16).unwrap_or(0);
+    let n = genome.tensors.len().max(1) as f64;
+    (0..k)
+        .map(|e| {
+            let a: f64 = genome.tensors.iter().map(|t| t.a[e] as f64).sum::<f64>() / n;
+            let u = crate::synth::hash_uniform(id, e as u64) as f64;
+            0.7 * a.clamp(0.0, 1.0) + 0.3 * u
+        })
+        .collect()
+}
+
+impl Worker for SimulatedWorker {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn evaluate(&mut self, genome: &Genome, _label: &str) -> Result<Scored> {
+        std::thread::sleep(self.hold);
+        Ok(Ok(simulated_scores(genome)))
+    }
+
+    fn score_tensors(
+        &mut self,
+        _tensors: &[(String, HostTensor)],
+        _split: Split,
+        _label: &str,
+    ) -> Result<Scored> {
+        Err(Error::invalid("a simulated worker scores genomes only"))
+    }
+}
+
+/// The demo's expert set (synthesised under `dir` once).
+pub fn demo_set(dir: &Path) -> Result<ExpertSet> {
+    if !dir.join("cycleqd.toml").is_file() {
+        crate::synth::synthesize(dir, &crate::synth::SynthOptions::default())?;
+    }
+    let cfg = crate::qd::RunConfig::load(&dir.join("cycleqd.toml"))?;
+    let experts = cfg
+        .tasks
+        .iter()
+        .map(|t| ModelStore::open_llama(&t.expert))
+        .collect::<Result<Vec<_>>>()?;
+    ExpertSet::build(ModelStore::open_llama(&cfg.base)?, experts, Rank::Full)
+}
+
+/// One scheduler measurement: `children` children on `workers` simulated devices holding each
+/// `child_ms`, in a fresh run folder under `scratch`.
+pub fn measure(
+    set: Arc<ExpertSet>,
+    scratch: &Path,
+    workers: usize,
+    child_ms: f64,
+    schedule: Schedule,
+    children: u64,
+) -> Result<Value> {
+    let out = unique_dir(scratch)?;
+    let k = set.experts.len();
+    let names: Vec<&str> = set.tensors.iter().map(|t| t.name.as_str()).collect();
+    let tasks: Vec<String> = (0..k).map(|e| format!("task{e}")).collect();
+    let expert_fitness: Vec<Vec<f64>> = (0..k)
+        .map(|e| simulated_scores(&Genome::seed(&set, e)))
+        .collect();
+    let pop = Population::new(&set, tasks, &vec![(0.0, 1.0); k], 15, expert_fitness)?;
+    let cfg = CoordinatorConfig {
+        ops: Operators {
+            seed: 0,
+            crossover_mean: 1.0,
+            crossover_std: 0.01,
+            groups: coefficient_groups(&names, Granularity::Model),
+            mutation_w_max: 0.3,
+            sampling: EliteSampling::Weighted {
+                alpha_low: 0.5,
+                alpha_high: 1.3,
+            },
+        },
+        schedule,
+        generations: children,
+        // The configuration default: what a run pays.
+        checkpoint_every: 25,
+        config_toml: String::new(),
+    };
+    let mut coord = Coordinator::create(&out, set, pop, cfg)?;
+    let hold = Duration::from_secs_f64(child_ms / 1e3);
+    let fleet: Vec<Box<dyn Worker>> = (0..workers)
+        .map(|i| {
+            Box::new(SimulatedWorker {
+                name: format!("sim:{i}"),
+                hold,
+            }) as Box<dyn Worker>
+        })
+        .collect();
+    let t = Instant::now();
+    let driven = drive(&mut coord, fleet, &Stop::default(), &mut |_| {})?;
+    coord.checkpoint()?;
+    let total = t.elapsed().as_secs_f64();
+    let st = &driven.stats;
+    let busy: Vec<f64> = st
+        .busy_seconds
+        .iter()
+        .map(|b| b / st.wall_seconds.max(1e-12))
+        .collect();
+    let _ = std::fs::remove_dir_all(&out);
+    Ok(json!({
+        "schedule": match schedule { Schedule::Batch(b) => format!("batch {b}"), Schedule::Steady => "steady".into() },
+        "workers": workers,
+        "child_ms": child_ms,
+        "children": children,
+        "wall_seconds": st.wall_seconds,
+        "total_seconds_with_final_checkpoint": total,
+        "busy_fraction_per_worker": busy,
+        "busy_fraction_min": busy.iter().copied().fold(f64::INFINITY, f64::min),
+        "busy_fraction_mean": busy.iter().sum::<f64>() / busy.len().max(1) as f64,
+        "coordinator_ms_per_child": 1e3 * st.coordinator_seconds / children.max(1) as f64,
+        "children_per_second": children as f64 / st.wall_seconds.max(1e-12),
+        "ideal_children_per_second": workers as f64 / (child_ms / 1e3),
+    }))
+}
+
+fn unique_dir(scratch: &Path) -> Result<PathBuf> {
+    let d = scratch.join(format!(
+        "scheduler-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
+    Ok(d)
+}
