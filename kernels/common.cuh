@@ -17,12 +17,16 @@ __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 // Round-to-nearest-even, as the host's `half` crate rounds: CPU and GPU outputs agree bit for
-// bit whenever their f32 values do.
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+// bit whenever their f32 values do. (Overloads on a tag rather than explicit specialisations,
+// so every helper here can be an internal-linkage function when the kernels are compiled as
+// host C++ by the software device.)
+__device__ __forceinline__ float round_to(float v, const float*) { return v; }
+__device__ __forceinline__ __half round_to(float v, const __half*) { return __float2half_rn(v); }
+__device__ __forceinline__ __nv_bfloat16 round_to(float v, const __nv_bfloat16*) {
     return __float2bfloat16_rn(v);
+}
+template <typename T> __device__ __forceinline__ T from_f32(float v) {
+    return round_to(v, static_cast<const T*>(nullptr));
 }
 
 // One 16-byte vector of T: 4 f32 or 8 f16/bf16. Loads of weights go through these so every

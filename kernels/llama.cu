@@ -218,21 +218,29 @@ FOR_EACH_DTYPE(MATVEC)
     }
 FOR_EACH_DTYPE(CAST)
 
+// Whether (v, i) beats (best, bi) in an argmax: NaN counts as the largest value, and among
+// equals the lower index wins (torch's and numpy's rule; the host's `argmax` is the same).
+__device__ __forceinline__ bool argmax_better(float v, u32 i, float best, u32 bi) {
+    if (bi == 0xffffffffu) return true;
+    const bool vn = v != v, bn = best != best;
+    if (vn || bn) return vn && (!bn || i < bi);
+    return v > best || (v == best && i < bi);
+}
+
 // The warp's (max, first index of the max) in every lane.
 __device__ __forceinline__ void warp_argmax(float& best, u32& idx) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         const float ov = __shfl_xor_sync(0xffffffffu, best, o);
         const u32 oi = __shfl_xor_sync(0xffffffffu, idx, o);
-        if (ov > best || (ov == best && oi < idx)) {
+        if (oi != 0xffffffffu && argmax_better(ov, oi, best, idx)) {
             best = ov;
             idx = oi;
         }
     }
 }
 
-// out[r] = argmax_j logits[r, j], the first index on ties (as the host's argmax). One block
-// of 1024 threads per row.
+// out[r] = argmax_j logits[r, j] (see argmax_better). One block of 1024 threads per row.
 extern "C" __global__ void __launch_bounds__(1024)
     argmax_rows(u32* __restrict__ out, const float* __restrict__ logits, u32 vocab) {
     __shared__ float sm_val[32];
@@ -242,7 +250,7 @@ extern "C" __global__ void __launch_bounds__(1024)
     u32 idx = 0xffffffffu;
     for (u32 j = threadIdx.x; j < vocab; j += blockDim.x) {
         const float v = lr[j];
-        if (v > best || idx == 0xffffffffu) {
+        if (argmax_better(v, j, best, idx)) {
             best = v;
             idx = j;
         }

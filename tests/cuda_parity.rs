@@ -515,3 +515,30 @@ fn device_flag_runs_on_cuda_or_fails_in_one_line_without_it() {
     assert!(!bad.status.success());
     assert!(stderr(&bad).contains("use cpu, cuda or cuda:N"));
 }
+
+#[test]
+fn kernel_case_table_matches_the_cpu_on_the_gpu() {
+    use common::kernel_cases::{cases, compare, on_backend, on_gpu};
+    let Some(gpu) = gpu("kernel_case_table_matches_the_cpu_on_the_gpu") else {
+        return;
+    };
+    let table = cases();
+    let (mut failures, mut inside) = (vec![], 0);
+    for case in &table {
+        let want = on_backend(&CpuBackend, case);
+        match on_gpu(&gpu, case) {
+            Some(got) => {
+                if let Err(e) = compare(case, &got, &want) {
+                    failures.push(e);
+                }
+            }
+            None => inside += 1,
+        }
+    }
+    eprintln!(
+        "{} cases on {}, {inside} covered inside other ops",
+        table.len() - inside,
+        gpu.name()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -181,10 +181,13 @@ where
 }
 
 /// Index of the largest logit (the first one on ties, as torch.argmax).
+/// The index of the largest logit, the first on ties; NaN counts as the largest value (torch's
+/// and numpy's rule, which the GPU's `argmax_rows` follows too).
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
+        let b = logits[best];
+        if !b.is_nan() && (v.is_nan() || v > b) {
             best = i;
         }
     }
@@ -264,8 +267,11 @@ mod tests {
     }
 
     #[test]
-    fn argmax_takes_first_of_ties() {
+    fn argmax_takes_first_of_ties_and_nan_as_the_largest() {
         assert_eq!(argmax(&[0.0, 3.0, 3.0, 1.0]), 1);
+        assert_eq!(argmax(&[0.0, f32::NAN, 3.0, f32::NAN]), 1);
+        assert_eq!(argmax(&[f32::NAN, 3.0]), 0);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NEG_INFINITY]), 0);
     }
 
     #[test]

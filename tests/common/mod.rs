@@ -2,6 +2,8 @@
 //! and small file surgery for bad-input fixtures.
 #![allow(dead_code)]
 
+pub mod kernel_cases;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -13,13 +13,10 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{
-    CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
-    PinnedHostSlice, PushKernelArg,
-};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, PinnedHostSlice};
 
 use super::gemm::Precision;
-use super::{cuda_err, dtype_suffix, grid_stride, CudaBackend, CudaWeight};
+use super::{cuda_err, CudaBackend, CudaWeight};
 use crate::backend::materialize::{Placement, TensorCoefficients, TensorSources};
 use crate::error::{Error, Result};
 use crate::model::DType;
@@ -27,20 +24,7 @@ use crate::model::DType;
 /// Default largest f32 low-rank tile: read back by the fused pass while it is still in L2
 /// (50 MB on H100, 60 MB on H200).
 pub const TILE_BYTES: usize = 16 << 20;
-/// `MAX_SOURCES` in materialize.cu.
-const MAX_SOURCES: usize = 16;
-
-/// The kernel's `Sources` struct, passed by value.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Sources {
-    ptr: [u64; MAX_SOURCES],
-    coef: [f32; MAX_SOURCES],
-    count: i32,
-}
-
-// SAFETY: plain old data with the C layout of `struct Sources` in materialize.cu.
-unsafe impl DeviceRepr for Sources {}
+use super::launch::{self, MAX_SOURCES};
 
 /// The concatenated factors of one tensor, in device memory.
 pub struct DeviceFactors {
@@ -538,18 +522,10 @@ impl CudaBackend {
                 a.len()
             )));
         }
-        let mut src = Sources {
-            ptr: [0; MAX_SOURCES],
-            coef: [0.0; MAX_SOURCES],
-            count: sources.len() as i32,
-        };
-        src.coef[0] = 1.0 - a.iter().sum::<f32>();
-        src.coef[1..=a.len()].copy_from_slice(a);
-        let esize = dtype.size() as u64;
-        let kernel = self.kernels.function(
-            "materialize",
-            &format!("materialize_{}", dtype_suffix(dtype)),
-        )?;
+        // Source 0 is the base with coefficient 1 − Σ a_e; sources 1.. are the experts.
+        let source_coefs: Vec<f32> = std::iter::once(1.0 - a.iter().sum::<f32>())
+            .chain(a.iter().copied())
+            .collect();
         let expected_k = factors.map_or(0, |f| f.k);
         if coef.c.len() != expected_k {
             return Err(Error::invalid(format!(
@@ -575,16 +551,12 @@ impl CudaBackend {
             self.stream
                 .memcpy_htod(&coef.c[..], &mut coef_view)
                 .map_err(|e| cuda_err("uploading coefficients", e))?;
-            let scale = self.kernels.function("materialize", "scale_columns")?;
-            let (rows, cols) = (m as u64, f.k as u32);
-            let mut b = self.stream.launch_builder(&scale);
-            b.arg(&mut scratch.us)
-                .arg(&f.u)
-                .arg(&scratch.coef)
-                .arg(&rows)
-                .arg(&cols);
+            let l = launch::scale_columns(m, f.k)?;
+            let (usp, _gus) = scratch.us.device_ptr_mut(&self.stream);
+            let (up, _gu) = f.u.device_ptr(&self.stream);
+            let (cp, _gc) = scratch.coef.device_ptr(&self.stream);
             // SAFETY: u and us hold at least m·K values, coef K.
-            unsafe { b.launch(grid_stride(m * f.k)) }.map_err(|e| cuda_err("scale_columns", e))?;
+            unsafe { self.run(&l, &[usp, up, cp])? };
         }
         for r0 in (0..m).step_by(tile_rows) {
             let rows = tile_rows.min(m - r0);
@@ -615,17 +587,13 @@ impl CudaBackend {
                 }
                 None => 0,
             };
-            let off = (r0 * n) as u64 * esize;
-            let mut chunk = src;
-            for (p, &base) in chunk.ptr.iter_mut().zip(sources) {
-                *p = base + off;
-            }
-            let (dst, len) = (out + off, (rows * n) as u64);
-            let cfg: LaunchConfig = grid_stride(rows * n / 8 + 1);
-            let mut b = self.stream.launch_builder(&kernel);
-            b.arg(&dst).arg(&chunk).arg(&lr_ptr).arg(&len);
+            let l = launch::materialize(dtype, &source_coefs, rows * n, r0 * n, lr_ptr != 0)?;
+            let bufs: Vec<u64> = [out, lr_ptr]
+                .into_iter()
+                .chain(sources.iter().copied())
+                .collect();
             // SAFETY: every pointer addresses rows·n elements from row r0 (null tile: none).
-            unsafe { b.launch(cfg) }.map_err(|e| cuda_err("materialize", e))?;
+            unsafe { self.run(&l, &bufs)? };
         }
         Ok(())
     }

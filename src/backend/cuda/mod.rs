@@ -11,6 +11,7 @@ mod device;
 mod factorize;
 mod gemm;
 pub mod kernels;
+pub mod launch;
 mod materialize;
 mod ops;
 
@@ -18,7 +19,8 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
-    CudaContext, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaContext, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
 };
 
 use crate::error::{Error, Result};
@@ -123,9 +125,6 @@ impl<T: DeviceRepr + ValidAsZeroBits + PartialEq + Clone> UploadCache<T> {
     }
 }
 
-/// Threads per block of the element-wise and row kernels (matches `THREADS` in the sources).
-const THREADS: u32 = 256;
-
 impl CudaBackend {
     /// Opens device `ordinal`: an error (never a panic) when there is no driver or device.
     pub fn open(ordinal: usize) -> Result<Self> {
@@ -220,14 +219,12 @@ impl CudaBackend {
     ) -> Result<CudaWeight> {
         let len: usize = shape.iter().product();
         let mut data = self.alloc_bytes(len * dtype.size())?;
-        let f = self
-            .kernels
-            .function("llama", &format!("fill_random_{}", dtype_suffix(dtype)))?;
-        let (len64, cfg) = (len as u64, grid_stride(len));
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&mut data).arg(&len64).arg(&seed).arg(&scale);
-        // SAFETY: `data` holds `len` elements of `dtype`; the kernel writes exactly those.
-        unsafe { b.launch(cfg) }.map_err(|e| cuda_err("fill_random", e))?;
+        let l = launch::fill_random(dtype, len, seed, scale);
+        {
+            let (p, _g) = data.device_ptr_mut(&self.stream);
+            // SAFETY: `data` holds `len` elements of `dtype`; the kernel writes exactly those.
+            unsafe { self.run(&l, &[p])? };
+        }
         Ok(CudaWeight {
             dtype,
             shape: shape.to_vec(),
@@ -236,34 +233,89 @@ impl CudaBackend {
     }
 }
 
-/// The kernel-name suffix of a storage dtype.
-fn dtype_suffix(d: DType) -> &'static str {
-    match d {
-        DType::F32 => "f32",
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-    }
-}
-
 fn cuda_err(what: &str, e: impl std::fmt::Display) -> Error {
     Error::invalid(format!("CUDA: {what}: {e}"))
 }
 
-/// A grid-stride launch over `len` elements: enough blocks to fill the device, no more.
-fn grid_stride(len: usize) -> LaunchConfig {
-    let blocks = len.div_ceil(THREADS as usize).clamp(1, 132 * 16) as u32;
-    LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
+/// A struct kernel argument's bytes, passed by value (the driver reads the parameter's size).
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+struct ParamBytes([u8; 256]);
+
+// SAFETY: plain bytes; the driver copies as many as the kernel's parameter takes.
+unsafe impl DeviceRepr for ParamBytes {}
+
+/// An argument's value, stored where the launch builder can point at it.
+enum ArgValue {
+    U32(u32),
+    U64(u64),
+    F32(f32),
+    Bytes(Box<ParamBytes>),
 }
 
-/// One block of `THREADS` per row.
-fn per_row(rows: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (rows.max(1) as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
+impl CudaBackend {
+    /// Runs a launch description with `bufs[i]` the device address of its buffer `i`.
+    ///
+    /// # Safety
+    /// Every buffer must hold what the description's kernel reads and writes there (the op
+    /// that built the description checked the sizes).
+    unsafe fn run(&self, l: &launch::Launch, bufs: &[u64]) -> Result<()> {
+        let address = |buf: usize, offset: usize| -> Result<u64> {
+            bufs.get(buf).map(|b| b + offset as u64).ok_or_else(|| {
+                Error::invalid(format!(
+                    "{}: buffer {buf} of {} missing",
+                    l.kernel,
+                    bufs.len()
+                ))
+            })
+        };
+        let values = l
+            .args
+            .iter()
+            .map(|a| {
+                Ok(match a {
+                    launch::Arg::Buf { buf, offset } => ArgValue::U64(address(*buf, *offset)?),
+                    launch::Arg::U32(v) => ArgValue::U32(*v),
+                    launch::Arg::U64(v) => ArgValue::U64(*v),
+                    launch::Arg::F32(v) => ArgValue::F32(*v),
+                    launch::Arg::Struct { bytes, pointers } => {
+                        let mut p = Box::new(ParamBytes([0; 256]));
+                        if bytes.len() > p.0.len() {
+                            return Err(Error::invalid(format!(
+                                "{}: a {}-byte struct argument",
+                                l.kernel,
+                                bytes.len()
+                            )));
+                        }
+                        p.0[..bytes.len()].copy_from_slice(bytes);
+                        for sp in pointers {
+                            let a = address(sp.buf, sp.offset)?;
+                            p.0[sp.at..sp.at + 8].copy_from_slice(&a.to_le_bytes());
+                        }
+                        ArgValue::Bytes(p)
+                    }
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let f = self.kernels.function(l.module, &l.kernel)?;
+        let mut b = self.stream.launch_builder(&f);
+        for v in &values {
+            match v {
+                ArgValue::U32(x) => b.arg(x),
+                ArgValue::U64(x) => b.arg(x),
+                ArgValue::F32(x) => b.arg(x),
+                ArgValue::Bytes(x) => b.arg(&**x),
+            };
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (l.grid[0], l.grid[1], l.grid[2]),
+            block_dim: (l.block[0], l.block[1], l.block[2]),
+            shared_mem_bytes: l.shared_bytes,
+        };
+        // SAFETY: the caller vouches for the buffers; the arguments are the kernel's, in
+        // order, as the description packs them.
+        unsafe { b.launch(cfg) }
+            .map(|_| ())
+            .map_err(|e| cuda_err(&l.kernel, e))
     }
 }

@@ -1,22 +1,17 @@
-//! [`Backend`] for [`CudaBackend`]: each operation checks its sizes on the host (cudarc asserts
-//! on mismatches; we return errors instead), uploads the host index arrays it is given, and
-//! launches its kernel on the backend's stream.
+//! [`Backend`] for [`CudaBackend`]: each operation checks its device buffers' sizes on the host
+//! (cudarc asserts on mismatches; we return errors instead), takes its launch from
+//! [`super::launch`] (which checks the rest), uploads the host index arrays it is given, and
+//! runs the launch on the backend's stream.
 
-use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DevicePtr, DevicePtrMut};
 
-use super::{
-    cuda_err, dtype_suffix, grid_stride, per_row, CudaBackend, CudaBuf, CudaSources, CudaWeight,
-};
+use super::launch::{self, MATVEC_MAX_ROWS};
+use super::{cuda_err, CudaBackend, CudaBuf, CudaSources, CudaWeight};
 use crate::backend::materialize::{Placement, TensorCoefficients, TensorSources};
 use crate::backend::{AttentionGeometry, Backend};
 use crate::error::{Error, Result};
 use crate::merge::methods::{merge_tensor, MergeOp, Sink};
 use crate::model::{DType, HostTensor, TensorBytes};
-
-/// Batches of up to this many rows use the matvec kernel (one read of the weights per 8 rows);
-/// larger ones go to cuBLAS.
-const MATVEC_MAX_ROWS: usize = 32;
-const MATVEC_GROUP: usize = 8;
 
 fn buf(b: &CudaBuf, op: &str, need: usize) -> Result<()> {
     if b.len() < need {
@@ -26,22 +21,6 @@ fn buf(b: &CudaBuf, op: &str, need: usize) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-fn same_len(op: &str, slots: &[u32], positions: &[u32]) -> Result<()> {
-    if slots.len() != positions.len() {
-        return Err(Error::invalid(format!(
-            "{op}: {} slots but {} positions",
-            slots.len(),
-            positions.len()
-        )));
-    }
-    Ok(())
-}
-
-/// A launch's error, named by its op.
-fn launch_err(op: &str, r: std::result::Result<impl Sized, impl std::fmt::Display>) -> Result<()> {
-    r.map(|_| ()).map_err(|e| cuda_err(op, e))
 }
 
 impl Backend for CudaBackend {
@@ -139,26 +118,16 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         buf(out, "embedding", ids.len() * dim)?;
         let vocab = table.numel() / dim.max(1);
-        if let Some(&id) = ids.iter().find(|&&i| i as usize >= vocab) {
-            return Err(Error::invalid(format!(
-                "token id {id} is out of range (vocab size {vocab})"
-            )));
-        }
-        if ids.is_empty() || dim == 0 {
+        let Some(l) = launch::embedding(table.dtype, ids, vocab, dim)? else {
             return Ok(());
-        }
+        };
         let ids_d = self.upload_u32(ids)?;
-        let f = self
-            .kernels
-            .function("llama", &format!("embedding_{}", dtype_suffix(table.dtype)))?;
-        let dim32 = dim as u32;
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(out.dev_mut()?)
-            .arg(&table.data)
-            .arg(&*ids_d)
-            .arg(&dim32);
-        // SAFETY: sizes checked above; ids are in range.
-        launch_err("embedding", unsafe { b.launch(per_row(ids.len())) })
+        let s = &self.stream;
+        let (o, _go) = out.dev_mut()?.device_ptr_mut(s);
+        let (t, _gt) = table.data.device_ptr(s);
+        let (i, _gi) = ids_d.device_ptr(s);
+        // SAFETY: out holds ids·dim values; ids are in range of the table.
+        unsafe { self.run(&l, &[o, t, i]) }
     }
 
     fn rms_norm(
@@ -172,27 +141,15 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         buf(out, "rms_norm out", rows * dim)?;
         buf(x, "rms_norm x", rows * dim)?;
-        if weight.numel() != dim {
-            return Err(Error::invalid(format!(
-                "rms_norm: weight of {} values for rows of {dim}",
-                weight.numel()
-            )));
-        }
-        if rows == 0 || dim == 0 {
+        let Some(l) = launch::rms_norm(weight.dtype, rows, dim, eps, weight.numel())? else {
             return Ok(());
-        }
-        let f = self
-            .kernels
-            .function("llama", &format!("rms_norm_{}", dtype_suffix(weight.dtype)))?;
-        let dim32 = dim as u32;
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(out.dev_mut()?)
-            .arg(x.dev()?)
-            .arg(&weight.data)
-            .arg(&dim32)
-            .arg(&eps);
+        };
+        let s = &self.stream;
+        let (o, _go) = out.dev_mut()?.device_ptr_mut(s);
+        let (xp, _gx) = x.dev()?.device_ptr(s);
+        let (w, _gw) = weight.data.device_ptr(s);
         // SAFETY: sizes checked above.
-        launch_err("rms_norm", unsafe { b.launch(per_row(rows)) })
+        unsafe { self.run(&l, &[o, xp, w]) }
     }
 
     fn matmul_t(
@@ -212,42 +169,22 @@ impl Backend for CudaBackend {
                 w.shape
             )));
         }
-        if rows == 0 {
-            return Ok(());
-        }
-        if n == 0 || k == 0 {
-            return Ok(());
-        }
-        let out_d = out.dev_mut()?;
-        let x_d = x.dev()?;
-        if rows <= MATVEC_MAX_ROWS {
-            let f = self
-                .kernels
-                .function("llama", &format!("matvec_{}", dtype_suffix(w.dtype)))?;
-            let warps_per_block = (super::THREADS / 32) as usize;
-            let cfg = LaunchConfig {
-                grid_dim: (n.div_ceil(warps_per_block) as u32, 1, 1),
-                block_dim: (super::THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            for r0 in (0..rows).step_by(MATVEC_GROUP) {
-                let g = MATVEC_GROUP.min(rows - r0);
-                let mut o = out_d.slice_mut(r0 * n..(r0 + g) * n);
-                let xv = x_d.slice(r0 * k..(r0 + g) * k);
-                let (g32, n32, k32) = (g as u32, n as u32, k as u32);
-                let mut b = self.stream.launch_builder(&f);
-                b.arg(&mut o)
-                    .arg(&xv)
-                    .arg(&w.data)
-                    .arg(&g32)
-                    .arg(&n32)
-                    .arg(&k32);
-                // SAFETY: views sized to g rows; weight is [n, k].
-                launch_err("matvec", unsafe { b.launch(cfg) })?;
-            }
+        if rows == 0 || n == 0 || k == 0 {
             return Ok(());
         }
         let stream = &self.stream;
+        let out_d = out.dev_mut()?;
+        let x_d = x.dev()?;
+        if rows <= MATVEC_MAX_ROWS {
+            let (o, _go) = out_d.device_ptr_mut(stream);
+            let (xp, _gx) = x_d.device_ptr(stream);
+            let (wp, _gw) = w.data.device_ptr(stream);
+            for l in launch::matvec(w.dtype, rows, n, k)? {
+                // SAFETY: out holds rows·n, x rows·k values; the weight is [n, k].
+                unsafe { self.run(&l, &[o, xp, wp])? };
+            }
+            return Ok(());
+        }
         if w.dtype == DType::F32 {
             let (o, _go) = out_d.device_ptr_mut(stream);
             let (xp, _gx) = x_d.device_ptr(stream);
@@ -262,17 +199,15 @@ impl Backend for CudaBackend {
         if scratch.as_ref().is_none_or(|s| s.len() < need) {
             *scratch = Some(self.alloc_bytes(need)?);
         }
-        let s = scratch.as_mut().unwrap();
-        let f = self
-            .kernels
-            .function("llama", &format!("cast_from_f32_{}", dtype_suffix(w.dtype)))?;
-        let len = (rows * k) as u64;
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&mut *s).arg(x_d).arg(&len);
-        // SAFETY: scratch holds rows·k elements of the weight dtype.
-        launch_err("cast", unsafe { b.launch(grid_stride(rows * k)) })?;
+        let sc = scratch.as_mut().expect("allocated above");
+        {
+            let (cp, _gc) = sc.device_ptr_mut(stream);
+            let (xp, _gx) = x_d.device_ptr(stream);
+            // SAFETY: scratch holds rows·k elements of the weight dtype, x rows·k values.
+            unsafe { self.run(&launch::cast_from_f32(w.dtype, rows * k), &[cp, xp])? };
+        }
         let (o, _go) = out_d.device_ptr_mut(stream);
-        let (xp, _gx) = s.device_ptr(stream);
+        let (xp, _gx) = sc.device_ptr(stream);
         let (wp, _gw) = w.data.device_ptr(stream);
         // SAFETY: sizes checked above.
         unsafe { self.gemm_xwt(o, xp, wp, w.dtype, rows, n, k) }
@@ -287,32 +222,17 @@ impl Backend for CudaBackend {
         inv_freq: &[f32],
     ) -> Result<()> {
         buf(x, "rope", positions.len() * heads * head_dim)?;
-        if inv_freq.len() < head_dim / 2 {
-            return Err(Error::invalid(format!(
-                "rope: {} inverse frequencies for head_dim {head_dim}",
-                inv_freq.len()
-            )));
-        }
-        if positions.is_empty() || heads == 0 || head_dim < 2 {
+        let Some(l) = launch::rope(positions.len(), heads, head_dim, inv_freq.len())? else {
             return Ok(());
-        }
+        };
         let pos_d = self.upload_u32(positions)?;
         let freq_d = self.freq_uploads.get(&self.stream, inv_freq)?;
-        let f = self.kernels.function("llama", "rope")?;
-        let (h32, d32) = (heads as u32, head_dim as u32);
-        let cfg = LaunchConfig {
-            grid_dim: (positions.len() as u32, heads as u32, 1),
-            block_dim: ((head_dim / 2).max(1) as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(x.dev_mut()?)
-            .arg(&*pos_d)
-            .arg(&h32)
-            .arg(&d32)
-            .arg(&*freq_d);
-        // SAFETY: x holds positions·heads·head_dim values.
-        launch_err("rope", unsafe { b.launch(cfg) })
+        let s = &self.stream;
+        let (xp, _gx) = x.dev_mut()?.device_ptr_mut(s);
+        let (pp, _gp) = pos_d.device_ptr(s);
+        let (fp, _gf) = freq_d.device_ptr(s);
+        // SAFETY: x holds positions·heads·head_dim values, inv_freq head_dim/2.
+        unsafe { self.run(&l, &[xp, pp, fp]) }
     }
 
     fn kv_store(
@@ -325,34 +245,20 @@ impl Backend for CudaBackend {
         width: usize,
     ) -> Result<()> {
         buf(src, "kv_store src", slots.len() * width)?;
-        same_len("kv_store", slots, positions)?;
-        for (&s, &p) in slots.iter().zip(positions) {
-            if p as usize >= max_seq {
-                return Err(Error::invalid(format!(
-                    "position {p} is past the KV cache length {max_seq}"
-                )));
-            }
-            buf(
-                cache,
-                "kv_store cache",
-                (s as usize * max_seq + p as usize + 1) * width,
-            )?;
-        }
-        if slots.is_empty() || width == 0 {
+        let Some(l) = launch::kv_store(slots, positions, max_seq, width)? else {
             return Ok(());
+        };
+        if let Some(&s) = slots.iter().max() {
+            buf(cache, "kv_store cache", (s as usize + 1) * max_seq * width)?;
         }
         let (slots_d, pos_d) = (self.upload_u32(slots)?, self.upload_u32(positions)?);
-        let f = self.kernels.function("llama", "kv_store")?;
-        let (ms, w) = (max_seq as u32, width as u32);
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(cache.dev_mut()?)
-            .arg(src.dev()?)
-            .arg(&*slots_d)
-            .arg(&*pos_d)
-            .arg(&ms)
-            .arg(&w);
-        // SAFETY: every destination row was bounds-checked above.
-        launch_err("kv_store", unsafe { b.launch(per_row(slots.len())) })
+        let s = &self.stream;
+        let (c, _gc) = cache.dev_mut()?.device_ptr_mut(s);
+        let (sp, _gs) = src.dev()?.device_ptr(s);
+        let (sl, _gl) = slots_d.device_ptr(s);
+        let (pp, _gp) = pos_d.device_ptr(s);
+        // SAFETY: every destination row is inside the cache (checked above).
+        unsafe { self.run(&l, &[c, sp, sl, pp]) }
     }
 
     fn attention(
@@ -366,66 +272,27 @@ impl Backend for CudaBackend {
         geom: AttentionGeometry,
     ) -> Result<()> {
         let width = geom.num_heads * geom.head_dim;
-        same_len("attention", slots, positions)?;
         buf(out, "attention out", slots.len() * width)?;
         buf(q, "attention q", slots.len() * width)?;
-        if geom.head_dim > 256
-            || geom.num_kv_heads == 0
-            || !geom.num_heads.is_multiple_of(geom.num_kv_heads)
-        {
-            return Err(Error::invalid(format!(
-                "attention: {} heads over {} KV heads of dim {} (CUDA supports head_dim ≤ 256)",
-                geom.num_heads, geom.num_kv_heads, geom.head_dim
-            )));
-        }
-        let kv_width = geom.num_kv_heads * geom.head_dim;
-        for &s in slots {
-            buf(
-                k_cache,
-                "attention k_cache",
-                (s as usize + 1) * geom.max_seq * kv_width,
-            )?;
-            buf(
-                v_cache,
-                "attention v_cache",
-                (s as usize + 1) * geom.max_seq * kv_width,
-            )?;
-        }
-        if let Some(&p) = positions.iter().find(|&&p| p as usize >= geom.max_seq) {
-            return Err(Error::invalid(format!(
-                "attention: position {p} is past the KV cache length {}",
-                geom.max_seq
-            )));
-        }
-        if slots.is_empty() || width == 0 {
+        let Some(l) = launch::attention(slots, positions, geom)? else {
             return Ok(());
+        };
+        let kv_width = geom.num_kv_heads * geom.head_dim;
+        if let Some(&s) = slots.iter().max() {
+            let need = (s as usize + 1) * geom.max_seq * kv_width;
+            buf(k_cache, "attention k_cache", need)?;
+            buf(v_cache, "attention v_cache", need)?;
         }
         let (slots_d, pos_d) = (self.upload_u32(slots)?, self.upload_u32(positions)?);
-        let f = self.kernels.function("llama", "attention")?;
-        let (nh, nkv, hd, ms) = (
-            geom.num_heads as u32,
-            geom.num_kv_heads as u32,
-            geom.head_dim as u32,
-            geom.max_seq as u32,
-        );
-        let cfg = LaunchConfig {
-            grid_dim: (slots.len() as u32, nh, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(out.dev_mut()?)
-            .arg(q.dev()?)
-            .arg(k_cache.dev()?)
-            .arg(v_cache.dev()?)
-            .arg(&*slots_d)
-            .arg(&*pos_d)
-            .arg(&nh)
-            .arg(&nkv)
-            .arg(&hd)
-            .arg(&ms);
+        let s = &self.stream;
+        let (o, _go) = out.dev_mut()?.device_ptr_mut(s);
+        let (qp, _gq) = q.dev()?.device_ptr(s);
+        let (kp, _gk) = k_cache.dev()?.device_ptr(s);
+        let (vp, _gv) = v_cache.dev()?.device_ptr(s);
+        let (sl, _gl) = slots_d.device_ptr(s);
+        let (pp, _gp) = pos_d.device_ptr(s);
         // SAFETY: q, out and both caches were bounds-checked above.
-        launch_err("attention", unsafe { b.launch(cfg) })
+        unsafe { self.run(&l, &[o, qp, kp, vp, sl, pp]) }
     }
 
     fn swiglu(&self, gate: &mut CudaBuf, up: &CudaBuf, len: usize) -> Result<()> {
@@ -444,21 +311,20 @@ impl Backend for CudaBackend {
         width: usize,
     ) -> Result<()> {
         buf(out, "gather_rows", rows.len() * width)?;
-        if let Some(&r) = rows.iter().max() {
-            buf(x, "gather_rows x", (r as usize + 1) * width)?;
-        } else {
+        let Some(&r) = rows.iter().max() else {
             return Ok(());
-        }
-        if width == 0 {
+        };
+        buf(x, "gather_rows x", (r as usize + 1) * width)?;
+        let Some(l) = launch::gather_rows(rows.len(), width)? else {
             return Ok(());
-        }
+        };
         let rows_d = self.upload_u32(rows)?;
-        let f = self.kernels.function("llama", "gather_rows")?;
-        let w = width as u32;
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(out.dev_mut()?).arg(x.dev()?).arg(&*rows_d).arg(&w);
+        let s = &self.stream;
+        let (o, _go) = out.dev_mut()?.device_ptr_mut(s);
+        let (xp, _gx) = x.dev()?.device_ptr(s);
+        let (rp, _gr) = rows_d.device_ptr(s);
         // SAFETY: bounds checked above.
-        launch_err("gather_rows", unsafe { b.launch(per_row(rows.len())) })
+        unsafe { self.run(&l, &[o, xp, rp]) }
     }
 
     fn argmax_rows(
@@ -472,27 +338,20 @@ impl Backend for CudaBackend {
         if out.len() < rows {
             return Err(Error::invalid("argmax_rows: output shorter than rows"));
         }
-        if rows == 0 {
+        let Some(l) = launch::argmax_rows(rows, vocab)? else {
             return Ok(());
-        }
-        if vocab == 0 {
-            return Err(Error::invalid("argmax_rows: rows of zero logits"));
-        }
+        };
         let mut ids = self
             .stream
             .alloc_zeros::<u32>(rows)
             .map_err(|e| cuda_err("argmax_rows", e))?;
-        let f = self.kernels.function("llama", "argmax_rows")?;
-        let v = vocab as u32;
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&mut ids).arg(logits.dev()?).arg(&v);
-        // SAFETY: logits holds rows·vocab values.
-        launch_err("argmax_rows", unsafe { b.launch(cfg) })?;
+        {
+            let s = &self.stream;
+            let (ip, _gi) = ids.device_ptr_mut(s);
+            let (lp, _gl) = logits.dev()?.device_ptr(s);
+            // SAFETY: logits holds rows·vocab values, ids rows.
+            unsafe { self.run(&l, &[ip, lp])? };
+        }
         self.stream
             .memcpy_dtoh(&ids, &mut out[..rows])
             .map_err(|e| cuda_err("argmax_rows", e))?;
@@ -567,17 +426,22 @@ impl Backend for CudaBackend {
 
 impl CudaBackend {
     /// `swiglu` / `add_assign`: `x = f(x, y)` over `len` values.
-    fn elementwise(&self, kernel: &str, x: &mut CudaBuf, y: &CudaBuf, len: usize) -> Result<()> {
+    fn elementwise(
+        &self,
+        kernel: &'static str,
+        x: &mut CudaBuf,
+        y: &CudaBuf,
+        len: usize,
+    ) -> Result<()> {
         buf(x, kernel, len)?;
         buf(y, kernel, len)?;
-        if len == 0 {
+        let Some(l) = launch::elementwise(kernel, len) else {
             return Ok(());
-        }
-        let f = self.kernels.function("llama", kernel)?;
-        let len64 = len as u64;
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(x.dev_mut()?).arg(y.dev()?).arg(&len64);
+        };
+        let s = &self.stream;
+        let (xp, _gx) = x.dev_mut()?.device_ptr_mut(s);
+        let (yp, _gy) = y.dev()?.device_ptr(s);
         // SAFETY: both buffers hold `len` values.
-        launch_err(kernel, unsafe { b.launch(grid_stride(len)) })
+        unsafe { self.run(&l, &[xp, yp]) }
     }
 }
