@@ -13,7 +13,7 @@ case "$mode" in
   --stage)
     mkdir -p "$dir"
     cp target/release/cycleqd-engine "$dir/"
-    for t in cuda_parity llama_reference; do
+    for t in cuda_parity llama_reference backend_checks; do
       bin=$(ls -t target/release/deps/$t-* | grep -v '\.d$' | head -1)
       cp "$bin" "$dir/$t"
     done
@@ -50,11 +50,12 @@ case "$mode" in
     step unit_tests "$dir/unit_tests" --test-threads 1
     step cuda_parity "$dir/cuda_parity" --test-threads 1 --nocapture
     step llama_reference "$dir/llama_reference"
+    step backend_checks "$dir/backend_checks"
     step bench "$dir/cycleqd-engine" bench --device cuda --out "$out/bench.json"
     step demo_bench "$dir/cycleqd-engine" bench --op demo --device cuda --out "$out/demo.json"
     step torch python3 scripts/torch_side_by_side.py --engine "$out/bench.json" --out "$out/torch.json"
     # A GPU test that prints SKIPPED on a machine with a GPU did not run: that is a failure.
-    if grep -h "^SKIPPED" "$out/cuda_parity.txt" "$out/unit_tests.txt" 2>/dev/null; then
+    if grep -h "^SKIPPED" "$out/cuda_parity.txt" "$out/unit_tests.txt" "$out/backend_checks.txt" 2>/dev/null; then
       failed+=("skipped GPU tests")
     fi
     if [ ${#failed[@]} -gt 0 ]; then

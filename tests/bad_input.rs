@@ -269,3 +269,72 @@ fn inspect_reports_problems_with_nonzero_exit() {
     assert_eq!(v["parameters_stored"], v["parameters_config"]);
     assert_eq!(v["problems"].as_array().unwrap().len(), 0);
 }
+
+#[test]
+fn nonsensical_numbers_in_config_json_are_refused() {
+    // (what, a JSON edit of config.json, what the error names)
+    type Edit = fn(&mut Value);
+    let cases: [(&str, Edit, &str); 5] = [
+        (
+            "rope factor 0",
+            |c| c["rope_scaling"]["factor"] = 0.0.into(),
+            "factor` must be a positive number",
+        ),
+        (
+            "negative low_freq_factor",
+            |c| c["rope_scaling"]["low_freq_factor"] = (-1.0).into(),
+            "low_freq_factor` must be a positive",
+        ),
+        (
+            "negative rms_norm_eps",
+            |c| c["rms_norm_eps"] = (-1e-5).into(),
+            "rms_norm_eps",
+        ),
+        (
+            "rms_norm_eps of 0",
+            |c| c["rms_norm_eps"] = 0.0.into(),
+            "rms_norm_eps",
+        ),
+        (
+            "sizes that overflow",
+            |c| {
+                c["vocab_size"] = (1u64 << 62).into();
+                c["hidden_size"] = 1024.into();
+            },
+            "overflow",
+        ),
+    ];
+    for (what, edit, want) in cases {
+        let (_t, dir) = fixture("tiny-gqa-bf16");
+        let p = dir.join("config.json");
+        let mut c: Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        edit(&mut c);
+        std::fs::write(&p, serde_json::to_vec(&c).unwrap()).unwrap();
+        let err = generate_fails(&dir, &[]);
+        assert!(
+            err.contains("config.json") && err.contains(want),
+            "{what}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_shape_whose_product_wraps_is_refused_by_inspect_and_every_reader() {
+    let (_t, dir) = fixture("tiny-gqa-bf16");
+    // 2^32 × 2^32 wraps to 0 in 64 bits: an empty tensor to a careless reader.
+    edit_header(&dir, |h| {
+        let off = h["model.norm.weight"]["data_offsets"][0].clone();
+        h["model.norm.weight"]["shape"] = serde_json::json!([1u64 << 32, 1u64 << 32]);
+        h["model.norm.weight"]["data_offsets"] = serde_json::json!([off, off]);
+    });
+    has(
+        &generate_fails(&dir, &[]),
+        &["`model.norm.weight`", "overflows"],
+    );
+    let o = run(&["inspect", dir.to_str().unwrap()]);
+    assert!(!o.status.success(), "inspect accepted it");
+    assert!(
+        stderr(&o).contains("overflows")
+            || String::from_utf8_lossy(&o.stdout).contains("overflows")
+    );
+}

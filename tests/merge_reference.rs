@@ -220,3 +220,87 @@ fn mismatched_or_missing_models_are_named() {
         "a failed merge left an output directory"
     );
 }
+
+#[test]
+fn an_output_that_would_clobber_an_input_or_a_file_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cwd = tmp.path();
+    for m in ["base", "expert_a"] {
+        copy_dir(&set_dir().join(m), &cwd.join(m));
+    }
+    std::fs::write(
+        cwd.join("ta.yml"),
+        "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: expert_a\n    parameters: {weight: 1}\n",
+    )
+    .unwrap();
+    std::fs::write(cwd.join("notes.txt"), b"keep me").unwrap();
+    let before = std::fs::read(cwd.join("expert_a/model.safetensors")).unwrap();
+    for (out, want) in [
+        ("expert_a", "is the input"),
+        ("base/merged", "is inside the input"),
+        (".", "holds the input"),
+        ("notes.txt", "existing file"),
+    ] {
+        let (ok, err) = merge_in(cwd, "ta.yml", &cwd.join(out));
+        assert!(!ok && err.contains(want), "{out}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    assert_eq!(
+        std::fs::read(cwd.join("expert_a/model.safetensors")).unwrap(),
+        before
+    );
+    assert_eq!(std::fs::read(cwd.join("notes.txt")).unwrap(), b"keep me");
+}
+
+#[test]
+fn a_merge_that_would_write_nan_or_inf_writes_nothing() {
+    use cycleqd_engine::model::{export_tensors, HostTensor, ModelStore};
+    let tmp = tempfile::tempdir().unwrap();
+    let cwd = tmp.path();
+    copy_dir(&set_dir().join("base"), &cwd.join("base"));
+    // expert_a with one NaN.
+    let store = ModelStore::open(set_dir().join("expert_a")).unwrap();
+    let mut poisoned = false;
+    let tensors: Vec<(String, HostTensor)> = store
+        .names()
+        .map(|n| {
+            let t = store.tensor(n).unwrap();
+            let mut v = t.to_f32();
+            if !poisoned && v.len() > 5 {
+                v[5] = f32::NAN;
+                poisoned = true;
+            }
+            (
+                n.to_string(),
+                HostTensor::from_f32(&v, t.shape.clone(), t.dtype),
+            )
+        })
+        .collect();
+    let cfg = store.config().to_json_with_dtype(store.dominant_dtype());
+    export_tensors(
+        &cwd.join("expert_a"),
+        &tensors,
+        &cfg,
+        Some(&set_dir().join("expert_a")),
+        u64::MAX,
+    )
+    .unwrap();
+    std::fs::write(
+        cwd.join("ta.yml"),
+        "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: expert_a\n    parameters: {weight: 1}\n",
+    )
+    .unwrap();
+    let (ok, err) = merge_in(cwd, "ta.yml", &cwd.join("out"));
+    assert!(
+        !ok && err.contains("non-finite value at element 5"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!cwd.join("out").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(cwd)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

@@ -246,3 +246,32 @@ fn the_steady_schedule_runs_each_child_once_and_names_its_workers() {
     assert_eq!(summary["children"], 40);
     assert_eq!(summary["timing"]["schedule"], "steady");
 }
+
+#[test]
+fn temporaries_left_by_killed_writers_are_removed_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = demo(dir.path(), |t| set_key(t, "generations", "4"));
+    let out = dir.path().join("run");
+    std::fs::create_dir_all(out.join("archives")).unwrap();
+    let mut dead = std::process::Command::new("true").spawn().unwrap();
+    let pid = dead.id();
+    dead.wait().unwrap();
+    let stale = [
+        out.join(format!(".final.tmp-{pid}-77")),
+        out.join(format!("checkpoint.tmp-{pid}")),
+        out.join("archives").join(format!("genomes.tmp-{pid}")),
+    ];
+    std::fs::create_dir_all(&stale[0]).unwrap();
+    std::fs::write(stale[0].join("model.safetensors"), vec![0u8; 1000]).unwrap();
+    std::fs::write(&stale[1], b"partial").unwrap();
+    std::fs::write(&stale[2], b"partial").unwrap();
+    let o = run_with(&cfg, &out, &[]);
+    for s in &stale {
+        assert!(!s.exists(), "{} is still there", s.display());
+    }
+    assert!(
+        stderr(&o).contains("left by a killed run"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -6,6 +6,7 @@
 //! host-side index arrays (token ids, KV slots, positions) are passed as slices and uploaded by
 //! the backend if it needs them on the device.
 
+pub mod checks;
 pub mod cpu;
 pub mod cuda;
 pub mod materialize;
@@ -127,6 +128,12 @@ pub trait Backend: Send + Sync {
         rows: &[u32],
         width: usize,
     ) -> Result<()>;
+
+    /// Refuses, with an error naming the need, an allocation of `bytes` that this device's
+    /// memory cannot hold (rather than let the allocation abort the process).
+    fn check_room(&self, _what: &str, _bytes: usize) -> Result<()> {
+        Ok(())
+    }
 
     /// Waits until every queued operation has finished (timing; a no-op on the CPU).
     fn synchronize(&self) -> Result<()> {

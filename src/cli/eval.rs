@@ -73,6 +73,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<ExitCode> {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
     let task = PreparedTask::new(&tok, &name, &file, scoring)?;
+    task.check_fits(store.config().max_position_embeddings)?;
     let r = match super::open_device(a.device)? {
         Some(gpu) => score_on(&gpu, &store, &tok, &task, a.batch),
         None => score_on(&CpuBackend, &store, &tok, &task, a.batch),

@@ -31,6 +31,10 @@ pub struct ExportArgs {
 
 pub fn run(a: ExportArgs) -> anyhow::Result<ExitCode> {
     let cfg = RunConfig::load(&a.run.join("config.toml"))?;
+    let mut inputs: Vec<&std::path::Path> = vec![&a.run, &cfg.base];
+    inputs.extend(cfg.tasks.iter().map(|t| t.expert.as_path()));
+    cycleqd_engine::durable::check_output_dir(&a.out, &inputs)
+        .with_context(|| format!("export {}", a.out.display()))?;
     let genomes_path = a.run.join("archives").join("genomes.safetensors");
     if !genomes_path.is_file() {
         bail!(

@@ -75,34 +75,49 @@ impl ExternalEvaluator {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| ExternalFailure(format!("cannot start `{program}`: {e}")))?;
-        // Drain both pipes on threads so a chatty evaluator cannot block on a full pipe.
+        // Drain both pipes on threads so a chatty evaluator cannot block on a full pipe. The
+        // output is complete only when every process holding the pipes let go: that wait is
+        // inside the timeout too.
         let drain = |mut r: Box<dyn Read + Send>| {
+            let (tx, rx) = std::sync::mpsc::channel();
             std::thread::spawn(move || {
                 let mut s = Vec::new();
                 let _ = r.read_to_end(&mut s);
-                String::from_utf8_lossy(&s).into_owned()
-            })
+                let _ = tx.send(String::from_utf8_lossy(&s).into_owned());
+            });
+            rx
         };
         let out = drain(Box::new(child.stdout.take().expect("piped stdout")));
         let err = drain(Box::new(child.stderr.take().expect("piped stderr")));
         let start = Instant::now();
+        let timed_out = |what: &str| {
+            ExternalFailure(format!(
+                "`{program}` timed out after {:.1} s{what} and was killed",
+                self.timeout.as_secs_f64()
+            ))
+        };
         let status = loop {
             match child.try_wait() {
                 Ok(Some(s)) => break s,
                 Ok(None) if start.elapsed() >= self.timeout => {
                     kill_group(&mut child);
                     let _ = child.wait();
-                    return Err(ExternalFailure(format!(
-                        "`{program}` timed out after {:.1} s and was killed",
-                        self.timeout.as_secs_f64()
-                    )));
+                    return Err(timed_out(""));
                 }
                 Ok(None) => std::thread::sleep(Duration::from_millis(20)),
                 Err(e) => return Err(ExternalFailure(format!("waiting for `{program}`: {e}"))),
             }
         };
-        let stdout = out.join().unwrap_or_default();
-        let stderr = err.join().unwrap_or_default();
+        let read = |rx: &std::sync::mpsc::Receiver<String>| {
+            rx.recv_timeout(self.timeout.saturating_sub(start.elapsed()))
+                .ok()
+        };
+        let (stdout, stderr) = (read(&out), read(&err));
+        // Whatever it started is done with: nothing of an evaluation outlives it.
+        kill_group(&mut child);
+        let (Some(stdout), Some(stderr)) = (stdout, stderr) else {
+            return Err(timed_out(" (a process it started kept its output open)"));
+        };
         if !status.success() {
             let last = stderr.lines().rev().find(|l| !l.trim().is_empty());
             return Err(ExternalFailure(format!(
@@ -219,6 +234,12 @@ mod tests {
             ("echo '{\"score\": \"high\"}'", 5000, "no numeric"),
             ("true", 5000, "printed nothing"),
             ("sleep 5", 200, "timed out"),
+            // Exits at once, but a process it started holds the pipe past the timeout.
+            (
+                "(sleep 5) & echo '{\"score\": 1}'",
+                300,
+                "kept its output open",
+            ),
         ] {
             let e = sh(script, timeout).score(dir, "t").unwrap_err();
             assert!(e.0.contains(want), "{script}: {e}");

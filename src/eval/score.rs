@@ -16,6 +16,9 @@ pub struct PreparedTask {
     pub scoring: Scoring,
     generate: Vec<GenItem>,
     choice: Vec<ChoiceItem>,
+    /// `file:line` of each generative and each choice example, for errors.
+    generate_at: Vec<String>,
+    choice_at: Vec<String>,
 }
 
 /// A generative example: prompt ids and the expected answer.
@@ -44,10 +47,13 @@ impl PreparedTask {
     ) -> Result<Self> {
         let mut generate = vec![];
         let mut choice = vec![];
-        for ex in &file.examples {
+        let (mut generate_at, mut choice_at) = (vec![], vec![]);
+        for (ex, line) in file.examples.iter().zip(&file.lines) {
+            let at = format!("{}:{line}", file.path.display());
             match ex {
                 Example::Generate { prompt, answer } => {
-                    generate.push((tokenizer.encode(prompt)?, answer.clone()))
+                    generate.push((tokenizer.encode(prompt)?, answer.clone()));
+                    generate_at.push(at);
                 }
                 Example::Choice {
                     prompt,
@@ -61,7 +67,7 @@ impl PreparedTask {
                         .collect::<Result<Vec<_>>>()?;
                     if let Some(i) = pairs.iter().position(|(_, c)| c.is_empty()) {
                         return Err(Error::format(
-                            &file.path,
+                            &at,
                             format!("choice {i} of prompt `{prompt}` encodes to no tokens"),
                         ));
                     }
@@ -69,6 +75,7 @@ impl PreparedTask {
                         pairs,
                         answer_index: *answer_index,
                     });
+                    choice_at.push(at);
                 }
             }
         }
@@ -77,11 +84,40 @@ impl PreparedTask {
             scoring,
             generate,
             choice,
+            generate_at,
+            choice_at,
         })
     }
 
     pub fn len(&self) -> usize {
         self.generate.len() + self.choice.len()
+    }
+
+    /// Every example fits a model of `max_positions` (an error names the file and line of the
+    /// first that does not: found when the task is loaded, not deep inside a batch).
+    pub fn check_fits(&self, max_positions: usize) -> Result<()> {
+        let long = |n: usize, at: &str, what: &str| {
+            Error::format(
+                at,
+                format!("{what} of {n} tokens, more than the model's max_position_embeddings ({max_positions})"),
+            )
+        };
+        for ((p, _), at) in self.generate.iter().zip(&self.generate_at) {
+            if p.len() > max_positions {
+                return Err(long(p.len(), at, "a prompt"));
+            }
+        }
+        for (c, at) in self.choice.iter().zip(&self.choice_at) {
+            if let Some(n) = c
+                .pairs
+                .iter()
+                .map(|(p, x)| p.len() + x.len())
+                .find(|&n| n > max_positions)
+            {
+                return Err(long(n, at, "a prompt and choice"));
+            }
+        }
+        Ok(())
     }
 
     /// The longest sequence one of its examples puts in the KV cache (prompt and generation,

@@ -40,7 +40,15 @@ impl Metric {
             ("contains", None) => Ok(Metric::Contains),
             ("regex", Some(p)) => Regex::new(p)
                 .map(Metric::Regex)
-                .map_err(|e| format!("invalid regex `{p}`: {e}")),
+                // regex's messages draw a caret under the pattern over several lines.
+                .map_err(|e| {
+                    let msg = e.to_string();
+                    let reason = msg.lines().last().unwrap_or("").trim().to_string();
+                    format!(
+                        "invalid regex `{p}`: {}",
+                        reason.trim_start_matches("error: ")
+                    )
+                }),
             ("regex", None) => Err("metric `regex` needs a `pattern`".into()),
             ("exact_match" | "contains", Some(_)) => Err(format!(
                 "`pattern` is only used by metric `regex`, not `{name}`"
@@ -111,6 +119,8 @@ impl Scoring {
 pub struct TaskFile {
     pub path: PathBuf,
     pub examples: Vec<Example>,
+    /// The 1-based line of each example, for errors found later.
+    pub lines: Vec<usize>,
 }
 
 #[derive(Deserialize)]
@@ -125,7 +135,7 @@ impl TaskFile {
     /// Reads a JSONL task file; blank lines are skipped. Errors name `file:line`.
     pub fn load(path: &Path) -> Result<TaskFile> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let mut examples = vec![];
+        let (mut examples, mut lines) = (vec![], vec![]);
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
@@ -134,6 +144,7 @@ impl TaskFile {
             let l: Line =
                 serde_json::from_str(line).map_err(|e| at(format!("invalid JSON: {e}")))?;
             examples.push(parse_example(l).map_err(at)?);
+            lines.push(i + 1);
         }
         if examples.is_empty() {
             return Err(Error::format(path, "task file has no examples"));
@@ -141,6 +152,7 @@ impl TaskFile {
         Ok(TaskFile {
             path: path.to_path_buf(),
             examples,
+            lines,
         })
     }
 }

@@ -82,6 +82,7 @@ pub fn save(path: &Path, tensors: &[TensorFactors], algorithm: &str) -> Result<(
     bytes.extend_from_slice(&data);
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    crate::durable::remove_stale_temporaries(dir);
     write_atomic(path, &bytes)
 }
 

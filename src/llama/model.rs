@@ -232,7 +232,22 @@ impl<B: Backend> LlamaModel<B> {
     /// A zeroed KV cache for `slots` sequences of at most `max_seq` positions.
     pub fn new_cache(&self, backend: &B, slots: usize, max_seq: usize) -> Result<KvCache<B>> {
         let width = self.config.num_key_value_heads * self.config.head_dim;
-        let n = slots * max_seq * width;
+        let n = slots
+            .checked_mul(max_seq)
+            .and_then(|v| v.checked_mul(width))
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "a KV cache of {slots} sequences × {max_seq} positions overflows sizes"
+                ))
+            })?;
+        // The whole cache (every layer, keys and values) before any of it is allocated.
+        let total = n
+            .checked_mul(8 * self.layers.len())
+            .ok_or_else(|| Error::invalid("the KV cache's size overflows"))?;
+        backend.check_room(
+            &format!("a KV cache of {slots} sequences × {max_seq} positions"),
+            total,
+        )?;
         let mut k = Vec::with_capacity(self.layers.len());
         let mut v = Vec::with_capacity(self.layers.len());
         for _ in &self.layers {

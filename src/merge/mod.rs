@@ -46,6 +46,14 @@ pub fn run_merge<B: Backend>(
     let started = Instant::now();
     let cfg = MergeConfig::from_file(config_path)?;
     let plan = cfg.resolve(config_path)?;
+    let inputs: Vec<&Path> = plan
+        .inputs
+        .iter()
+        .chain(&plan.base)
+        .chain([&plan.donor])
+        .map(|m| m.path.as_path())
+        .collect();
+    crate::durable::check_output_dir(out_dir, &inputs)?;
 
     // Open every model once; the donor gives config.json and the tokenizer.
     let mut stores: BTreeMap<String, ModelStore> = BTreeMap::new();
@@ -133,7 +141,21 @@ pub fn run_merge<B: Backend>(
             base.as_ref(),
             &refs,
             out_dtype,
-            &|off, bytes| writer.write_part(name, off, bytes),
+            &|off, bytes| {
+                // A non-finite output is never written: it means a NaN/Inf input, or weights
+                // whose merge overflows the output dtype.
+                if let Some(i) = crate::model::dtype::first_non_finite(out_dtype, bytes) {
+                    return Err(Error::tensor(
+                        name,
+                        format!(
+                            "the merge gives a non-finite value at element {} (an input holds \
+                             NaN/Inf, or the weights overflow {out_dtype}); nothing was written",
+                            off / out_dtype.size() + i
+                        ),
+                    ));
+                }
+                writer.write_part(name, off, bytes)
+            },
         )?;
         let read: usize = inputs.iter().chain(&base).map(|t| t.data().len()).sum();
         bytes_read += read as u64;

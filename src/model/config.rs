@@ -173,7 +173,51 @@ impl LlamaConfig {
                 return Err(Error::config(path, format!("`{key}` must be positive")));
             }
         }
+        if !(cfg.rms_norm_eps.is_finite() && cfg.rms_norm_eps > 0.0 && cfg.rms_norm_eps < 1.0) {
+            return Err(Error::config(
+                path,
+                format!("`rms_norm_eps` must be in (0, 1), got {}", cfg.rms_norm_eps),
+            ));
+        }
+        if !cfg.rope_theta.is_finite() {
+            return Err(Error::config(path, "`rope_theta` must be finite"));
+        }
+        // Sizes computed from the config must not overflow (a wrapped size would pass every
+        // later check and allocate nonsense).
+        let h = cfg.hidden_size;
+        let checked = [
+            cfg.vocab_size.checked_mul(h),
+            cfg.intermediate_size.checked_mul(h),
+            cfg.num_attention_heads
+                .checked_mul(cfg.head_dim)
+                .and_then(|q| q.checked_mul(h)),
+            cfg.num_hidden_layers.checked_mul(h),
+        ];
+        if checked.iter().any(Option::is_none) || cfg.num_parameters_checked().is_none() {
+            return Err(Error::config(path, "the shapes it gives overflow sizes"));
+        }
         Ok(cfg)
+    }
+
+    /// [`LlamaConfig::num_parameters`], or `None` when it overflows.
+    pub fn num_parameters_checked(&self) -> Option<usize> {
+        let h = self.hidden_size;
+        let q = self.num_attention_heads.checked_mul(self.head_dim)?;
+        let kv = self.num_key_value_heads.checked_mul(self.head_dim)?;
+        let per_layer = [
+            2usize.checked_mul(h)?,
+            h.checked_mul(q)?,
+            h.checked_mul(kv)?.checked_mul(2)?,
+            q.checked_mul(h)?,
+            h.checked_mul(self.intermediate_size)?.checked_mul(3)?,
+        ]
+        .iter()
+        .try_fold(0usize, |a, &b| a.checked_add(b))?;
+        let embed = self.vocab_size.checked_mul(h)?;
+        per_layer
+            .checked_mul(self.num_hidden_layers)?
+            .checked_add(embed.checked_mul(if self.tie_word_embeddings { 1 } else { 2 })?)?
+            .checked_add(h)
     }
 
     /// Number of parameters the config implies (lm_head counted only when untied).
@@ -340,10 +384,17 @@ impl Reader<'_> {
             .or_else(|| p.get("type"))
             .and_then(Value::as_str)
             .unwrap_or("default");
+        // Every scaling parameter is a finite, positive number (a factor of 0 divides the
+        // frequencies by zero; a negative one reverses them).
         let num = |k: &str| -> Result<f64> {
-            p.get(k)
+            let v = p
+                .get(k)
                 .and_then(Value::as_f64)
-                .ok_or_else(|| self.err(format!("`{where_}.{k}` is missing or not a number")))
+                .ok_or_else(|| self.err(format!("`{where_}.{k}` is missing or not a number")))?;
+            if !(v.is_finite() && v > 0.0) {
+                return Err(self.err(format!("`{where_}.{k}` must be a positive number, got {v}")));
+            }
+            Ok(v)
         };
         let scaling = match kind {
             "default" => RopeScaling::None,

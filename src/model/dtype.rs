@@ -107,6 +107,21 @@ pub fn to_f32(dtype: DType, src: &[u8], dst: &mut [f32]) {
 }
 
 /// Upcasts a whole tensor's bytes into a new f32 vector.
+/// The index of the first NaN or ±Inf among `bytes` of `dtype` (bit tests, no conversion).
+pub fn first_non_finite(dtype: DType, bytes: &[u8]) -> Option<usize> {
+    match dtype {
+        DType::F32 => bytes.chunks_exact(4).position(|c| {
+            u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 == 0x7f80_0000
+        }),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80),
+    }
+}
+
 pub fn to_f32_vec(dtype: DType, src: &[u8]) -> Vec<f32> {
     let mut out = vec![0.0f32; src.len() / dtype.size()];
     to_f32(dtype, src, &mut out);

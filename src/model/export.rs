@@ -62,6 +62,9 @@ impl CheckpointWriter {
     /// a shard of its own) and creates the files under a temporary directory.
     pub fn create(out_dir: &Path, specs: Vec<TensorSpec>, max_shard_bytes: u64) -> Result<Self> {
         let tmp_dir = sibling(out_dir, "tmp")?;
+        // Earlier exports here that were killed mid-write leave hidden copies behind.
+        let parent = tmp_dir.parent().filter(|p| !p.as_os_str().is_empty());
+        crate::durable::remove_stale_temporaries(parent.unwrap_or(Path::new(".")));
         fs::create_dir_all(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
         let mut w = CheckpointWriter {
             final_dir: out_dir.to_path_buf(),

@@ -86,7 +86,13 @@ pub fn parse_header(bytes: &[u8], path: &Path) -> Result<Header> {
             continue;
         }
         let (entry_dtype, shape, b, e) = parse_entry(&name, &info, path)?;
-        let numel: usize = shape.iter().product();
+        // Checked: a product that wraps (to 0, say) would pass the size check below.
+        let numel = shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| {
+                Error::format(path, format!("tensor `{name}`: shape {shape:?} overflows"))
+            })?;
         if e < b {
             return Err(Error::format(
                 path,

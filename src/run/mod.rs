@@ -178,6 +178,12 @@ impl Run {
             return Err(Error::invalid("a run needs at least one worker"));
         }
         let lock = RunLock::acquire(out)?;
+        // What killed earlier sessions left half-written (the lock says none is running).
+        for d in [out.to_path_buf(), out.join("archives"), out.join("report")] {
+            for p in crate::durable::remove_stale_temporaries(&d) {
+                reporter.note(&format!("removed {} (left by a killed run)", p.display()));
+            }
+        }
         let base = ModelStore::open_llama(&cfg.base)?;
         let suites = Arc::new(build_suites(&cfg, &base, out)?);
         let experts = cfg
@@ -479,6 +485,11 @@ fn build_suites(cfg: &RunConfig, base: &ModelStore, out: &Path) -> Result<Suites
         }
     }
     let config = base.config().clone();
+    for s in fit.iter().chain(&held) {
+        if let TaskScorer::Builtin(t) = s {
+            t.check_fits(config.max_position_embeddings)?;
+        }
+    }
     let config_json = config.to_json_with_dtype(base.dominant_dtype());
     let suite = |scorers| TaskSuite {
         names: cfg.tasks.iter().map(|t| t.name.clone()).collect(),

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use std::sync::Arc;
 
 use super::materialize::{Placement, TensorCoefficients, TensorSources};
-use super::{AttentionGeometry, Backend};
+use super::{checks, AttentionGeometry, Backend};
 use crate::error::{Error, Result};
 use crate::merge::methods::{merge_tensor, MergeOp, Sink};
 use crate::model::{dtype, DType, HostTensor, TensorBytes};
@@ -43,6 +43,7 @@ impl Backend for CpuBackend {
         let bytes = checked_numel(shape)?
             .checked_mul(dtype.size())
             .ok_or_else(|| Error::invalid(format!("a {shape:?} weight overflows memory sizes")))?;
+        check_memory("a weight", bytes)?;
         Ok(HostTensor {
             dtype,
             shape: shape.to_vec(),
@@ -54,7 +55,15 @@ impl Backend for CpuBackend {
         Ok(w.clone())
     }
 
+    fn check_room(&self, what: &str, bytes: usize) -> Result<()> {
+        check_memory(what, bytes)
+    }
+
     fn zeros(&self, len: usize) -> Result<Vec<f32>> {
+        let bytes = len
+            .checked_mul(4)
+            .ok_or_else(|| Error::invalid(format!("a buffer of {len} values overflows sizes")))?;
+        check_memory("a buffer", bytes)?;
         Ok(vec![0.0; len])
     }
 
@@ -78,7 +87,11 @@ impl Backend for CpuBackend {
         dim: usize,
     ) -> Result<()> {
         check_len("embedding", out.len(), ids.len() * dim)?;
-        let vocab = table.numel() / dim;
+        let vocab = checks::rows_of(table.numel(), dim);
+        checks::embedding(ids, vocab)?;
+        if dim == 0 {
+            return Ok(());
+        }
         let esize = table.dtype.size();
         let data = table.data();
         for (row, &id) in out.chunks_exact_mut(dim).zip(ids) {
@@ -107,6 +120,10 @@ impl Backend for CpuBackend {
         eps: f32,
     ) -> Result<()> {
         check_len("rms_norm", out.len().min(x.len()), rows * dim)?;
+        checks::rms_norm(weight.numel(), dim)?;
+        if rows == 0 || dim == 0 {
+            return Ok(());
+        }
         let w = weight.to_f32();
         out[..rows * dim]
             .par_chunks_mut(dim * ROW_CHUNK)
@@ -150,6 +167,10 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         let width = heads * head_dim;
         check_len("rope", x.len(), positions.len() * width)?;
+        checks::rope(inv_freq.len(), head_dim)?;
+        if width == 0 || head_dim < 2 {
+            return Ok(());
+        }
         let half = head_dim / 2;
         x[..positions.len() * width]
             .par_chunks_mut(width)
@@ -186,13 +207,16 @@ impl Backend for CpuBackend {
         width: usize,
     ) -> Result<()> {
         check_len("kv_store src", src.len(), slots.len() * width)?;
+        checks::kv_store(slots, positions, max_seq)?;
+        if let Some(&s) = slots.iter().max() {
+            check_len(
+                "kv_store cache",
+                cache.len(),
+                (s as usize + 1) * max_seq * width,
+            )?;
+        }
         for (i, (&s, &p)) in slots.iter().zip(positions).enumerate() {
             let (s, p) = (s as usize, p as usize);
-            if p >= max_seq {
-                return Err(Error::invalid(format!(
-                    "position {p} is past the KV cache length {max_seq}"
-                )));
-            }
             let at = (s * max_seq + p) * width;
             check_len("kv_store cache", cache.len(), at + width)?;
             cache[at..at + width].copy_from_slice(&src[i * width..(i + 1) * width]);
@@ -212,6 +236,13 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         let width = geom.num_heads * geom.head_dim;
         check_len("attention out", out.len().min(q.len()), slots.len() * width)?;
+        checks::attention(slots, positions, geom)?;
+        let cache = checks::kv_cache_len(slots, geom);
+        check_len("attention k_cache", k_cache.len(), cache)?;
+        check_len("attention v_cache", v_cache.len(), cache)?;
+        if width == 0 {
+            return Ok(());
+        }
         attention(out, q, k_cache, v_cache, slots, positions, geom);
         Ok(())
     }
@@ -246,6 +277,9 @@ impl Backend for CpuBackend {
         width: usize,
     ) -> Result<()> {
         check_len("gather_rows", out.len(), rows.len() * width)?;
+        if width == 0 {
+            return Ok(());
+        }
         for (o, &r) in out.chunks_exact_mut(width).zip(rows) {
             let r = r as usize;
             check_len("gather_rows x", x.len(), (r + 1) * width)?;
@@ -263,6 +297,7 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         check_len("argmax_rows", logits.len(), rows * vocab)?;
         check_len("argmax_rows out", out.len(), rows)?;
+        checks::argmax_rows(rows, vocab)?;
         for (o, row) in out
             .iter_mut()
             .zip(logits.chunks_exact(vocab.max(1)))
@@ -371,6 +406,32 @@ fn unique_bytes(w: &mut HostTensor) -> &mut [u8] {
         TensorBytes::Owned(a) => Arc::get_mut(a).expect("unique after the check above"),
         TensorBytes::Mapped { .. } => unreachable!("replaced by an owned buffer above"),
     }
+}
+
+/// Refuses an allocation of `bytes` that the machine cannot give (an error naming the need and
+/// what is available, where allocating would abort the process). Small allocations are not
+/// checked: reading the memory figures costs more than they do.
+pub fn check_memory(what: &str, bytes: usize) -> Result<()> {
+    const CHECKED_FROM: usize = 256 << 20;
+    if bytes < CHECKED_FROM {
+        return Ok(());
+    }
+    match available_memory() {
+        Some(avail) if bytes as u64 > avail => Err(Error::invalid(format!(
+            "{what} of {:.2} GB is needed and {:.2} GB of memory is available",
+            bytes as f64 / 1e9,
+            avail as f64 / 1e9
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// `MemAvailable` of /proc/meminfo, in bytes (Linux; `None` elsewhere).
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// `Π shape`, or an error when it overflows.

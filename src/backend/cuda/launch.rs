@@ -2,13 +2,13 @@
 //! its arguments, computed once here and executed by whoever runs kernels — the cudarc launch
 //! of [`super::CudaBackend`] on a GPU, and the software device of the test suite (the kernels
 //! compiled as host C++ under sanitizers) on any machine. Both therefore run the geometry the
-//! GPU gets, not a copy of it. Pure functions of shapes and host index arrays; the checks that
-//! need only those live here too, so both executors refuse the same bad calls.
+//! GPU gets, not a copy of it. Pure functions of shapes and host index arrays, which they check
+//! with [`crate::backend::checks`] (the CPU backend's checks too).
 //!
 //! A description names its buffers by position (each function documents its list); pointer
 //! arguments are `(buffer, byte offset)`.
 
-use crate::backend::AttentionGeometry;
+use crate::backend::{checks, AttentionGeometry};
 use crate::error::{Error, Result};
 use crate::model::DType;
 
@@ -106,24 +106,9 @@ fn small(op: &str, what: &str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| Error::invalid(format!("{op}: {what} {v} exceeds 2³²")))
 }
 
-fn same_len(op: &str, slots: &[u32], positions: &[u32]) -> Result<()> {
-    if slots.len() != positions.len() {
-        return Err(Error::invalid(format!(
-            "{op}: {} slots but {} positions",
-            slots.len(),
-            positions.len()
-        )));
-    }
-    Ok(())
-}
-
 /// `out[r, :] = table[ids[r], :]`. Buffers: `[out, table, ids]`. Ids must be below `vocab`.
 pub fn embedding(dtype: DType, ids: &[u32], vocab: usize, dim: usize) -> Result<Option<Launch>> {
-    if let Some(&id) = ids.iter().find(|&&i| i as usize >= vocab) {
-        return Err(Error::invalid(format!(
-            "token id {id} is out of range (vocab size {vocab})"
-        )));
-    }
+    checks::embedding(ids, vocab)?;
     if ids.is_empty() || dim == 0 {
         return Ok(None);
     }
@@ -148,11 +133,7 @@ pub fn rms_norm(
     eps: f32,
     weight_len: usize,
 ) -> Result<Option<Launch>> {
-    if weight_len != dim {
-        return Err(Error::invalid(format!(
-            "rms_norm: weight of {weight_len} values for rows of {dim}"
-        )));
-    }
+    checks::rms_norm(weight_len, dim)?;
     if rows == 0 || dim == 0 {
         return Ok(None);
     }
@@ -231,11 +212,7 @@ pub fn rope(
     head_dim: usize,
     inv_freq_len: usize,
 ) -> Result<Option<Launch>> {
-    if inv_freq_len < head_dim / 2 {
-        return Err(Error::invalid(format!(
-            "rope: {inv_freq_len} inverse frequencies for head_dim {head_dim}"
-        )));
-    }
+    checks::rope(inv_freq_len, head_dim)?;
     if rows == 0 || heads == 0 || head_dim < 2 {
         return Ok(None);
     }
@@ -269,24 +246,7 @@ pub fn kv_store(
     max_seq: usize,
     width: usize,
 ) -> Result<Option<Launch>> {
-    same_len("kv_store", slots, positions)?;
-    if let Some(&p) = positions.iter().find(|&&p| p as usize >= max_seq) {
-        return Err(Error::invalid(format!(
-            "position {p} is past the KV cache length {max_seq}"
-        )));
-    }
-    let mut rows: Vec<(u32, u32)> = slots
-        .iter()
-        .copied()
-        .zip(positions.iter().copied())
-        .collect();
-    rows.sort_unstable();
-    if let Some(w) = rows.windows(2).find(|w| w[0] == w[1]) {
-        return Err(Error::invalid(format!(
-            "kv_store: two rows write slot {} position {} (which one lands is undefined)",
-            w[0].0, w[0].1
-        )));
-    }
+    checks::kv_store(slots, positions, max_seq)?;
     if slots.is_empty() || width == 0 {
         return Ok(None);
     }
@@ -311,20 +271,11 @@ pub fn attention(
     positions: &[u32],
     geom: AttentionGeometry,
 ) -> Result<Option<Launch>> {
-    same_len("attention", slots, positions)?;
-    if geom.head_dim > MAX_HEAD_DIM
-        || geom.num_kv_heads == 0
-        || !geom.num_heads.is_multiple_of(geom.num_kv_heads)
-    {
+    checks::attention(slots, positions, geom)?;
+    if geom.head_dim > MAX_HEAD_DIM {
         return Err(Error::invalid(format!(
-            "attention: {} heads over {} KV heads of dim {} (CUDA supports head_dim ≤ {MAX_HEAD_DIM})",
-            geom.num_heads, geom.num_kv_heads, geom.head_dim
-        )));
-    }
-    if let Some(&p) = positions.iter().find(|&&p| p as usize >= geom.max_seq) {
-        return Err(Error::invalid(format!(
-            "attention: position {p} is past the KV cache length {}",
-            geom.max_seq
+            "attention: head_dim {} (CUDA supports head_dim ≤ {MAX_HEAD_DIM})",
+            geom.head_dim
         )));
     }
     if slots.is_empty() || geom.num_heads == 0 || geom.head_dim == 0 {
@@ -386,11 +337,9 @@ pub fn gather_rows(rows: usize, width: usize) -> Result<Option<Launch>> {
 /// `out[r] = argmax_j logits[r, j]` (NaN counts as the largest value and the first maximum
 /// wins, as in torch and numpy). Buffers: `[out (u32), logits]`.
 pub fn argmax_rows(rows: usize, vocab: usize) -> Result<Option<Launch>> {
+    checks::argmax_rows(rows, vocab)?;
     if rows == 0 {
         return Ok(None);
-    }
-    if vocab == 0 {
-        return Err(Error::invalid("argmax_rows: rows of zero logits"));
     }
     Ok(Some(launch(
         "llama",

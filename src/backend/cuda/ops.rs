@@ -103,6 +103,19 @@ impl Backend for CudaBackend {
         self.synchronize()
     }
 
+    fn check_room(&self, what: &str, bytes: usize) -> Result<()> {
+        let (free, _) = self.memory()?;
+        if bytes > free {
+            return Err(Error::invalid(format!(
+                "{}: {what} of {:.2} GB is needed and {:.2} GB of device memory is free",
+                self.name,
+                bytes as f64 / 1e9,
+                free as f64 / 1e9
+            )));
+        }
+        Ok(())
+    }
+
     fn synchronize(&self) -> Result<()> {
         self.stream
             .synchronize()
