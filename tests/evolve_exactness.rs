@@ -128,17 +128,7 @@ fn genome_chain_equals_dense_chain_at_full_rank() {
     let (mut model, mut sources, index) = child_model(&set);
     let mut worst = 0.0f64;
     for (g, d) in genomes.iter().zip(&dense).skip(3) {
-        let coefs: Vec<TensorCoefficients> = index
-            .iter()
-            .map(|&t| {
-                let mut c = TensorCoefficients::default();
-                set.coefficients_into(g, t, &mut c);
-                c
-            })
-            .collect();
-        CpuBackend
-            .materialize_into(&mut model.weights_mut(), &mut sources, &coefs)
-            .unwrap();
+        write_child(&set, &index, &mut model, &mut sources, g);
         for (w, &t) in model.weights().iter().zip(&index) {
             worst = worst.max(relative(&w.to_f32(), &d[t]));
         }
@@ -252,17 +242,7 @@ fn child_weights_are_reused_and_never_written_under_a_reader() {
     let child = Genome::crossover(&g0, &g1, 0.6, 0.4);
     let (mut model, mut sources, index) = child_model(&set);
     let mut write = |model: &mut LlamaModel<CpuBackend>, g: &Genome| {
-        let coefs: Vec<TensorCoefficients> = index
-            .iter()
-            .map(|&t| {
-                let mut c = TensorCoefficients::default();
-                set.coefficients_into(g, t, &mut c);
-                c
-            })
-            .collect();
-        CpuBackend
-            .materialize_into(&mut model.weights_mut(), &mut sources, &coefs)
-            .unwrap();
+        write_child(&set, &index, model, &mut sources, g);
     };
     write(&mut model, &g0);
     let first_ptr = model.weights()[0].data().as_ptr();
@@ -294,6 +274,27 @@ fn child_weights_are_reused_and_never_written_under_a_reader() {
         &before[..],
         "the new child was written"
     );
+}
+
+/// Writes genome `g` into `model` in place, as a worker does.
+fn write_child(
+    set: &ExpertSet,
+    index: &[usize],
+    model: &mut LlamaModel<CpuBackend>,
+    sources: &mut Vec<TensorSources>,
+    g: &Genome,
+) {
+    let coefs: Vec<TensorCoefficients> = index
+        .iter()
+        .map(|&t| {
+            let mut c = TensorCoefficients::default();
+            set.coefficients_into(g, t, &mut c);
+            c
+        })
+        .collect();
+    CpuBackend
+        .materialize_into(&mut model.weights_mut(), sources, &coefs)
+        .unwrap();
 }
 
 /// A zeroed child model over the set, its placed sources, and the set tensor of each weight.

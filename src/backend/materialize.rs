@@ -147,6 +147,17 @@ impl TensorSources {
     }
 }
 
+/// A whole-model materialisation's counts agree: one output and one coefficient set per placed
+/// tensor.
+pub fn check_counts(outs: usize, coefs: usize, placed: usize) -> Result<()> {
+    if outs != placed || coefs != placed {
+        return Err(Error::invalid(format!(
+            "materialize: {outs} outputs and {coefs} coefficient sets for {placed} placed tensors"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

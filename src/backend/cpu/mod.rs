@@ -356,14 +356,7 @@ impl Backend for CpuBackend {
         sources: &mut Vec<TensorSources>,
         coefs: &[TensorCoefficients],
     ) -> Result<()> {
-        if outs.len() != sources.len() || coefs.len() != sources.len() {
-            return Err(Error::invalid(format!(
-                "materialize: {} outputs and {} coefficient sets for {} placed tensors",
-                outs.len(),
-                coefs.len(),
-                sources.len()
-            )));
-        }
+        crate::backend::materialize::check_counts(outs.len(), coefs.len(), sources.len())?;
         for ((out, src), coef) in outs.iter_mut().zip(sources.iter()).zip(coefs) {
             if out.numel() != src.numel() {
                 return Err(Error::tensor(

@@ -263,17 +263,10 @@ impl CudaBackend {
 
     /// Resident sources of a model, with their scratch.
     pub fn resident_sources(&self, tensors: Vec<ResidentTensor>) -> Result<CudaSources> {
-        let scratch = self.scratch(
-            tensors
-                .iter()
-                .map(|t| (t.m, t.n, t.factors.as_ref().map_or(0, |f| f.k))),
-        )?;
+        let scratch = self.scratch(tensors.iter().map(|t| (t.m, t.n, rank_of(&t.factors))))?;
         let bytes = tensors
             .iter()
-            .map(|t| {
-                (1 + t.experts.len()) * t.m * t.n * t.base.dtype.size()
-                    + t.factors.as_ref().map_or(0, |f| f.k * (t.m + t.n) * 4)
-            })
+            .map(|t| placed_bytes(1 + t.experts.len(), t.base.dtype, t.m, t.n, &t.factors))
             .sum();
         Ok(CudaSources {
             placed: Placed::Resident(tensors),
@@ -305,17 +298,10 @@ impl CudaBackend {
                 slot.push(self.alloc_bytes(max_bytes)?);
             }
         }
-        let scratch = self.scratch(
-            tensors
-                .iter()
-                .map(|t| (t.m, t.n, t.factors.as_ref().map_or(0, |f| f.k))),
-        )?;
+        let scratch = self.scratch(tensors.iter().map(|t| (t.m, t.n, rank_of(&t.factors))))?;
         let bytes = tensors
             .iter()
-            .map(|t| {
-                t.sources.len() * t.m * t.n * t.dtype.size()
-                    + t.factors.as_ref().map_or(0, |f| f.k * (t.m + t.n) * 4)
-            })
+            .map(|t| placed_bytes(t.sources.len(), t.dtype, t.m, t.n, &t.factors))
             .sum();
         Ok(CudaSources {
             placed: Placed::Streamed(tensors, Staging { copy, slots }),
@@ -364,14 +350,7 @@ impl CudaBackend {
         sources: &mut CudaSources,
         coefs: &[TensorCoefficients],
     ) -> Result<()> {
-        if outs.len() != sources.len() || coefs.len() != sources.len() {
-            return Err(Error::invalid(format!(
-                "materialize: {} outputs and {} coefficient sets for {} placed tensors",
-                outs.len(),
-                coefs.len(),
-                sources.len()
-            )));
-        }
+        crate::backend::materialize::check_counts(outs.len(), coefs.len(), sources.len())?;
         let CudaSources {
             placed, scratch, ..
         } = sources;
@@ -597,6 +576,22 @@ impl CudaBackend {
         }
         Ok(())
     }
+}
+
+/// The concatenated rank `K` of a tensor's placed factors (0 without).
+fn rank_of(f: &Option<DeviceFactors>) -> usize {
+    f.as_ref().map_or(0, |f| f.k)
+}
+
+/// Bytes a placed tensor holds: `sources` weights of `dtype` and its f32 factors.
+fn placed_bytes(
+    sources: usize,
+    dtype: DType,
+    m: usize,
+    n: usize,
+    f: &Option<DeviceFactors>,
+) -> usize {
+    sources * m * n * dtype.size() + rank_of(f) * (m + n) * 4
 }
 
 /// An output weight of `m·n` elements of `dtype`.
