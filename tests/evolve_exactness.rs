@@ -320,3 +320,37 @@ fn child_model(set: &ExpertSet) -> (LlamaModel<CpuBackend>, Vec<TensorSources>, 
         .unwrap();
     (model, sources, index)
 }
+
+#[test]
+fn truncated_rank_mutation_gives_the_residual_its_expected_share() {
+    let experts = Vec::from(["expert_a", "expert_b", "expert_c"].map(open));
+    let set = ExpertSet::build(open("base"), experts, Rank::Truncated(4)).unwrap();
+    let parent = Genome::crossover(&Genome::seed(&set, 0), &Genome::seed(&set, 1), 1.0, 1.0);
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let (q, w_max) = (2, 0.2);
+    let w = Genome::draw_mutation(&set, q, w_max, &mut rng);
+    let mut child = parent.clone();
+    child.mutate(&set, q, &w, w_max);
+    for (t, tf) in set.tensors.iter().enumerate() {
+        let (before, after) = (&parent.tensors[t], &child.tensors[t]);
+        if tf.factors.is_empty() {
+            assert_eq!(before, after, "{}: not factorised, not mutated", tf.name);
+            continue;
+        }
+        // γ_q += w ⊙ S_q, and a_q += E[w] = w_max / 2 for the part the factors do not hold.
+        for k in 0..tf.factors[q].rank() {
+            let want = before.gamma[q][k] + w[t][k] * tf.factors[q].s[k];
+            assert!((after.gamma[q][k] - want).abs() <= 1e-6 * want.abs().max(1.0));
+            assert!((0.0..w_max).contains(&w[t][k]));
+        }
+        assert!(
+            (after.a[q] - (before.a[q] + w_max / 2.0)).abs() < 1e-7,
+            "{}",
+            tf.name
+        );
+        for e in (0..3).filter(|&e| e != q) {
+            assert_eq!(before.a[e], after.a[e]);
+            assert_eq!(before.gamma[e], after.gamma[e]);
+        }
+    }
+}

@@ -151,3 +151,51 @@ fn generate_cli_prints_one_json_object_with_the_reference_answer() {
         assert_eq!(v2["new_ids"], v["new_ids"]);
     }
 }
+
+#[test]
+fn sampled_generation_is_reproducible_by_seed_and_well_formed() {
+    let dir = llama_dir("tiny-gqa-bf16");
+    let vocab = cycleqd_engine::model::LlamaConfig::from_dir(&dir)
+        .unwrap()
+        .vocab_size;
+    let sample = |seed: u32| -> serde_json::Value {
+        let o = run(&[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--ids",
+            "1,2,3",
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "1.0",
+            "--top-p",
+            "0.95",
+            "--seed",
+            &seed.to_string(),
+            "--json",
+            "--device",
+            "cpu",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let runs: Vec<serde_json::Value> = [4, 4, 5, 6, 7].into_iter().map(sample).collect();
+    assert_eq!(
+        runs[0]["new_ids"], runs[1]["new_ids"],
+        "one seed, one continuation"
+    );
+    assert!(
+        runs[2..].iter().any(|r| r["new_ids"] != runs[0]["new_ids"]),
+        "other seeds sample other continuations"
+    );
+    for r in &runs {
+        for id in r["new_ids"].as_array().unwrap() {
+            assert!((id.as_u64().unwrap() as usize) < vocab);
+        }
+        for lp in r["logprobs"].as_array().unwrap() {
+            let lp = lp.as_f64().unwrap();
+            assert!(lp.is_finite() && lp <= 0.0, "{lp}");
+        }
+    }
+}

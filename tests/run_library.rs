@@ -323,3 +323,30 @@ fn a_simulated_fleet_finishes_a_steady_run_with_every_worker_busy() {
         "every worker ran children"
     );
 }
+
+#[test]
+fn a_quality_archive_that_cannot_breed_borrows_the_fullest_archives_parents() {
+    let scratch = tempfile::tempdir().unwrap();
+    let set = Arc::new(demo_set(&scratch.path().join("demo")).unwrap());
+    // Archive 0's measures are tasks 1 and 2, equal for every expert: its three experts share
+    // one cell, so it holds one elite; archives 1 and 2 hold three.
+    let fitness = vec![
+        vec![0.9, 0.5, 0.5],
+        vec![0.2, 0.5, 0.5],
+        vec![0.1, 0.5, 0.5],
+    ];
+    let tasks = vec!["a".to_string(), "b".to_string(), "c".to_string()];
+    let pop = Population::new(&set, tasks, &[(0.0, 1.0); 3], 15, fitness).unwrap();
+    assert_eq!(pop.archives[0].len(), 1);
+    let spec = pop.breed(1, &set, &ops(&set)).unwrap();
+    assert_eq!(spec.quality_task, 0);
+    assert_ne!(
+        spec.parents_from, 0,
+        "parents come from an archive that can breed"
+    );
+    assert_eq!(
+        pop.archives[spec.parents_from].len(),
+        (0..3).map(|a| pop.archives[a].len()).max().unwrap()
+    );
+    assert_ne!(spec.parents[0], spec.parents[1]);
+}

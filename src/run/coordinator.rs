@@ -274,6 +274,7 @@ impl Coordinator {
             .map_err(|e| Error::io(&self.writer.events_path, e))?;
         self.events_len += line.len() as u64;
         let done = self.pop.children_done;
+        signal_for_tests(done);
         if done.is_multiple_of(self.cfg.checkpoint_every) || self.is_done() {
             self.checkpoint_in_background()?;
         }
@@ -339,6 +340,30 @@ impl Coordinator {
     pub fn checkpoint(&mut self) -> Result<()> {
         self.checkpoint_in_background()?;
         self.writer.wait()
+    }
+}
+
+/// Crash tests: with `CYCLEQD_SIGNAL_AT=N:KILL` (or `N:INT`, `N:TERM`) the process signals
+/// itself right after the `N`th applied child's event is written, so a test kills a run at a
+/// chosen point instead of racing it.
+fn signal_for_tests(applied: u64) {
+    static AT: std::sync::OnceLock<Option<(u64, i32)>> = std::sync::OnceLock::new();
+    let at = AT.get_or_init(|| {
+        let v = std::env::var("CYCLEQD_SIGNAL_AT").ok()?;
+        let (n, sig) = v.split_once(':')?;
+        let sig = match sig {
+            "KILL" => libc::SIGKILL,
+            "INT" => libc::SIGINT,
+            "TERM" => libc::SIGTERM,
+            _ => return None,
+        };
+        Some((n.parse().ok()?, sig))
+    });
+    if let Some((n, sig)) = *at {
+        if n == applied {
+            // SAFETY: raise(3) with a standard signal.
+            unsafe { libc::raise(sig) };
+        }
     }
 }
 

@@ -531,3 +531,38 @@ fn measure_ranges(cfg: &RunConfig, expert_fitness: &[Vec<f64>]) -> Result<Vec<(f
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(range: &str) -> RunConfig {
+        toml::from_str(&format!(
+            "base = \"b\"\n[[tasks]]\nname = \"x\"\nexpert = \"e1\"\nfitness = \"f\"\nmeasure_range = {range}\n\
+             [[tasks]]\nname = \"y\"\nexpert = \"e2\"\nfitness = \"f\"\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn measure_ranges_follow_the_paper_rule_and_refuse_an_empty_one() {
+        let c = config("\"experts\"");
+        // Task x: the experts score 0.2 and 0.6 → [0.85·0.2, 1.15·0.6]; y has the default.
+        let r = measure_ranges(&c, &[vec![0.2, 0.9], vec![0.6, 0.1]]).unwrap();
+        assert!(
+            (r[0].0 - 0.17).abs() < 1e-12 && (r[0].1 - 0.69).abs() < 1e-12,
+            "{r:?}"
+        );
+        assert_eq!(r[1], (0.0, 1.0));
+        // Every expert scores 0 on x: the rule gives a single value, which is refused.
+        let e = measure_ranges(&c, &[vec![0.0, 0.9], vec![0.0, 0.1]])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("task x") && e.contains("empty range"), "{e}");
+        let explicit = config("[0.1, 0.3]");
+        assert_eq!(
+            measure_ranges(&explicit, &[vec![0.0; 2], vec![0.0; 2]]).unwrap()[0],
+            (0.1, 0.3)
+        );
+    }
+}

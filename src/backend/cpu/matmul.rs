@@ -479,15 +479,20 @@ mod tests {
             for dt in [DType::F32, DType::BF16, DType::F16] {
                 let w = HostTensor::from_f32(&wv, vec![n, k], dt);
                 let want = matmul_slow(&x, &w.to_f32(), rows, n, k);
-                let mut got = vec![0.0; rows * n];
-                matmul_t(&mut got, &x, &w, rows, n, k);
-                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                    assert!(
-                        (g - e).abs() <= 1e-5 + 1e-5 * e.abs(),
-                        "{dt} {rows}x{n}x{k} [{i}]: {g} vs {e}"
-                    );
+                // Every path this CPU can run, not only the widest (an AVX-512 machine runs
+                // the AVX2 and portable tiles too).
+                for isa in Isa::available() {
+                    let mut got = vec![0.0; rows * n];
+                    matmul_t_isa(isa, &mut got, &x, &w, rows, n, k);
+                    for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - e).abs() <= 1e-5 + 1e-5 * e.abs(),
+                            "{isa:?} {dt} {rows}x{n}x{k} [{i}]: {g} vs {e}"
+                        );
+                    }
                 }
             }
         }
+        assert!(Isa::available().contains(&Isa::Generic));
     }
 }
