@@ -338,10 +338,12 @@ fn truncated_rank_mutation_gives_the_residual_its_expected_share() {
             continue;
         }
         // γ_q += w ⊙ S_q, and a_q += E[w] = w_max / 2 for the part the factors do not hold.
-        for k in 0..tf.factors[q].rank() {
-            let want = before.gamma[q][k] + w[t][k] * tf.factors[q].s[k];
+        let s = &tf.factors[q].s;
+        assert_eq!(w[t].len(), s.len());
+        for (k, (&wk, &sk)) in w[t].iter().zip(s).enumerate() {
+            let want = before.gamma[q][k] + wk * sk;
             assert!((after.gamma[q][k] - want).abs() <= 1e-6 * want.abs().max(1.0));
-            assert!((0.0..w_max).contains(&w[t][k]));
+            assert!((0.0..w_max).contains(&wk));
         }
         assert!(
             (after.a[q] - (before.a[q] + w_max / 2.0)).abs() < 1e-7,
