@@ -387,64 +387,164 @@ fn down<B: Backend>(be: &B, b: &B::Buf, len: usize) -> Vec<f32> {
     out
 }
 
-/// The case through a backend's ops (the CPU reference, or a GPU).
-pub fn on_backend<B: Backend>(be: &B, case: &Case) -> Outputs {
+/// A case's inputs, made once from its seed so that every executor gets the same ones: the
+/// weight of the ops that take one, and the f32 arrays in the op's order (noted per op).
+struct Inputs {
+    weight: Option<HostTensor>,
+    data: Vec<Vec<f32>>,
+}
+
+fn inputs(case: &Case) -> Inputs {
     let s = case.seed;
-    match &case.op {
+    let w = |t: HostTensor| Some(t);
+    let (weight, data) = match &case.op {
         Op::Embedding {
-            dtype,
-            vocab,
-            dim,
-            ids,
-        } => {
-            let table = be
-                .upload_weight(&weight(vocab * dim, s, 0.5, *dtype, vec![*vocab, *dim]))
-                .unwrap();
-            let mut out = be.zeros(ids.len() * dim).unwrap();
-            be.embedding(&mut out, &table, ids, *dim).unwrap();
-            vec![("out".into(), down(be, &out, ids.len() * dim))]
-        }
+            dtype, vocab, dim, ..
+        } => (
+            w(weight(vocab * dim, s, 0.5, *dtype, vec![*vocab, *dim])),
+            vec![],
+        ),
+        // [x]
         Op::RmsNorm {
             dtype,
             rows,
             dim,
             specials,
+        } => (
+            w(weight(*dim, s, 1.0, *dtype, vec![*dim])),
+            vec![values(rows * dim, s + 1, 2.0, *specials)],
+        ),
+        // [x]
+        Op::Matmul { dtype, rows, n, k } => (
+            w(weight(n * k, s, 0.1, *dtype, vec![*n, *k])),
+            vec![values(rows * k, s + 1, 1.0, false)],
+        ),
+        // [x]
+        Op::Cast { len, .. } => (None, vec![values(*len, s, 3.0, false)]),
+        // [x]
+        Op::Rope {
+            rows,
+            heads,
+            head_dim,
+        } => (None, vec![values(rows * heads * head_dim, s, 1.0, false)]),
+        // [cache, src]
+        Op::KvStore {
+            slots,
+            max_seq,
+            width,
+            ..
+        } => (
+            None,
+            vec![
+                values(3 * max_seq * width, s, 1.0, false),
+                values(slots.len() * width, s + 1, 1.0, false),
+            ],
+        ),
+        // [q, k_cache, v_cache]
+        Op::Attention {
+            slots,
+            geom,
+            cache_slots,
+            ..
         } => {
-            let w = be
-                .upload_weight(&weight(*dim, s, 1.0, *dtype, vec![*dim]))
+            let len = cache_slots * geom.max_seq * geom.num_kv_heads * geom.head_dim;
+            (
+                None,
+                vec![
+                    values(
+                        slots.len() * geom.num_heads * geom.head_dim,
+                        s + 2,
+                        1.0,
+                        false,
+                    ),
+                    values(len, s, 1.0, false),
+                    values(len, s + 1, 1.0, false),
+                ],
+            )
+        }
+        // [x, y]
+        Op::Elementwise { len, specials, .. } => (
+            None,
+            vec![
+                values(*len, s, 4.0, *specials),
+                values(*len, s + 1, 4.0, *specials),
+            ],
+        ),
+        // [x]
+        Op::Gather {
+            source_rows, width, ..
+        } => (None, vec![values(source_rows * width, s, 1.0, false)]),
+        // [logits]
+        Op::Argmax {
+            rows,
+            vocab,
+            specials,
+        } => (None, vec![argmax_logits(*rows, *vocab, s, *specials)]),
+        // [u, coef]
+        Op::ScaleColumns { rows, cols } => (
+            None,
+            vec![
+                values(rows * cols, s, 1.0, false),
+                values(*cols, s + 1, 1.0, false),
+            ],
+        ),
+        Op::FillRandom { .. } | Op::Materialize { .. } => (None, vec![]),
+    };
+    Inputs { weight, data }
+}
+
+/// The positions of a RoPE case.
+fn rope_positions(rows: usize) -> Vec<u32> {
+    (0..rows as u32).map(|p| p * 3 + 1).collect()
+}
+
+/// The case through a backend's ops (the CPU reference, or a GPU).
+pub fn on_backend<B: Backend>(be: &B, case: &Case) -> Outputs {
+    let inp = inputs(case);
+    let d = &inp.data;
+    let weight = || {
+        be.upload_weight(inp.weight.as_ref().expect("the op has a weight"))
+            .unwrap()
+    };
+    let out = |label: &str, v: Vec<f32>| vec![(label.to_string(), v)];
+    match &case.op {
+        Op::Embedding { dim, ids, .. } => {
+            let mut o = be.zeros(ids.len() * dim).unwrap();
+            be.embedding(&mut o, &weight(), ids, *dim).unwrap();
+            out("out", down(be, &o, ids.len() * dim))
+        }
+        Op::RmsNorm { rows, dim, .. } => {
+            let mut o = be.zeros(rows * dim).unwrap();
+            be.rms_norm(&mut o, &up(be, &d[0]), &weight(), *rows, *dim, 1e-5)
                 .unwrap();
-            let x = up(be, &values(rows * dim, s + 1, 2.0, *specials));
-            let mut out = be.zeros(rows * dim).unwrap();
-            be.rms_norm(&mut out, &x, &w, *rows, *dim, 1e-5).unwrap();
-            vec![("out".into(), down(be, &out, rows * dim))]
+            out("out", down(be, &o, rows * dim))
         }
-        Op::Matmul { dtype, rows, n, k } => {
-            let w = be
-                .upload_weight(&weight(n * k, s, 0.1, *dtype, vec![*n, *k]))
+        Op::Matmul { rows, n, k, .. } => {
+            let mut o = be.zeros(rows * n).unwrap();
+            be.matmul_t(&mut o, &up(be, &d[0]), &weight(), *rows, *n, *k)
                 .unwrap();
-            let x = up(be, &values(rows * k, s + 1, 1.0, false));
-            let mut out = be.zeros(rows * n).unwrap();
-            be.matmul_t(&mut out, &x, &w, *rows, *n, *k).unwrap();
-            vec![("out".into(), down(be, &out, rows * n))]
+            out("out", down(be, &o, rows * n))
         }
-        Op::Cast { dtype, len } => {
-            // The host's rounding (what the GPU's cast must equal before its cuBLAS GEMM).
-            let x = values(*len, s, 3.0, false);
-            vec![(
-                "out".into(),
-                dtype::to_f32_vec(*dtype, &dtype::from_f32(*dtype, &x)),
-            )]
-        }
+        // The host's rounding (what the GPU's cast must equal before its cuBLAS GEMM).
+        Op::Cast { dtype, .. } => out(
+            "out",
+            dtype::to_f32_vec(*dtype, &dtype::from_f32(*dtype, &d[0])),
+        ),
         Op::Rope {
             rows,
             heads,
             head_dim,
         } => {
-            let positions: Vec<u32> = (0..*rows as u32).map(|p| p * 3 + 1).collect();
-            let mut x = up(be, &values(rows * heads * head_dim, s, 1.0, false));
-            be.rope(&mut x, &positions, *heads, *head_dim, &inv_freq(*head_dim))
-                .unwrap();
-            vec![("x".into(), down(be, &x, rows * heads * head_dim))]
+            let mut x = up(be, &d[0]);
+            be.rope(
+                &mut x,
+                &rope_positions(*rows),
+                *heads,
+                *head_dim,
+                &inv_freq(*head_dim),
+            )
+            .unwrap();
+            out("x", down(be, &x, d[0].len()))
         }
         Op::KvStore {
             slots,
@@ -452,65 +552,49 @@ pub fn on_backend<B: Backend>(be: &B, case: &Case) -> Outputs {
             max_seq,
             width,
         } => {
-            let len = 3 * max_seq * width;
-            let mut cache = up(be, &values(len, s, 1.0, false));
-            let src = up(be, &values(slots.len() * width, s + 1, 1.0, false));
-            be.kv_store(&mut cache, &src, slots, positions, *max_seq, *width)
-                .unwrap();
-            vec![("cache".into(), down(be, &cache, len))]
+            let mut cache = up(be, &d[0]);
+            be.kv_store(
+                &mut cache,
+                &up(be, &d[1]),
+                slots,
+                positions,
+                *max_seq,
+                *width,
+            )
+            .unwrap();
+            out("cache", down(be, &cache, d[0].len()))
         }
         Op::Attention {
             slots,
             positions,
             geom,
-            cache_slots,
+            ..
         } => {
-            let (qw, kvw) = (
-                geom.num_heads * geom.head_dim,
-                geom.num_kv_heads * geom.head_dim,
-            );
-            let len = cache_slots * geom.max_seq * kvw;
-            let k = up(be, &values(len, s, 1.0, false));
-            let v = up(be, &values(len, s + 1, 1.0, false));
-            let q = up(be, &values(slots.len() * qw, s + 2, 1.0, false));
-            let mut out = be.zeros(slots.len() * qw).unwrap();
-            be.attention(&mut out, &q, &k, &v, slots, positions, *geom)
+            let mut o = be.zeros(d[0].len()).unwrap();
+            let (q, k, v) = (up(be, &d[0]), up(be, &d[1]), up(be, &d[2]));
+            be.attention(&mut o, &q, &k, &v, slots, positions, *geom)
                 .unwrap();
-            vec![("out".into(), down(be, &out, slots.len() * qw))]
+            out("out", down(be, &o, d[0].len()))
         }
-        Op::Elementwise {
-            kernel,
-            len,
-            specials,
-        } => {
-            let mut x = up(be, &values(*len, s, 4.0, *specials));
-            let y = up(be, &values(*len, s + 1, 4.0, *specials));
+        Op::Elementwise { kernel, len, .. } => {
+            let (mut x, y) = (up(be, &d[0]), up(be, &d[1]));
             match *kernel {
                 "swiglu" => be.swiglu(&mut x, &y, *len).unwrap(),
                 _ => be.add_assign(&mut x, &y, *len).unwrap(),
             }
-            vec![("x".into(), down(be, &x, *len))]
+            out("x", down(be, &x, *len))
         }
-        Op::Gather {
-            rows,
-            source_rows,
-            width,
-        } => {
-            let x = up(be, &values(source_rows * width, s, 1.0, false));
-            let mut out = be.zeros(rows.len() * width).unwrap();
-            be.gather_rows(&mut out, &x, rows, *width).unwrap();
-            vec![("out".into(), down(be, &out, rows.len() * width))]
+        Op::Gather { rows, width, .. } => {
+            let mut o = be.zeros(rows.len() * width).unwrap();
+            be.gather_rows(&mut o, &up(be, &d[0]), rows, *width)
+                .unwrap();
+            out("out", down(be, &o, rows.len() * width))
         }
-        Op::Argmax {
-            rows,
-            vocab,
-            specials,
-        } => {
-            let logits = argmax_logits(*rows, *vocab, s, *specials);
-            let l = up(be, &logits);
+        Op::Argmax { rows, vocab, .. } => {
             let mut ids = vec![0u32; *rows];
-            be.argmax_rows(&mut ids, &l, *rows, *vocab).unwrap();
-            vec![("ids".into(), ids.iter().map(|&i| i as f32).collect())]
+            be.argmax_rows(&mut ids, &up(be, &d[0]), *rows, *vocab)
+                .unwrap();
+            out("ids", ids.iter().map(|&i| i as f32).collect())
         }
         Op::FillRandom {
             dtype,
@@ -520,25 +604,21 @@ pub fn on_backend<B: Backend>(be: &B, case: &Case) -> Outputs {
         } => {
             let w = be.random_weight(&[*len], *dtype, *seed, *scale).unwrap();
             // Read back as an embedding of one row: the weight's values, upcast, on any backend.
-            let mut out = be.zeros(*len).unwrap();
-            be.embedding(&mut out, &w, &[0], *len).unwrap();
-            vec![("weight".into(), down(be, &out, *len))]
+            let mut o = be.zeros(*len).unwrap();
+            be.embedding(&mut o, &w, &[0], *len).unwrap();
+            out("weight", down(be, &o, *len))
         }
-        Op::ScaleColumns { rows, cols } => {
-            let u = values(rows * cols, s, 1.0, false);
-            let c = values(*cols, s + 1, 1.0, false);
-            vec![(
-                "out".into(),
-                (0..rows * cols).map(|i| u[i] * c[i % cols]).collect(),
-            )]
+        Op::ScaleColumns { cols, .. } => {
+            let (u, c) = (&d[0], &d[1]);
+            out("out", (0..u.len()).map(|i| u[i] * c[i % cols]).collect())
         }
         Op::Materialize {
             dtype, m, n, ranks, ..
         } => {
-            let (src, coef) = materialize_inputs(*dtype, *m, *n, ranks, s);
-            let mut out = vec![0u8; m * n * dtype.size()];
-            be.materialize(&mut out, *dtype, &src, &coef).unwrap();
-            vec![("out".into(), dtype::to_f32_vec(*dtype, &out))]
+            let (src, coef) = materialize_inputs(*dtype, *m, *n, ranks, case.seed);
+            let mut o = vec![0u8; m * n * dtype.size()];
+            be.materialize(&mut o, *dtype, &src, &coef).unwrap();
+            out("out", dtype::to_f32_vec(*dtype, &o))
         }
     }
 }
@@ -623,8 +703,25 @@ fn back(b: &[u8]) -> Vec<f32> {
 
 /// The case on the software device, through the GPU's launch descriptions.
 pub fn on_soft(soft: &mut Soft, case: &Case) -> Result<Outputs, String> {
-    let s = case.seed;
-    let e = |r: cycleqd_engine::Result<Option<Launch>>| r.map_err(|e| e.to_string());
+    let inp = inputs(case);
+    let d = &inp.data;
+    let weight = || {
+        inp.weight
+            .as_ref()
+            .expect("the op has a weight")
+            .data()
+            .to_vec()
+    };
+    let e = |r: cycleqd_engine::Result<Option<Launch>>| {
+        r.map_err(|e| e.to_string())?
+            .ok_or_else(|| "the case launches nothing".to_string())
+    };
+    let zeros = |values: usize| vec![0u8; values * 4];
+    // Runs `l` over `bufs` and returns buffer 0 as f32.
+    let mut run = |l: &Launch, mut bufs: Vec<Vec<u8>>| -> Result<Vec<f32>, String> {
+        soft.run(l, &mut bufs)?;
+        Ok(back(&bufs[0]))
+    };
     Ok(match &case.op {
         Op::Embedding {
             dtype,
@@ -632,45 +729,30 @@ pub fn on_soft(soft: &mut Soft, case: &Case) -> Result<Outputs, String> {
             dim,
             ids,
         } => {
-            let table = weight(vocab * dim, s, 0.5, *dtype, vec![*vocab, *dim]);
-            let mut bufs = vec![
-                vec![0u8; ids.len() * dim * 4],
-                table.data().to_vec(),
-                u32s(ids),
-            ];
-            soft.run(
-                &e(launch::embedding(*dtype, ids, *vocab, *dim))?.unwrap(),
-                &mut bufs,
-            )?;
-            vec![("out".into(), back(&bufs[0]))]
+            let l = e(launch::embedding(*dtype, ids, *vocab, *dim))?;
+            vec![(
+                "out".into(),
+                run(&l, vec![zeros(ids.len() * dim), weight(), u32s(ids)])?,
+            )]
         }
         Op::RmsNorm {
-            dtype,
-            rows,
-            dim,
-            specials,
+            dtype, rows, dim, ..
         } => {
-            let w = weight(*dim, s, 1.0, *dtype, vec![*dim]);
-            let x = values(rows * dim, s + 1, 2.0, *specials);
-            let mut bufs = vec![vec![0u8; rows * dim * 4], f32s(&x), w.data().to_vec()];
-            soft.run(
-                &e(launch::rms_norm(*dtype, *rows, *dim, 1e-5, *dim))?.unwrap(),
-                &mut bufs,
-            )?;
-            vec![("out".into(), back(&bufs[0]))]
+            let l = e(launch::rms_norm(*dtype, *rows, *dim, 1e-5, *dim))?;
+            vec![(
+                "out".into(),
+                run(&l, vec![zeros(rows * dim), f32s(&d[0]), weight()])?,
+            )]
         }
         Op::Matmul { dtype, rows, n, k } => {
-            let w = weight(n * k, s, 0.1, *dtype, vec![*n, *k]);
-            let x = values(rows * k, s + 1, 1.0, false);
-            let mut bufs = vec![vec![0u8; rows * n * 4], f32s(&x), w.data().to_vec()];
+            let mut bufs = vec![zeros(rows * n), f32s(&d[0]), weight()];
             for l in launch::matvec(*dtype, *rows, *n, *k).map_err(|e| e.to_string())? {
                 soft.run(&l, &mut bufs)?;
             }
             vec![("out".into(), back(&bufs[0]))]
         }
         Op::Cast { dtype, len } => {
-            let x = values(*len, s, 3.0, false);
-            let mut bufs = vec![vec![0u8; len * dtype.size()], f32s(&x)];
+            let mut bufs = vec![vec![0u8; len * dtype.size()], f32s(&d[0])];
             soft.run(&launch::cast_from_f32(*dtype, *len), &mut bufs)?;
             vec![("out".into(), dtype::to_f32_vec(*dtype, &bufs[0]))]
         }
@@ -679,15 +761,10 @@ pub fn on_soft(soft: &mut Soft, case: &Case) -> Result<Outputs, String> {
             heads,
             head_dim,
         } => {
-            let positions: Vec<u32> = (0..*rows as u32).map(|p| p * 3 + 1).collect();
             let freq = inv_freq(*head_dim);
-            let x = values(rows * heads * head_dim, s, 1.0, false);
-            let mut bufs = vec![f32s(&x), u32s(&positions), f32s(&freq)];
-            soft.run(
-                &e(launch::rope(*rows, *heads, *head_dim, freq.len()))?.unwrap(),
-                &mut bufs,
-            )?;
-            vec![("x".into(), back(&bufs[0]))]
+            let l = e(launch::rope(*rows, *heads, *head_dim, freq.len()))?;
+            let bufs = vec![f32s(&d[0]), u32s(&rope_positions(*rows)), f32s(&freq)];
+            vec![("x".into(), run(&l, bufs)?)]
         }
         Op::KvStore {
             slots,
@@ -695,85 +772,44 @@ pub fn on_soft(soft: &mut Soft, case: &Case) -> Result<Outputs, String> {
             max_seq,
             width,
         } => {
-            let len = 3 * max_seq * width;
-            let mut bufs = vec![
-                f32s(&values(len, s, 1.0, false)),
-                f32s(&values(slots.len() * width, s + 1, 1.0, false)),
-                u32s(slots),
-                u32s(positions),
-            ];
-            soft.run(
-                &e(launch::kv_store(slots, positions, *max_seq, *width))?.unwrap(),
-                &mut bufs,
-            )?;
-            vec![("cache".into(), back(&bufs[0]))]
+            let l = e(launch::kv_store(slots, positions, *max_seq, *width))?;
+            let bufs = vec![f32s(&d[0]), f32s(&d[1]), u32s(slots), u32s(positions)];
+            vec![("cache".into(), run(&l, bufs)?)]
         }
         Op::Attention {
             slots,
             positions,
             geom,
-            cache_slots,
+            ..
         } => {
-            let (qw, kvw) = (
-                geom.num_heads * geom.head_dim,
-                geom.num_kv_heads * geom.head_dim,
-            );
-            let len = cache_slots * geom.max_seq * kvw;
-            let mut bufs = vec![
-                vec![0u8; slots.len() * qw * 4],
-                f32s(&values(slots.len() * qw, s + 2, 1.0, false)),
-                f32s(&values(len, s, 1.0, false)),
-                f32s(&values(len, s + 1, 1.0, false)),
+            let l = e(launch::attention(slots, positions, *geom))?;
+            let bufs = vec![
+                zeros(d[0].len()),
+                f32s(&d[0]),
+                f32s(&d[1]),
+                f32s(&d[2]),
                 u32s(slots),
                 u32s(positions),
             ];
-            soft.run(
-                &e(launch::attention(slots, positions, *geom))?.unwrap(),
-                &mut bufs,
-            )?;
-            vec![("out".into(), back(&bufs[0]))]
+            vec![("out".into(), run(&l, bufs)?)]
         }
-        Op::Elementwise {
-            kernel,
-            len,
-            specials,
-        } => {
-            let mut bufs = vec![
-                f32s(&values(*len, s, 4.0, *specials)),
-                f32s(&values(*len, s + 1, 4.0, *specials)),
-            ];
-            soft.run(&launch::elementwise(kernel, *len).unwrap(), &mut bufs)?;
-            vec![("x".into(), back(&bufs[0]))]
+        Op::Elementwise { kernel, len, .. } => {
+            let l = launch::elementwise(kernel, *len).ok_or("an empty case")?;
+            vec![("x".into(), run(&l, vec![f32s(&d[0]), f32s(&d[1])])?)]
         }
-        Op::Gather {
-            rows,
-            source_rows,
-            width,
-        } => {
-            let mut bufs = vec![
-                vec![0u8; rows.len() * width * 4],
-                f32s(&values(source_rows * width, s, 1.0, false)),
-                u32s(rows),
-            ];
-            soft.run(
-                &e(launch::gather_rows(rows.len(), *width))?.unwrap(),
-                &mut bufs,
-            )?;
-            vec![("out".into(), back(&bufs[0]))]
+        Op::Gather { rows, width, .. } => {
+            let l = e(launch::gather_rows(rows.len(), *width))?;
+            let bufs = vec![zeros(rows.len() * width), f32s(&d[0]), u32s(rows)];
+            vec![("out".into(), run(&l, bufs)?)]
         }
-        Op::Argmax {
-            rows,
-            vocab,
-            specials,
-        } => {
-            let logits = argmax_logits(*rows, *vocab, s, *specials);
-            let mut bufs = vec![vec![0u8; rows * 4], f32s(&logits)];
-            soft.run(&e(launch::argmax_rows(*rows, *vocab))?.unwrap(), &mut bufs)?;
-            let ids: Vec<u32> = bufs[0]
-                .chunks_exact(4)
-                .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
-                .collect();
-            vec![("ids".into(), ids.iter().map(|&i| i as f32).collect())]
+        Op::Argmax { rows, vocab, .. } => {
+            let l = e(launch::argmax_rows(*rows, *vocab))?;
+            // Buffer 0 holds u32 ids: read back as f32 bits, then as the ids they are.
+            let ids = run(&l, vec![zeros(*rows), f32s(&d[0])])?;
+            vec![(
+                "ids".into(),
+                ids.iter().map(|v| v.to_bits() as f32).collect(),
+            )]
         }
         Op::FillRandom {
             dtype,
@@ -786,14 +822,11 @@ pub fn on_soft(soft: &mut Soft, case: &Case) -> Result<Outputs, String> {
             vec![("weight".into(), dtype::to_f32_vec(*dtype, &bufs[0]))]
         }
         Op::ScaleColumns { rows, cols } => {
-            let u = values(rows * cols, s, 1.0, false);
-            let c = values(*cols, s + 1, 1.0, false);
-            let mut bufs = vec![vec![0u8; rows * cols * 4], f32s(&u), f32s(&c)];
-            soft.run(
-                &launch::scale_columns(*rows, *cols).map_err(|e| e.to_string())?,
-                &mut bufs,
-            )?;
-            vec![("out".into(), back(&bufs[0]))]
+            let l = launch::scale_columns(*rows, *cols).map_err(|e| e.to_string())?;
+            vec![(
+                "out".into(),
+                run(&l, vec![zeros(rows * cols), f32s(&d[0]), f32s(&d[1])])?,
+            )]
         }
         Op::Materialize {
             dtype,
@@ -802,7 +835,7 @@ pub fn on_soft(soft: &mut Soft, case: &Case) -> Result<Outputs, String> {
             ranks,
             tile_rows,
             offset,
-        } => soft_materialize(soft, *dtype, *m, *n, ranks, *tile_rows, *offset, s)?,
+        } => soft_materialize(soft, *dtype, *m, *n, ranks, *tile_rows, *offset, case.seed)?,
     })
 }
 
