@@ -136,7 +136,7 @@ pub fn check_output_dir(out: &Path, inputs: &[&Path]) -> Result<()> {
     if out.exists() && !out.is_dir() {
         return Err(Error::format(
             out,
-            "is an existing file, not a folder; give a folder to write the checkpoint into",
+            "is an existing file, not a folder; give a folder to write into",
         ));
     }
     let out_abs = resolved(out);

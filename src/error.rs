@@ -7,19 +7,16 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     // ---- files and formats ----
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    // The cause is part of the message, not a `source`: a context chain printed with `{:#}`
+    // would repeat it otherwise ("x: No such file: No such file").
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{path}: {msg}")]
     Format { path: PathBuf, msg: String },
-    #[error("{path}: invalid JSON: {source}")]
+    #[error("{path}: invalid JSON: {err}")]
     Json {
         path: PathBuf,
-        #[source]
-        source: serde_json::Error,
+        err: serde_json::Error,
     },
 
     // ---- model configuration ----
@@ -37,15 +34,21 @@ pub enum Error {
     // ---- inference and other runtime checks ----
     #[error("{0}")]
     Invalid(String),
+
+    /// The model computed NaN or Inf: its weights are broken (a child whose coefficients
+    /// overflow, a checkpoint holding non-finite values), not the machine. A run marks such a
+    /// child failed and goes on.
+    #[error("{0}")]
+    NonFiniteOutput(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
+    pub fn io(path: impl AsRef<Path>, err: std::io::Error) -> Self {
         Error::Io {
             path: path.as_ref().to_path_buf(),
-            source,
+            err,
         }
     }
 

@@ -338,3 +338,69 @@ fn a_shape_whose_product_wraps_is_refused_by_inspect_and_every_reader() {
             || String::from_utf8_lossy(&o.stdout).contains("overflows")
     );
 }
+
+#[test]
+fn a_weight_holding_nan_or_inf_is_refused_by_every_command_that_reads_weights() {
+    for (poison, what) in [(0x7fc0u16, "NaN"), (0x7f80u16, "+Inf"), (0xff80u16, "-Inf")] {
+        let (_t, dir) = fixture("tiny-gqa-bf16");
+        // Element 5 of a bf16 weight in the middle of the file.
+        let p = dir.join("model.safetensors");
+        let (h, mut data) = split(&p);
+        let start = h["model.layers.1.mlp.down_proj.weight"]["data_offsets"][0]
+            .as_u64()
+            .unwrap() as usize;
+        data[start + 10..start + 12].copy_from_slice(&poison.to_le_bytes());
+        join(&p, &h, &data);
+        let want = [
+            "model.safetensors",
+            "`model.layers.1.mlp.down_proj.weight`",
+            "NaN or Inf",
+            "element 5",
+        ];
+        has(&generate_fails(&dir, &[]), &want);
+
+        let task = dir.join("t.jsonl");
+        std::fs::write(&task, "{\"prompt\": \"a\", \"answer\": \"b\"}\n").unwrap();
+        let o = run(&[
+            "eval",
+            "--model",
+            dir.to_str().unwrap(),
+            "--task",
+            task.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ]);
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{what}: eval accepted it");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        has(&err, &want);
+
+        let o = run(&["inspect", dir.to_str().unwrap()]);
+        assert!(!o.status.success(), "{what}: inspect found no problem");
+        has(&String::from_utf8_lossy(&o.stdout), &want);
+    }
+}
+
+#[test]
+fn usage_errors_and_missing_files_are_one_line_each() {
+    let o = run(&["bench", "--shape", "huge"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    has(&err, &["'huge'", "possible values"]);
+
+    let dir = llama_dir("tiny-gqa-bf16");
+    let o = run(&[
+        "eval",
+        "--model",
+        dir.to_str().unwrap(),
+        "--task",
+        "/nonexistent/t.jsonl",
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    // The cause once, not repeated by the error chain.
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
+    has(&err, &["/nonexistent/t.jsonl"]);
+}

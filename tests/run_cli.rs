@@ -216,6 +216,12 @@ fn bad_run_inputs_fail_with_one_clear_line() {
             "no examples",
         ),
     ];
+    let cases = cases.into_iter().chain([(
+        "one bin per measure",
+        original.replace("bins = 15", "bins = 1"),
+        good_fitness.clone(),
+        "two parents",
+    )]);
     for (what, config_text, fitness_text, want) in cases {
         std::fs::write(&cfg, config_text).unwrap();
         std::fs::write(&fitness, fitness_text).unwrap();
@@ -235,6 +241,49 @@ fn bad_run_inputs_fail_with_one_clear_line() {
         assert!(errors[0].contains(want), "{what}: {e}");
         assert!(!e.contains("panicked"), "{what}: {e}");
     }
+    // Output folders that would clobber an input: the demo folder holds the base, and a
+    // folder inside an expert would nest the run in a model.
+    std::fs::write(&cfg, &original).unwrap();
+    std::fs::write(&fitness, &good_fitness).unwrap();
+    for (out, want) in [
+        (demo_dir.clone(), "holds the input"),
+        (demo_dir.join("experts/alpha/run"), "is inside the input"),
+        (fitness.clone(), "is an existing file"),
+    ] {
+        let before = std::fs::read_dir(&demo_dir).unwrap().count();
+        let o = run(&[
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{}: {e}", out.display());
+        assert!(e.contains(want) && e.lines().count() == 1, "{e}");
+        assert_eq!(std::fs::read_dir(&demo_dir).unwrap().count(), before);
+        assert!(!demo_dir.join("experts/alpha/run").exists());
+    }
+}
+
+#[test]
+fn children_whose_weights_overflow_fail_and_the_run_goes_on() {
+    // A mutation step of 3e38 gives children whose forward pass overflows: each is marked
+    // failed with the reason (never scored 0 from NaN logits), and the run still finishes.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = demo(dir.path(), |t| {
+        set_key(set_key(t, "generations", "6"), "mutation_w_max", "3e38")
+    });
+    let out = dir.path().join("run");
+    run_to_end(&cfg, &out);
+    let ev = events(&out);
+    assert_eq!(ev.len(), 6);
+    for e in &ev {
+        let why = e["failed"].as_str().unwrap_or_else(|| panic!("not failed: {e}"));
+        assert!(why.contains("not finite or overflow"), "{why}");
+        assert!(e["scores"].is_null(), "{e}");
+    }
+    assert!(out.join("final/model.safetensors").is_file());
 }
 
 #[test]
@@ -283,4 +332,22 @@ fn failing_external_evaluators_mark_children_failed_and_the_run_goes_on() {
         serde_json::from_slice(&read(&out.join("summary.json"))).unwrap();
     assert_eq!(summary["failed_children"], 3);
     assert!(String::from_utf8_lossy(&o.stdout).contains("gamma(external)"));
+}
+
+#[test]
+fn a_run_with_very_many_bins_draws_heatmaps_of_bounded_size() {
+    // 10^5 bins per measure is 10^10 cells: the archives are sparse, and a heatmap shows
+    // blocks of bins instead of allocating a square per cell.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = demo(dir.path(), |t| {
+        set_key(set_key(t, "generations", "3"), "bins", "100000")
+    });
+    let out = dir.path().join("run");
+    run_to_end(&cfg, &out);
+    let png = read(&out.join("report/archive_alpha.png"));
+    let (w, h) = (
+        u32::from_be_bytes(png[16..20].try_into().unwrap()),
+        u32::from_be_bytes(png[20..24].try_into().unwrap()),
+    );
+    assert!(w <= 2000 && h <= 2000, "{w}×{h}");
 }

@@ -30,7 +30,14 @@ pub struct ExportArgs {
 }
 
 pub fn run(a: ExportArgs) -> anyhow::Result<ExitCode> {
-    let cfg = RunConfig::load(&a.run.join("config.toml"))?;
+    let config_path = a.run.join("config.toml");
+    if !config_path.is_file() {
+        bail!(
+            "{}: not a run folder (it has no config.toml; give the --out of a `run`)",
+            a.run.display()
+        );
+    }
+    let cfg = RunConfig::load(&config_path)?;
     let mut inputs: Vec<&std::path::Path> = vec![&a.run, &cfg.base];
     inputs.extend(cfg.tasks.iter().map(|t| t.expert.as_path()));
     cycleqd_engine::durable::check_output_dir(&a.out, &inputs)

@@ -25,6 +25,9 @@ pub fn run(a: InspectArgs) -> anyhow::Result<ExitCode> {
     if let Err(e) = store.validate_llama() {
         problems.push(e.to_string());
     }
+    if let Err(e) = store.check_finite() {
+        problems.push(e.to_string());
+    }
     match Tokenizer::from_dir(&a.dir) {
         Ok(t) if t.vocab_size() > cfg.vocab_size => problems.push(format!(
             "tokenizer has {} tokens but vocab_size is {}",

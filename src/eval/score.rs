@@ -126,7 +126,7 @@ impl PreparedTask {
         let gen = self
             .generate
             .iter()
-            .map(|(p, _)| p.len() + self.scoring.max_new_tokens)
+            .map(|(p, _)| p.len().saturating_add(self.scoring.max_new_tokens))
             .max()
             .unwrap_or(0);
         let choice = self

@@ -76,7 +76,11 @@ impl TaskSuite {
                 .as_ref()
                 .ok_or_else(|| Error::invalid("built-in tasks need the base's tokenizer.json"))?;
             let tasks: Vec<&PreparedTask> = builtin.iter().map(|(_, t)| *t).collect();
-            let results = evaluate(model, backend, tok, &tasks, self.batch)?;
+            let results = match evaluate(model, backend, tok, &tasks, self.batch) {
+                // The model, not the machine, is at fault: the child failed.
+                Err(Error::NonFiniteOutput(why)) => return Ok(Err(why)),
+                r => r?,
+            };
             for ((i, _), r) in builtin.iter().zip(results) {
                 scores[*i] = r.score;
             }

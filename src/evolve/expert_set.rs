@@ -277,7 +277,7 @@ fn validate(base: &ModelStore, experts: &[ModelStore], rank: Rank) -> Result<Vec
     let mut tensors = vec![];
     for name in base.names() {
         let b = base.tensor(name)?;
-        if !all_finite(&b) {
+        if b.first_non_finite().is_some() {
             return Err(Error::invalid(format!(
                 "base {}: tensor `{name}`: holds NaN or Inf",
                 base.dir().display()
@@ -298,7 +298,7 @@ fn validate(base: &ModelStore, experts: &[ModelStore], rank: Rank) -> Result<Vec
                     b.shape
                 )));
             }
-            if !all_finite(&t) {
+            if t.first_non_finite().is_some() {
                 return Err(Error::invalid(format!("{}: holds NaN or Inf", where_())));
             }
         }
@@ -449,12 +449,4 @@ fn factorise_randomized<L: BatchedLinalg>(
         .collect();
     store(tensors, &jobs, done);
     Ok(())
-}
-
-/// Whether every value of `t` is finite, by bit tests in parallel chunks (no f32 copy).
-fn all_finite(t: &HostTensor) -> bool {
-    const CHUNK: usize = 1 << 20;
-    t.data()
-        .par_chunks(CHUNK)
-        .all(|bytes| crate::model::dtype::first_non_finite(t.dtype, bytes).is_none())
 }

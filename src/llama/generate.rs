@@ -69,7 +69,10 @@ where
         }
     }
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let max_seq = (longest + opts.max_new_tokens).min(max_pos).max(1);
+    let max_seq = longest
+        .saturating_add(opts.max_new_tokens)
+        .min(max_pos)
+        .max(1);
     let mut cache = model.new_cache(backend, prompts.len(), max_seq)?;
     let mut state = model.new_state();
     let mut logits = Vec::new();
@@ -97,6 +100,7 @@ where
     }
     loop {
         model.forward(backend, &step, &mut cache, &mut state, &mut logits)?;
+        check_finite_logits(&logits, vocab)?;
         let mut next = Step::default();
         let mut still = Vec::with_capacity(active.len());
         for (row, &slot) in active.iter().enumerate() {
@@ -165,6 +169,7 @@ where
     let mut logits = Vec::new();
     model.forward(backend, &step, &mut cache, &mut state, &mut logits)?;
     let vocab = model.config.vocab_size;
+    check_finite_logits(&logits, vocab)?;
     let mut row = 0;
     Ok(pairs
         .iter()
@@ -180,7 +185,20 @@ where
         .collect())
 }
 
-/// Index of the largest logit (the first one on ties, as torch.argmax).
+/// Refuses logits holding NaN or Inf: a greedy token or a log-probability read from them would
+/// be meaningless, and a score built on it silently wrong.
+fn check_finite_logits(logits: &[f32], vocab: usize) -> Result<()> {
+    match logits.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(Error::NonFiniteOutput(format!(
+            "the model's logits hold {} (row {}, token {}): its weights are not finite or overflow",
+            logits[i],
+            i / vocab.max(1),
+            i % vocab.max(1)
+        ))),
+    }
+}
+
 /// The index of the largest logit, the first on ties; NaN counts as the largest value (torch's
 /// and numpy's rule, which the GPU's `argmax_rows` follows too).
 pub fn argmax(logits: &[f32]) -> u32 {

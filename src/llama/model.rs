@@ -92,9 +92,11 @@ impl Step {
 }
 
 impl<B: Backend> LlamaModel<B> {
-    /// Loads the weights of a validated store onto the backend (zero-copy on the CPU).
+    /// Loads the weights of a validated store onto the backend (zero-copy on the CPU); a
+    /// weight holding NaN or Inf is refused.
     pub fn load(backend: &B, store: &ModelStore) -> Result<Self> {
         store.validate_llama()?;
+        store.check_finite()?;
         Self::from_tensors(backend, store.config().clone(), |name| store.tensor(name))
     }
 

@@ -58,9 +58,9 @@ impl LlamaConfig {
 
     /// Parses config text; `path` is only used in error messages.
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
-        let value: Value = serde_json::from_str(text).map_err(|source| Error::Json {
+        let value: Value = serde_json::from_str(text).map_err(|err| Error::Json {
             path: path.to_path_buf(),
-            source,
+            err,
         })?;
         let Value::Object(raw) = value else {
             return Err(Error::config(path, "expected a JSON object"));

@@ -74,6 +74,22 @@ impl HostTensor {
         }
     }
 
+    /// The index of the first NaN or ±Inf value, if any (bit tests over the stored bytes, in
+    /// parallel: a whole checkpoint is checked at memory speed).
+    pub fn first_non_finite(&self) -> Option<usize> {
+        use rayon::prelude::*;
+        const CHUNK: usize = 1 << 20;
+        let size = self.dtype.size();
+        let per_chunk = CHUNK / size;
+        self.data()
+            .par_chunks(per_chunk * size)
+            .enumerate()
+            .filter_map(|(c, bytes)| {
+                dtype::first_non_finite(self.dtype, bytes).map(|i| c * per_chunk + i)
+            })
+            .min()
+    }
+
     /// The values upcast to f32 (a copy).
     pub fn to_f32(&self) -> Vec<f32> {
         dtype::to_f32_vec(self.dtype, self.data())
@@ -265,6 +281,21 @@ impl ModelStore {
         Ok(())
     }
 
+    /// Checks that every tensor holds only finite values: a NaN or Inf in a weight makes every
+    /// score meaningless, so commands that compute with weights refuse it up front, naming the
+    /// shard and the tensor.
+    pub fn check_finite(&self) -> Result<()> {
+        for (name, loc) in &self.tensors {
+            if let Some(i) = self.tensor(name)?.first_non_finite() {
+                return Err(Error::format(
+                    &self.shards[loc.shard].path,
+                    format!("tensor `{name}` holds NaN or Inf (element {i})"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn locate(&self, name: &str) -> Result<&Located> {
         self.tensors.get(name).ok_or_else(|| {
             Error::format(
@@ -293,9 +324,9 @@ fn map_file(path: &Path) -> Result<Mmap> {
 /// `weight_map` of `model.safetensors.index.json`: tensor name → shard file name.
 fn read_index(path: &Path) -> Result<BTreeMap<String, String>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let v: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+    let v: Value = serde_json::from_str(&text).map_err(|err| Error::Json {
         path: path.to_path_buf(),
-        source,
+        err,
     })?;
     let map = v
         .get("weight_map")

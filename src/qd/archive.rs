@@ -118,7 +118,7 @@ impl<S: Clone> GridArchive<S> {
 
     /// Total number of cells, `bins ^ dims`.
     pub fn cells_total(&self) -> usize {
-        self.bins.pow(self.ranges.len() as u32)
+        self.bins.saturating_pow(self.ranges.len() as u32)
     }
 
     /// The bin of `x` along measure `d`.

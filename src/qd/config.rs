@@ -361,8 +361,19 @@ impl RunConfig {
             }
         }
         let e = &self.evolution;
-        if e.bins == 0 {
-            return Err("`evolution.bins`: must be at least 1".into());
+        if e.bins < 2 {
+            // One bin per measure leaves one cell per archive: never two elites to breed.
+            return Err(format!(
+                "`evolution.bins`: must be at least 2 (one cell per archive cannot hold the two parents a child needs), got {}",
+                e.bins
+            ));
+        }
+        let dims = self.tasks.len() as u32 - 1;
+        if (e.bins as u64).checked_pow(dims).is_none() {
+            return Err(format!(
+                "`evolution.bins`: {} bins over {dims} measures is more cells than a 64-bit count holds",
+                e.bins
+            ));
         }
         if !(e.crossover_mean.is_finite() && e.crossover_mean > 0.0) {
             return Err("`evolution.crossover_mean`: must be > 0".into());
@@ -574,6 +585,10 @@ measure_range = [0.0, 0.5]
             (
                 ("generations = 10", "generations = 10\nbins = 0"),
                 "evolution.bins",
+            ),
+            (
+                ("generations = 10", "generations = 10\nbins = 1"),
+                "two parents",
             ),
             (
                 ("generations = 10", "generations = 10\nworkers = 0"),

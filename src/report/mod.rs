@@ -101,6 +101,9 @@ fn curves_png(pop: &Population) -> Canvas {
     c
 }
 
+/// The most squares along one axis of an archive heatmap.
+const MAX_SHOWN_BINS: usize = 120;
+
 fn heatmap_png(pop: &Population, q: usize) -> Canvas {
     let a = &pop.archives[q];
     let b = a.bins();
@@ -112,13 +115,20 @@ fn heatmap_png(pop: &Population, q: usize) -> Canvas {
         .filter(|&(d, _)| d != q)
         .map(|(_, n)| n)
         .collect();
-    let (cols, rows) = if dims >= 2 { (b, b) } else { (b, 1) };
-    let cell = 24usize;
+    // More bins than a picture has room for are shown a block of bins per square (the best
+    // elite of the block), so the image stays a few hundred pixels whatever `bins` is.
+    let shown = b.min(MAX_SHOWN_BINS);
+    let squeeze = |i: usize| i * shown / b;
+    let (cols, rows) = if dims >= 2 { (shown, shown) } else { (shown, 1) };
+    let cell = (24 * 15 / shown).clamp(4, 24);
     let (x0, y0) = (60usize, 40usize);
     let mut c = Canvas::new(x0 + cols * cell + 40, y0 + rows * cell + 60);
     let mut best = vec![f64::NAN; cols * rows];
     for e in a.elites() {
-        let (i, j) = (e.cell[0], if dims >= 2 { e.cell[1] } else { 0 });
+        let (i, j) = (
+            squeeze(e.cell[0]),
+            if dims >= 2 { squeeze(e.cell[1]) } else { 0 },
+        );
         let v = &mut best[j * cols + i];
         if v.is_nan() || e.objective > *v {
             *v = e.objective;

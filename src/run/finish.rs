@@ -269,7 +269,7 @@ impl Summary {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let v: Value = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
             path: path.to_path_buf(),
-            source: e,
+            err: e,
         })?;
         let field = |k: &str| {
             v.get(k)

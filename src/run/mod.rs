@@ -177,6 +177,14 @@ impl Run {
         if devices.is_empty() {
             return Err(Error::invalid("a run needs at least one worker"));
         }
+        // The run folder must not be, sit inside, or hold a model or task file it reads.
+        let mut inputs: Vec<&Path> = vec![&cfg.base];
+        for t in &cfg.tasks {
+            inputs.push(&t.expert);
+            inputs.extend(t.fitness.as_deref());
+            inputs.extend(t.heldout.as_deref());
+        }
+        crate::durable::check_output_dir(out, &inputs)?;
         let lock = RunLock::acquire(out)?;
         // What killed earlier sessions left half-written (the lock says none is running).
         for d in [out.to_path_buf(), out.join("archives"), out.join("report")] {
