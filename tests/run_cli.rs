@@ -279,7 +279,9 @@ fn children_whose_weights_overflow_fail_and_the_run_goes_on() {
     let ev = events(&out);
     assert_eq!(ev.len(), 6);
     for e in &ev {
-        let why = e["failed"].as_str().unwrap_or_else(|| panic!("not failed: {e}"));
+        let why = e["failed"]
+            .as_str()
+            .unwrap_or_else(|| panic!("not failed: {e}"));
         assert!(why.contains("not finite or overflow"), "{why}");
         assert!(e["scores"].is_null(), "{e}");
     }

@@ -7,6 +7,7 @@ mod export;
 mod generate;
 mod inspect;
 mod merge;
+mod prompt;
 mod run;
 mod synth;
 
@@ -35,6 +36,8 @@ pub enum Command {
     Merge(merge::MergeArgs),
     /// Score a checkpoint on a JSONL task file.
     Eval(eval::EvalArgs),
+    /// Print a conversation rendered with a checkpoint's chat template, exactly.
+    Prompt(prompt::PromptArgs),
     /// Export a run's final model or an archive elite as a Hugging Face checkpoint.
     Export(export::ExportArgs),
     /// Evolve multi-skill models (CycleQD); without --config, the built-in synthetic demo.
@@ -53,6 +56,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Synth(a) => synth::run(a),
         Command::Run(a) => run::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Prompt(a) => prompt::run(a),
         Command::Export(a) => export::run(a),
         Command::Bench(a) => bench::run(a),
     }

@@ -1,6 +1,7 @@
 //! Hugging Face checkpoints: config (both key styles), memory-mapped safetensors (single or
-//! sharded), tokenizer, and atomic export.
+//! sharded), tokenizer and chat template, and atomic export.
 
+pub mod chat;
 pub mod config;
 pub mod dtype;
 pub mod export;
@@ -8,6 +9,7 @@ pub mod safetensors;
 pub mod store;
 pub mod tokenizer;
 
+pub use chat::ChatTemplate;
 pub use config::{LlamaConfig, RopeScaling};
 pub use dtype::DType;
 pub use export::{export_tensors, CheckpointWriter, DEFAULT_MAX_SHARD_BYTES};

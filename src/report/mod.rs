@@ -119,7 +119,11 @@ fn heatmap_png(pop: &Population, q: usize) -> Canvas {
     // elite of the block), so the image stays a few hundred pixels whatever `bins` is.
     let shown = b.min(MAX_SHOWN_BINS);
     let squeeze = |i: usize| i * shown / b;
-    let (cols, rows) = if dims >= 2 { (shown, shown) } else { (shown, 1) };
+    let (cols, rows) = if dims >= 2 {
+        (shown, shown)
+    } else {
+        (shown, 1)
+    };
     let cell = (24 * 15 / shown).clamp(4, 24);
     let (x0, y0) = (60usize, 40usize);
     let mut c = Canvas::new(x0 + cols * cell + 40, y0 + rows * cell + 60);
