@@ -2,6 +2,7 @@
 //! external evaluator commands run on an exported checkpoint.
 
 pub mod external;
+pub mod sandbox;
 pub mod score;
 pub mod suite;
 pub mod task;
