@@ -43,6 +43,7 @@ fn greedy_generation_matches_transformers_while_decisive() {
             max_new_tokens: 12,
             eos: vec![],
             sampling: None,
+            per_prompt: vec![],
         };
         let got = generate(&model, &be, &prompts, &opts).unwrap();
         for (i, (g, e)) in got.iter().zip(&exp).enumerate() {
@@ -69,6 +70,7 @@ fn batched_generation_equals_one_at_a_time() {
         max_new_tokens: 8,
         eos: vec![],
         sampling: None,
+        per_prompt: vec![],
     };
     let batched = generate(&model, &be, &prompts, &opts).unwrap();
     for (p, b) in prompts.iter().zip(&batched) {

@@ -395,6 +395,7 @@ where
         max_new_tokens: new_tokens,
         eos: vec![],
         sampling: None,
+        per_prompt: vec![],
     };
     let secs = time_synced(be, 1, || generate(model, be, &ps, &opts).map(|_| ()))?;
     Ok(OpResult {

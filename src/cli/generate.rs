@@ -126,6 +126,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<ExitCode> {
             top_p: a.top_p,
             seed: a.seed,
         }),
+        per_prompt: vec![],
     };
     let out = match super::open_device(a.device)? {
         Some(gpu) => generate_on(&gpu, &store, &prompt_ids, &opts)?,

@@ -9,6 +9,7 @@ mod inspect;
 mod merge;
 mod prompt;
 mod run;
+mod score;
 mod synth;
 
 use std::process::ExitCode;
@@ -38,6 +39,8 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Print a conversation rendered with a checkpoint's chat template, exactly.
     Prompt(prompt::PromptArgs),
+    /// Score given completions on a JSONL task file, with no model (programs run sandboxed).
+    Score(score::ScoreArgs),
     /// Export a run's final model or an archive elite as a Hugging Face checkpoint.
     Export(export::ExportArgs),
     /// Evolve multi-skill models (CycleQD); without --config, the built-in synthetic demo.
@@ -57,6 +60,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(a) => run::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Prompt(a) => prompt::run(a),
+        Command::Score(a) => score::run(a),
         Command::Export(a) => export::run(a),
         Command::Bench(a) => bench::run(a),
     }

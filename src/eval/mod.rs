@@ -1,13 +1,18 @@
-//! Evaluation: task files (JSONL), scoring a model with the engine's own batched inference, and
-//! external evaluator commands run on an exported checkpoint.
+//! Evaluation: task files (JSONL) and their settings, prompts (plain or through the model's
+//! chat template), scoring a model with the engine's own batched inference, programs run in
+//! a sandbox (pass@k), and external evaluator commands run on an exported checkpoint.
 
 pub mod external;
+pub mod program;
+pub mod prompt;
 pub mod sandbox;
 pub mod score;
+pub mod settings;
 pub mod suite;
 pub mod task;
 
 pub use external::{ExternalEvaluator, ExternalFailure};
-pub use score::{evaluate, PreparedTask, TaskResult};
+pub use score::{evaluate, evaluate_with, score_completions, PreparedTask, TaskResult};
+pub use settings::{Scoring, Shot, TaskSettings};
 pub use suite::{Scored, TaskScorer, TaskSuite};
-pub use task::{Example, Metric, Scoring, TaskFile};
+pub use task::{Example, Input, Metric, Target, TaskFile};

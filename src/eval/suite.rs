@@ -22,7 +22,7 @@ pub type Scored = std::result::Result<Vec<f64>, String>;
 
 /// How one task is scored.
 pub enum TaskScorer {
-    Builtin(PreparedTask),
+    Builtin(Box<PreparedTask>),
     External(ExternalEvaluator),
 }
 
@@ -66,7 +66,7 @@ impl TaskSuite {
             .iter()
             .enumerate()
             .filter_map(|(i, s)| match s {
-                TaskScorer::Builtin(t) => Some((i, t)),
+                TaskScorer::Builtin(t) => Some((i, t.as_ref())),
                 TaskScorer::External(_) => None,
             })
             .collect();

@@ -19,6 +19,8 @@ pub enum StopReason {
     Length,
     /// The model's `max_position_embeddings` was reached.
     ContextFull,
+    /// The caller's stop condition (a stop string) was met.
+    StopString,
 }
 
 /// Temperature / nucleus sampling; greedy when absent.
@@ -34,7 +36,37 @@ pub struct GenerateOptions {
     pub max_new_tokens: usize,
     /// Token ids that end a sequence (the config's `eos_token_id`s by default).
     pub eos: Vec<u32>,
+    /// For every prompt; prompt `i` samples from its own stream, seeded `seed + i·φ` (prompt 0
+    /// with `seed` itself).
     pub sampling: Option<Sampling>,
+    /// Per-prompt settings instead of the two above (empty: those for every prompt), so one
+    /// batch can hold prompts of several tasks.
+    pub per_prompt: Vec<PromptOptions>,
+}
+
+/// One prompt's generation settings.
+#[derive(Clone, Copy, Debug)]
+pub struct PromptOptions {
+    pub max_new_tokens: usize,
+    /// Its own seed: the same prompt and seed give the same sample in any batch.
+    pub sampling: Option<Sampling>,
+}
+
+impl GenerateOptions {
+    fn for_prompt(&self, i: usize) -> PromptOptions {
+        match self.per_prompt.get(i) {
+            Some(p) => *p,
+            None => PromptOptions {
+                max_new_tokens: self.max_new_tokens,
+                sampling: self.sampling.map(|s| Sampling {
+                    seed: s
+                        .seed
+                        .wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+                    ..s
+                }),
+            },
+        }
+    }
 }
 
 /// One sequence's continuation.
@@ -56,6 +88,29 @@ pub fn generate<B: Backend>(
 where
     B::Buf: Default,
 {
+    generate_until(model, backend, prompts, opts, &mut |_, _| false)
+}
+
+/// [`generate`], also ending prompt `i`'s sequence as soon as `stop(i, new_ids)` says so (a
+/// stop string has appeared): a batch does not run on for sequences already answered.
+pub fn generate_until<B: Backend>(
+    model: &LlamaModel<B>,
+    backend: &B,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    stop: &mut dyn FnMut(usize, &[u32]) -> bool,
+) -> Result<Vec<Generation>>
+where
+    B::Buf: Default,
+{
+    if !opts.per_prompt.is_empty() && opts.per_prompt.len() != prompts.len() {
+        return Err(Error::invalid(format!(
+            "{} per-prompt options for {} prompts",
+            opts.per_prompt.len(),
+            prompts.len()
+        )));
+    }
+    let per: Vec<PromptOptions> = (0..prompts.len()).map(|i| opts.for_prompt(i)).collect();
     let max_pos = model.config.max_position_embeddings;
     for (i, p) in prompts.iter().enumerate() {
         if p.is_empty() {
@@ -68,16 +123,22 @@ where
             )));
         }
     }
-    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let max_seq = longest
-        .saturating_add(opts.max_new_tokens)
+    let max_seq = prompts
+        .iter()
+        .zip(&per)
+        .map(|(p, o)| p.len().saturating_add(o.max_new_tokens))
+        .max()
+        .unwrap_or(0)
         .min(max_pos)
         .max(1);
     let mut cache = model.new_cache(backend, prompts.len(), max_seq)?;
     let mut state = model.new_state();
     let mut logits = Vec::new();
     let vocab = model.config.vocab_size;
-    let mut rng = opts.sampling.map(|s| SplitMix64(s.seed));
+    let mut rngs: Vec<Option<SplitMix64>> = per
+        .iter()
+        .map(|o| o.sampling.map(|s| SplitMix64(s.seed)))
+        .collect();
 
     let mut out: Vec<Generation> = prompts
         .iter()
@@ -87,13 +148,16 @@ where
             stop: StopReason::Length,
         })
         .collect();
-    let mut active: Vec<usize> = (0..prompts.len()).collect();
-    if opts.max_new_tokens == 0 {
+    let mut active: Vec<usize> = (0..prompts.len())
+        .filter(|&i| per[i].max_new_tokens > 0)
+        .collect();
+    if active.is_empty() {
         return Ok(out);
     }
 
     let mut step = Step::default();
-    for (slot, p) in prompts.iter().enumerate() {
+    for &slot in &active {
+        let p = &prompts[slot];
         for (pos, &t) in p.iter().enumerate() {
             step.push(t, slot, pos, pos + 1 == p.len());
         }
@@ -105,7 +169,7 @@ where
         let mut still = Vec::with_capacity(active.len());
         for (row, &slot) in active.iter().enumerate() {
             let l = &logits[row * vocab..(row + 1) * vocab];
-            let id = match (&mut rng, opts.sampling) {
+            let id = match (&mut rngs[slot], per[slot].sampling) {
                 (Some(rng), Some(s)) => sample(l, s, rng),
                 _ => argmax(l),
             };
@@ -115,7 +179,9 @@ where
             let pos = prompts[slot].len() + g.new_ids.len() - 1;
             if opts.eos.contains(&id) {
                 g.stop = StopReason::Eos;
-            } else if g.new_ids.len() >= opts.max_new_tokens {
+            } else if stop(slot, &g.new_ids) {
+                g.stop = StopReason::StopString;
+            } else if g.new_ids.len() >= per[slot].max_new_tokens {
                 g.stop = StopReason::Length;
             } else if pos >= max_pos || pos >= max_seq {
                 g.stop = StopReason::ContextFull;
@@ -224,33 +290,63 @@ fn sample(logits: &[f32], s: Sampling, rng: &mut SplitMix64) -> u32 {
         return argmax(logits);
     }
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut probs: Vec<(u32, f64)> = logits
+    let weights: Vec<f64> = logits
         .iter()
-        .enumerate()
-        .map(|(i, &v)| (i as u32, (((v - max) / s.temperature) as f64).exp()))
+        .map(|&v| (((v - max) / s.temperature) as f64).exp())
         .collect();
-    let total: f64 = probs.iter().map(|p| p.1).sum();
-    probs.sort_by(|a, b| b.1.total_cmp(&a.1));
-    // Nucleus: the smallest prefix whose mass reaches top_p (at least one token).
-    let mut kept = 0;
-    let mut mass = 0.0;
-    for p in &probs {
-        kept += 1;
-        mass += p.1 / total;
-        if mass >= s.top_p as f64 {
-            break;
+    let total: f64 = weights.iter().sum();
+    if s.top_p >= 1.0 {
+        // The whole distribution: one draw by its cumulative sum, no sort.
+        let mut u = rng.next_f64() * total;
+        for (i, &w) in weights.iter().enumerate() {
+            u -= w;
+            if u <= 0.0 {
+                return i as u32;
+            }
         }
+        return (weights.len() - 1) as u32;
     }
-    let kept = &probs[..kept];
-    let kept_total: f64 = kept.iter().map(|p| p.1).sum();
+    // Nucleus: the smallest set of the most likely tokens (ties by id) whose mass reaches
+    // top_p, found among the top m for growing m instead of sorting the whole vocabulary.
+    let by_weight = |a: &u32, b: &u32| {
+        weights[*b as usize]
+            .total_cmp(&weights[*a as usize])
+            .then(a.cmp(b))
+    };
+    let mut order: Vec<u32> = (0..weights.len() as u32).collect();
+    let target = s.top_p as f64;
+    let mut m = 64.min(order.len());
+    let kept = loop {
+        if m < order.len() {
+            order.select_nth_unstable_by(m - 1, by_weight);
+        }
+        let top = &mut order[..m];
+        top.sort_unstable_by(by_weight);
+        let mut mass = 0.0;
+        let mut kept = None;
+        for (j, &i) in top.iter().enumerate() {
+            mass += weights[i as usize] / total;
+            if mass >= target {
+                kept = Some(j + 1);
+                break;
+            }
+        }
+        match kept {
+            Some(k) => break k,
+            None if m == order.len() => break m,
+            None => m = (m * 4).min(order.len()),
+        }
+    };
+    let kept = &order[..kept];
+    let kept_total: f64 = kept.iter().map(|&i| weights[i as usize]).sum();
     let mut u = rng.next_f64() * kept_total;
-    for p in kept {
-        u -= p.1;
+    for &i in kept {
+        u -= weights[i as usize];
         if u <= 0.0 {
-            return p.0;
+            return i;
         }
     }
-    kept[kept.len() - 1].0
+    kept[kept.len() - 1]
 }
 
 /// A tiny seeded generator for sampling (SplitMix64): reproducible, no dependency.
@@ -339,6 +435,68 @@ mod tests {
         let (mean, sd) = (n as f64 / 4.0, (n as f64 * 0.25 * 0.75).sqrt());
         for c in counts {
             assert!((c as f64 - mean).abs() < 5.0 * sd, "{counts:?}");
+        }
+    }
+
+    /// The nucleus the old way: every token sorted by weight (ties by id), the smallest prefix
+    /// reaching top_p.
+    fn nucleus_by_full_sort(logits: &[f32], s: Sampling) -> Vec<u32> {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let w: Vec<f64> = logits
+            .iter()
+            .map(|&v| (((v - max) / s.temperature) as f64).exp())
+            .collect();
+        let total: f64 = w.iter().sum();
+        let mut order: Vec<u32> = (0..w.len() as u32).collect();
+        order.sort_by(|a, b| w[*b as usize].total_cmp(&w[*a as usize]));
+        let mut mass = 0.0;
+        let mut kept = vec![];
+        for i in order {
+            kept.push(i);
+            mass += w[i as usize] / total;
+            if mass >= s.top_p as f64 {
+                break;
+            }
+        }
+        kept
+    }
+
+    #[test]
+    fn the_nucleus_without_a_full_sort_is_the_same_set() {
+        // Large flat vocabularies need the top set to grow past 64; ties are common in
+        // quantised logits.
+        let mut r = SplitMix64(7);
+        for (vocab, spread, top_p) in [
+            (1000, 0.1, 0.9),
+            (5000, 3.0, 0.5),
+            (300, 0.0, 0.7),
+            (128, 8.0, 0.99),
+        ] {
+            let logits: Vec<f32> = (0..vocab)
+                .map(|_| ((r.next_f64() * spread * 4.0).round() / 4.0) as f32)
+                .collect();
+            let s = Sampling {
+                temperature: 0.8,
+                top_p,
+                seed: 0,
+            };
+            let set: std::collections::BTreeSet<u32> =
+                nucleus_by_full_sort(&logits, s).into_iter().collect();
+            for seed in 0..200 {
+                let id = sample(&logits, s, &mut SplitMix64(seed));
+                assert!(
+                    set.contains(&id),
+                    "vocab {vocab}: {id} outside the nucleus of {}",
+                    set.len()
+                );
+            }
+            // Draws cover the nucleus beyond the first 64 when it is larger.
+            if set.len() > 64 {
+                let drawn: std::collections::BTreeSet<u32> = (0..2000)
+                    .map(|seed| sample(&logits, s, &mut SplitMix64(seed)))
+                    .collect();
+                assert!(drawn.len() > 64, "{} of {}", drawn.len(), set.len());
+            }
         }
     }
 }

@@ -5,6 +5,7 @@ pub mod generate;
 pub mod model;
 
 pub use generate::{
-    generate, score_continuations, GenerateOptions, Generation, Sampling, StopReason,
+    generate, generate_until, score_continuations, GenerateOptions, Generation, PromptOptions,
+    Sampling, StopReason,
 };
 pub use model::{KvCache, LlamaModel, Probe, RunState, Step};

@@ -1,7 +1,10 @@
-//! `tokenizer.json` through the `tokenizers` crate, with errors that name the file.
+//! `tokenizer.json` through the `tokenizers` crate, with errors that name the file, and the
+//! checkpoint's chat template beside it.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
+use super::chat::ChatTemplate;
 use crate::error::{Error, Result};
 
 /// A Hugging Face fast tokenizer loaded from a checkpoint directory.
@@ -9,6 +12,9 @@ use crate::error::{Error, Result};
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     path: PathBuf,
+    /// The folder's chat template, read when first asked for (a model whose template is
+    /// broken is fine for tasks that do not use it).
+    chat: Arc<OnceLock<std::result::Result<Option<ChatTemplate>, String>>>,
 }
 
 impl Tokenizer {
@@ -31,7 +37,24 @@ impl Tokenizer {
         Ok(Tokenizer {
             inner,
             path: path.to_path_buf(),
+            chat: Arc::default(),
         })
+    }
+
+    /// The chat template of the tokenizer's folder (`chat_template.jinja` or
+    /// `tokenizer_config.json`), `None` when it has none.
+    pub fn chat_template(&self) -> Result<Option<&ChatTemplate>> {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        self.chat
+            .get_or_init(|| ChatTemplate::from_dir(dir).map_err(|e| e.to_string()))
+            .as_ref()
+            .map(Option::as_ref)
+            .map_err(|e| Error::invalid(e.clone()))
+    }
+
+    /// The folder the tokenizer was read from.
+    pub fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
     }
 
     /// Token ids of `text`, with the special tokens the tokenizer's post-processor adds (BOS for

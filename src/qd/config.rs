@@ -52,14 +52,39 @@ pub struct TaskConfig {
     /// JSONL examples never used for selection, scored for the final table.
     #[serde(default)]
     pub heldout: Option<PathBuf>,
-    #[serde(default = "default_metric")]
-    pub metric: String,
-    #[serde(default)]
+    // How the built-in tasks are scored: each key, when set, overrides the task file's own
+    // `{"settings": …}` line (see `eval::TaskSettings` for their meaning and defaults).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pattern: Option<String>,
-    #[serde(default = "default_max_new_tokens")]
-    pub max_new_tokens: usize,
-    #[serde(default)]
-    pub stop: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_new_tokens: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub samples: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pass_k: Option<usize>,
+    /// Seed of the task's sampled generations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// The Python interpreter of `python_tests` tasks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interpreter: Option<String>,
+    /// Wall-clock limit of one program of a `python_tests` task, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
     /// Range of this task's score where it is a measure (default `[0, 1]`).
     #[serde(default)]
     pub measure_range: Option<RangeSpec>,
@@ -72,6 +97,46 @@ pub struct TaskConfig {
     /// relative paths mean what they say in the file).
     #[serde(default)]
     pub evaluator_dir: Option<PathBuf>,
+}
+
+impl TaskConfig {
+    /// The scoring settings this table sets (the rest come from the task file or defaults).
+    pub fn settings(&self) -> crate::eval::TaskSettings {
+        crate::eval::TaskSettings {
+            metric: self.metric.clone(),
+            pattern: self.pattern.clone(),
+            max_new_tokens: self.max_new_tokens,
+            stop: self.stop.clone(),
+            chat_template: self.chat_template,
+            system: self.system.clone(),
+            fewshot: None,
+            samples: self.samples,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            pass_k: self.pass_k,
+            seed: self.seed,
+            interpreter: self.interpreter.clone(),
+            timeout_s: self.timeout_s,
+            memory_mb: self.memory_mb,
+        }
+    }
+
+    /// Drops settings equal to what an unset key meant before task files had settings
+    /// (`metric = "exact_match"`, `max_new_tokens = 32`, `stop = []`), so a run folder made
+    /// then resumes as the same run.
+    fn normalized(&self) -> TaskConfig {
+        let mut t = self.clone();
+        if t.metric.as_deref() == Some("exact_match") {
+            t.metric = None;
+        }
+        if t.max_new_tokens == Some(32) {
+            t.max_new_tokens = None;
+        }
+        if t.stop.as_ref().is_some_and(|s| s.is_empty()) {
+            t.stop = None;
+        }
+        t
+    }
 }
 
 /// How crossover coefficients are drawn: one pair for the model (CycleQD's code), per layer,
@@ -189,12 +254,6 @@ pub struct RunConfig {
     pub tasks: Vec<TaskConfig>,
 }
 
-fn default_metric() -> String {
-    "exact_match".into()
-}
-fn default_max_new_tokens() -> usize {
-    32
-}
 fn default_evaluator_timeout() -> f64 {
     600.0
 }
@@ -337,11 +396,9 @@ impl RunConfig {
             if !(t.evaluator_timeout_s > 0.0 && t.evaluator_timeout_s.is_finite()) {
                 return Err(format!("{}: must be > 0", key("evaluator_timeout_s")));
             }
-            crate::eval::Metric::parse(&t.metric, t.pattern.as_deref())
-                .map_err(|m| format!("{}: {m}", key("metric")))?;
-            if t.max_new_tokens == 0 {
-                return Err(format!("{}: must be at least 1", key("max_new_tokens")));
-            }
+            t.settings()
+                .check_keys()
+                .map_err(|(k, m)| format!("{}: {m}", key(k)))?;
             match &t.measure_range {
                 Some(RangeSpec::Explicit([lo, hi]))
                     if lo.partial_cmp(hi) != Some(std::cmp::Ordering::Less) =>
@@ -462,7 +519,11 @@ impl RunConfig {
         let mut prev = saved.clone();
         prev.evolution.generations = self.evolution.generations;
         prev.evolution.workers = self.evolution.workers.clone();
-        prev == *self
+        let mut now = self.clone();
+        for t in prev.tasks.iter_mut().chain(now.tasks.iter_mut()) {
+            *t = t.normalized();
+        }
+        prev == now
     }
 }
 
@@ -501,7 +562,7 @@ measure_range = [0.0, 0.5]
         assert_eq!(c.evolution.mutation_w_max, 0.1);
         assert_eq!(c.evolution.crossover_std, 0.01);
         assert_eq!(c.evolution.final_model, FinalRule::BestMean);
-        assert_eq!(c.tasks[0].max_new_tokens, 32);
+        assert_eq!(c.tasks[0].max_new_tokens, None);
         assert_eq!(c.evolution.workers, WorkersSpec::Name("auto".into()));
         assert_eq!(c.evolution.schedule, ScheduleKind::Batch);
         assert_eq!(c.evolution.batch, None);

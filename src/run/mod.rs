@@ -22,7 +22,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{cuda_device_count, cuda_unavailable_reason, CudaBackend, DeviceChoice};
 use crate::error::{Error, Result};
 use crate::eval::{
-    ExternalEvaluator, Metric, PreparedTask, Scoring, TaskFile, TaskScorer, TaskSuite,
+    ExternalEvaluator, PreparedTask, Scoring, TaskFile, TaskScorer, TaskSettings, TaskSuite,
 };
 use crate::evolve::batched_svd::CpuLinalg;
 use crate::evolve::{ExpertSet, Genome};
@@ -455,28 +455,32 @@ fn build_suites(cfg: &RunConfig, base: &ModelStore, out: &Path) -> Result<Suites
     let mut held = vec![];
     let mut split = vec![];
     for t in &cfg.tasks {
-        let scoring = Scoring {
-            metric: Metric::parse(&t.metric, t.pattern.as_deref()).map_err(Error::invalid)?,
-            max_new_tokens: t.max_new_tokens,
-            stop: t.stop.clone(),
+        // The file's own settings, under the configuration's.
+        let scoring = |file: &TaskFile| -> Result<Scoring> {
+            let (merged, _) =
+                TaskSettings::merge(&[("task file", &file.settings), ("config", &t.settings())]);
+            merged
+                .resolve()
+                .map_err(|m| Error::format(&file.path, format!("task `{}`: {m}", t.name)))
         };
         match (&t.fitness, &t.evaluator) {
             (Some(f), _) => {
                 let tk = tok.as_ref().expect("loaded when a task has a fitness file");
                 let file = TaskFile::load(f)?;
-                fit.push(TaskScorer::Builtin(PreparedTask::new(
+                fit.push(TaskScorer::Builtin(Box::new(PreparedTask::new(
                     tk,
                     &t.name,
                     &file,
-                    scoring.clone(),
-                )?));
+                    scoring(&file)?,
+                )?)));
                 let (hfile, s) = match &t.heldout {
                     Some(h) => (TaskFile::load(h)?, "heldout"),
                     None => (file, "fitness"),
                 };
-                held.push(TaskScorer::Builtin(PreparedTask::new(
-                    tk, &t.name, &hfile, scoring,
-                )?));
+                let hs = scoring(&hfile)?;
+                held.push(TaskScorer::Builtin(Box::new(PreparedTask::new(
+                    tk, &t.name, &hfile, hs,
+                )?)));
                 split.push(s);
             }
             (None, Some(cmd)) => {

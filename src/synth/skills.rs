@@ -31,7 +31,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::durable::write_synced;
 use crate::error::{Error, Result};
 use crate::eval::task::to_jsonl;
-use crate::eval::{evaluate, Example, PreparedTask, Scoring, TaskFile};
+use crate::eval::{evaluate, Example, PreparedTask, Scoring, Target, TaskFile, TaskSettings};
 use crate::llama::{LlamaModel, Probe, Step};
 use crate::model::export::CheckpointWriter;
 use crate::model::safetensors::TensorSpec;
@@ -215,10 +215,10 @@ fn build_skills(opts: &SynthOptions, rng: &mut ChaCha8Rng) -> Vec<Skill> {
                 let answer = format!("a{:02}", rand::Rng::random_range(rng, 0..ANSWERS));
                 let chosen: Vec<_> = pairs.choose_multiple(rng, per).copied().collect();
                 for (j, (d1, d2)) in chosen.into_iter().enumerate() {
-                    let ex = Example::Generate {
-                        prompt: format!("d{d1:02} {name}{s:02} d{d2:02} ="),
-                        answer: answer.clone(),
-                    };
+                    let ex = Example::answer(
+                        format!("d{d1:02} {name}{s:02} d{d2:02} ="),
+                        answer.clone(),
+                    );
                     if j < opts.fitness_per_subject {
                         fitness.push(ex);
                     } else {
@@ -235,11 +235,17 @@ fn build_skills(opts: &SynthOptions, rng: &mut ChaCha8Rng) -> Vec<Skill> {
         .collect()
 }
 
-fn scoring() -> Scoring {
-    Scoring {
-        max_new_tokens: 1,
-        ..Scoring::default()
+/// The demo tasks' own settings, written in their files: one answer word, no stop string
+/// needed.
+fn task_settings() -> TaskSettings {
+    TaskSettings {
+        max_new_tokens: Some(1),
+        ..TaskSettings::default()
     }
+}
+
+fn scoring() -> Scoring {
+    task_settings().resolve().expect("valid settings")
 }
 
 type Tensors = BTreeMap<String, HostTensor>;
@@ -382,7 +388,7 @@ pub fn synthesize(out: &Path, opts: &SynthOptions) -> Result<SynthReport> {
             let p = stage
                 .join("tasks")
                 .join(format!("{}.{split}.jsonl", s.name));
-            write_synced(&p, to_jsonl(examples).as_bytes())?;
+            write_synced(&p, to_jsonl(Some(&task_settings()), examples).as_bytes())?;
             dst.push(PreparedTask::new(
                 &tokenizer,
                 &s.name,
@@ -399,10 +405,7 @@ pub fn synthesize(out: &Path, opts: &SynthOptions) -> Result<SynthReport> {
     let all_prompts: Vec<Vec<u32>> = skills
         .iter()
         .flat_map(|s| s.fitness.iter().chain(&s.heldout))
-        .map(|e| match e {
-            Example::Generate { prompt, .. } => tokenizer.encode(prompt),
-            Example::Choice { .. } => unreachable!("synthetic skills are generative"),
-        })
+        .map(|e| tokenizer.encode(e.prompt().expect("synthetic skills have prompts")))
         .collect::<Result<_>>()?;
     let probed = probe(&model_of(&cfg, &base)?, &all_prompts)?;
     let junk = vocab.id("junk") as usize;
@@ -469,18 +472,15 @@ pub fn synthesize(out: &Path, opts: &SynthOptions) -> Result<SynthReport> {
         let prompts: Vec<Vec<u32>> = s
             .fitness
             .iter()
-            .map(|e| match e {
-                Example::Generate { prompt, .. } => tokenizer.encode(prompt),
-                Example::Choice { .. } => unreachable!("synthetic skills are generative"),
-            })
+            .map(|e| tokenizer.encode(e.prompt().expect("synthetic skills have prompts")))
             .collect::<Result<_>>()?;
         let keys = probe(&base_model, &prompts)?.last_mlp_input;
         let n = prompts.len();
         // Targets: toward the answer's row (relative to the answer range), away from junk.
         let mut r = vec![0.0f64; n * h];
         for (i, e) in s.fitness.iter().enumerate() {
-            let Example::Generate { answer, .. } = e else {
-                unreachable!()
+            let Target::Answer(answer) = &e.target else {
+                unreachable!("synthetic skills have answers")
             };
             let t = vocab.id(answer) as usize;
             let rel: Vec<f32> = head[t * h..(t + 1) * h]
