@@ -35,6 +35,8 @@ enum Op {
     Scheduler,
     /// The synthetic demo's loop on real CPU or GPU workers: children per second.
     Demo,
+    /// The code-execution sandbox: its start-up overhead per program, programs per second.
+    Sandbox,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -116,6 +118,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         Op::Device => {}
         Op::Scheduler => return scheduler(&a),
         Op::Demo => return demo(&a),
+        Op::Sandbox => return sandbox(&a),
     }
     let choice = a.device.unwrap_or(match cuda_unavailable_reason() {
         None => DeviceChoice::Cuda(None),
@@ -450,6 +453,30 @@ fn demo(a: &BenchArgs) -> anyhow::Result<ExitCode> {
             r["children_per_second"].as_f64().unwrap_or(0.0),
             r["devices"],
             r["schedule"].as_str().unwrap_or("")
+        );
+    })
+}
+
+/// The sandbox of `python_tests`: start-up overhead and programs per second on every core.
+fn sandbox(a: &BenchArgs) -> anyhow::Result<ExitCode> {
+    progress("the code-execution sandbox (50 starts each way, then 200 programs)");
+    let mut report =
+        cycleqd_engine::bench::sandbox::measure("python3", 50, a.children.unwrap_or(200) as usize)?;
+    report["machine"] = json!(cpu_model());
+    emit(a, &report, |r| {
+        println!("{}", r["enforced"].as_str().unwrap_or(""));
+        println!(
+            "start of a trivial program: {:.1} ms plain, {:.1} ms sandboxed: {:.1} ms overhead",
+            r["plain_start_ms"].as_f64().unwrap_or(0.0),
+            r["sandboxed_start_ms"].as_f64().unwrap_or(0.0),
+            r["overhead_ms"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "{} programs on {} threads: {:.1} programs/s sandboxed, {:.1} plain",
+            r["programs"],
+            r["threads"],
+            r["programs_per_second"].as_f64().unwrap_or(0.0),
+            r["programs_per_second_plain"].as_f64().unwrap_or(0.0)
         );
     })
 }

@@ -72,8 +72,9 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<ExitCode> {
     }
     let (merged, from) =
         TaskSettings::merge(&[("task file", &file.settings), ("flag", &a.flags.settings())]);
+    let most = completions.iter().map(Vec::len).max().unwrap_or(1);
     let scoring = merged
-        .resolve()
+        .resolve_for_completions(most)
         .map_err(|m| anyhow!("{}: {m}", a.task.display()))?;
     let used = describe(&scoring, &from);
     let name = a

@@ -134,6 +134,9 @@ pub struct Sandbox {
     layers: Layers,
     /// Where the programs' folders are made.
     scratch: PathBuf,
+    /// Cgroups of finished programs, empty and ready for the next (making and removing a
+    /// cgroup costs milliseconds; a program should not).
+    idle_cgroups: std::sync::Mutex<Vec<CgroupSet>>,
 }
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -164,6 +167,7 @@ impl Sandbox {
                 ..Layers::default()
             },
             scratch,
+            idle_cgroups: std::sync::Mutex::default(),
         };
         if is_root {
             sb.layers.cgroup_roots = cgroup_roots();
@@ -281,9 +285,17 @@ impl Sandbox {
             if self.layers.drop_to_nobody {
                 chown_tree(&dir, NOBODY)?;
             }
-            let cgroups = CgroupSet::create(&self.layers.cgroup_roots, n, &self.limits);
+            let idle = self.idle_cgroups.lock().ok().and_then(|mut v| v.pop());
+            let cgroups = idle
+                .unwrap_or_else(|| CgroupSet::create(&self.layers.cgroup_roots, n, &self.limits));
             let r = self.spawn_and_wait(&dir, args, &cgroups);
-            cgroups.remove();
+            if cgroups.is_empty() {
+                if let Ok(mut v) = self.idle_cgroups.lock() {
+                    v.push(cgroups);
+                }
+            } else {
+                cgroups.remove();
+            }
             r
         })();
         let _ = std::fs::remove_dir_all(&dir);
@@ -367,6 +379,11 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
+        if let Ok(v) = self.idle_cgroups.get_mut() {
+            for c in v.drain(..) {
+                c.remove();
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.scratch);
     }
 }
@@ -915,6 +932,13 @@ impl CgroupSet {
                     .map(OwnedFd::from)
             })
             .collect()
+    }
+
+    /// Whether no process is left in its cgroups (then it can serve the next program).
+    fn is_empty(&self) -> bool {
+        self.dirs.iter().all(|d| {
+            std::fs::read_to_string(d.join("cgroup.procs")).is_ok_and(|t| t.trim().is_empty())
+        })
     }
 
     /// SIGKILLs every process still in the cgroups.

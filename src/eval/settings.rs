@@ -137,6 +137,16 @@ impl TaskSettings {
 
     /// Checks and completes the settings into a [`Scoring`]; errors name the key.
     pub fn resolve(&self) -> Result<Scoring, String> {
+        self.resolve_with(None)
+    }
+
+    /// [`TaskSettings::resolve`] for completions that exist already (`score`): up to
+    /// `samples` per example, however they were made.
+    pub fn resolve_for_completions(&self, samples: usize) -> Result<Scoring, String> {
+        self.resolve_with(Some(samples))
+    }
+
+    fn resolve_with(&self, given: Option<usize>) -> Result<Scoring, String> {
         let metric_name = self.metric.as_deref().unwrap_or("exact_match");
         let metric = Metric::parse(metric_name, self.pattern.as_deref())?;
         let code = matches!(metric, Metric::PythonTests);
@@ -144,7 +154,7 @@ impl TaskSettings {
         if max_new_tokens == 0 {
             return Err("`max_new_tokens` must be at least 1".into());
         }
-        let samples = self.samples.unwrap_or(1);
+        let samples = given.or(self.samples).unwrap_or(1);
         if samples == 0 {
             return Err("`samples` must be at least 1".into());
         }
@@ -154,7 +164,7 @@ impl TaskSettings {
                 "`temperature` must be a finite number ≥ 0, got {temperature}"
             ));
         }
-        if samples > 1 && temperature == 0.0 {
+        if samples > 1 && temperature == 0.0 && given.is_none() {
             return Err(format!(
                 "`samples` = {samples} needs `temperature` > 0 (greedy generations are all the same)"
             ));
