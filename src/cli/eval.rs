@@ -48,6 +48,9 @@ pub struct SettingFlags {
     /// pass@k's k.
     #[arg(long)]
     pass_k: Option<usize>,
+    /// Seed of the sampled generations.
+    #[arg(long)]
+    seed: Option<u64>,
     /// Python interpreter of python_tests (name on PATH or path).
     #[arg(long)]
     interpreter: Option<String>,
@@ -69,6 +72,7 @@ impl SettingFlags {
             temperature: self.temperature,
             top_p: self.top_p,
             pass_k: self.pass_k,
+            seed: self.seed,
             interpreter: self.interpreter.clone(),
             timeout_s: self.timeout_s,
             ..TaskSettings::default()

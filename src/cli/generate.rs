@@ -119,7 +119,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<ExitCode> {
         eos: if a.ignore_eos {
             vec![]
         } else {
-            cfg.eos_token_ids.clone()
+            cfg.stop_token_ids.clone()
         },
         sampling: (a.temperature > 0.0).then_some(Sampling {
             temperature: a.temperature,

@@ -432,7 +432,7 @@ where
         let prompts: Vec<Vec<u32>> = chunk.iter().map(|j| j.prompt.to_vec()).collect();
         let opts = GenerateOptions {
             max_new_tokens: 0,
-            eos: model.config.eos_token_ids.clone(),
+            eos: model.config.stop_token_ids.clone(),
             sampling: None,
             per_prompt: chunk.iter().map(|j| j.options).collect(),
         };

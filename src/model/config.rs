@@ -44,6 +44,10 @@ pub struct LlamaConfig {
     pub dtype: Option<DType>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// What ends a generation: `eos_token_ids` and those of `generation_config.json` beside
+    /// it, as transformers' `generate` takes them (Llama 3 Instruct ends its turns with
+    /// `<|eot_id|>`, which only generation_config.json names in some releases).
+    pub stop_token_ids: Vec<u32>,
     /// The whole file, kept so that an export writes every key back unchanged.
     pub raw: Map<String, Value>,
 }
@@ -53,7 +57,27 @@ impl LlamaConfig {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        Self::from_json_str(&text, &path)
+        let mut cfg = Self::from_json_str(&text, &path)?;
+        let gen_path = dir.join("generation_config.json");
+        if let Ok(gen) = std::fs::read_to_string(&gen_path) {
+            let v: Value = serde_json::from_str(&gen).map_err(|err| Error::Json {
+                path: gen_path.clone(),
+                err,
+            })?;
+            let Value::Object(raw) = v else {
+                return Err(Error::config(&gen_path, "expected a JSON object"));
+            };
+            let r = Reader {
+                raw: &raw,
+                path: &gen_path,
+            };
+            for id in r.opt_token("eos_token_id")? {
+                if !cfg.stop_token_ids.contains(&id) {
+                    cfg.stop_token_ids.push(id);
+                }
+            }
+        }
+        Ok(cfg)
     }
 
     /// Parses config text; `path` is only used in error messages.
@@ -160,6 +184,7 @@ impl LlamaConfig {
             dtype,
             bos_token_id: r.opt_token("bos_token_id")?.into_iter().next(),
             eos_token_ids: r.opt_token("eos_token_id")?,
+            stop_token_ids: r.opt_token("eos_token_id")?,
             raw: raw.clone(),
         };
         for (key, v) in [
@@ -483,6 +508,35 @@ mod tests {
 
     const BASE: &str = r#""model_type":"llama","vocab_size":10,"hidden_size":8,"intermediate_size":16,
         "num_hidden_layers":1,"num_attention_heads":2"#;
+
+    #[test]
+    fn generation_config_adds_stop_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("config.json"),
+            format!(r#"{{{BASE},"eos_token_id":1}}"#),
+        )
+        .unwrap();
+        let c = LlamaConfig::from_dir(dir.path()).unwrap();
+        assert_eq!(
+            (c.eos_token_ids.clone(), c.stop_token_ids),
+            (vec![1], vec![1])
+        );
+        std::fs::write(
+            dir.path().join("generation_config.json"),
+            r#"{"eos_token_id": [1, 7, 9]}"#,
+        )
+        .unwrap();
+        let c = LlamaConfig::from_dir(dir.path()).unwrap();
+        assert_eq!(c.eos_token_ids, vec![1]);
+        assert_eq!(c.stop_token_ids, vec![1, 7, 9]);
+        std::fs::write(dir.path().join("generation_config.json"), "{").unwrap();
+        let e = LlamaConfig::from_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("generation_config.json") && e.contains("invalid JSON"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn legacy_and_new_rope_keys_agree() {
