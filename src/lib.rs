@@ -5,6 +5,7 @@
 //! genomes → materialised weights → Llama inference (`llama`) → archives → final merge → export.
 
 pub mod backend;
+pub mod broker;
 pub mod durable;
 pub mod error;
 pub mod eval;

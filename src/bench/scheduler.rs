@@ -71,7 +71,12 @@ pub fn demo_set(dir: &Path) -> Result<ExpertSet> {
     if !dir.join("cycleqd.toml").is_file() {
         crate::synth::synthesize(dir, &crate::synth::SynthOptions::default())?;
     }
-    let cfg = crate::qd::RunConfig::load(&dir.join("cycleqd.toml"))?;
+    expert_set_of(&crate::qd::RunConfig::load(&dir.join("cycleqd.toml"))?)
+}
+
+/// The expert set of a configuration, factorised at full rank on the CPU without a cache (the
+/// simulated workers' set: the same on every process that opens the same files).
+pub fn expert_set_of(cfg: &crate::qd::RunConfig) -> Result<ExpertSet> {
     let experts = cfg
         .tasks
         .iter()
@@ -91,32 +96,7 @@ pub fn measure(
     children: u64,
 ) -> Result<Value> {
     let out = unique_dir(scratch)?;
-    let k = set.experts.len();
-    let names: Vec<&str> = set.tensors.iter().map(|t| t.name.as_str()).collect();
-    let tasks: Vec<String> = (0..k).map(|e| format!("task{e}")).collect();
-    let expert_fitness: Vec<Vec<f64>> = (0..k)
-        .map(|e| simulated_scores(&Genome::seed(&set, e)))
-        .collect();
-    let pop = Population::new(&set, tasks, &vec![(0.0, 1.0); k], 15, expert_fitness)?;
-    let cfg = CoordinatorConfig {
-        ops: Operators {
-            seed: 0,
-            crossover_mean: 1.0,
-            crossover_std: 0.01,
-            groups: coefficient_groups(&names, Granularity::Model),
-            mutation_w_max: 0.3,
-            sampling: EliteSampling::Weighted {
-                alpha_low: 0.5,
-                alpha_high: 1.3,
-            },
-        },
-        schedule,
-        generations: children,
-        // The configuration default: what a run pays.
-        checkpoint_every: 25,
-        config_toml: String::new(),
-    };
-    let mut coord = Coordinator::create(&out, set, pop, cfg)?;
+    let mut coord = bench_coordinator(set, &out, schedule, children)?;
     let hold = Duration::from_secs_f64(child_ms / 1e3);
     let fleet: Vec<Box<dyn Worker>> = (0..workers)
         .map(|i| {
@@ -151,6 +131,141 @@ pub fn measure(
         "children_per_second": children as f64 / st.wall_seconds.max(1e-12),
         "ideal_children_per_second": workers as f64 / (child_ms / 1e3),
     }))
+}
+
+/// The coordinator of [`measure`] (simulated scores, the demo's set and operators).
+fn bench_coordinator(
+    set: Arc<ExpertSet>,
+    out: &Path,
+    schedule: Schedule,
+    children: u64,
+) -> Result<Coordinator> {
+    let k = set.experts.len();
+    let names: Vec<&str> = set.tensors.iter().map(|t| t.name.as_str()).collect();
+    let tasks: Vec<String> = (0..k).map(|e| format!("task{e}")).collect();
+    let expert_fitness: Vec<Vec<f64>> = (0..k)
+        .map(|e| simulated_scores(&Genome::seed(&set, e)))
+        .collect();
+    let pop = Population::new(&set, tasks, &vec![(0.0, 1.0); k], 15, expert_fitness)?;
+    let cfg = CoordinatorConfig {
+        ops: Operators {
+            seed: 0,
+            crossover_mean: 1.0,
+            crossover_std: 0.01,
+            groups: coefficient_groups(&names, Granularity::Model),
+            mutation_w_max: 0.3,
+            sampling: EliteSampling::Weighted {
+                alpha_low: 0.5,
+                alpha_high: 1.3,
+            },
+        },
+        schedule,
+        generations: children,
+        // The configuration default: what a run pays.
+        checkpoint_every: 25,
+        config_toml: String::new(),
+    };
+    Coordinator::create(out, set, pop, cfg)
+}
+
+/// [`measure`] through a broker: `workers` worker processes (`exe worker --simulate-child-ms`)
+/// take the children from Redis. Their busy fractions come from the results (time evaluating
+/// ÷ the drive's wall time); the broker's latency per child is the time from publishing a
+/// child to reading its result, less the worker's hold.
+#[allow(clippy::too_many_arguments)]
+pub fn measure_broker(
+    url: &crate::broker::BrokerUrl,
+    exe: &Path,
+    demo_dir: &Path,
+    set: Arc<ExpertSet>,
+    scratch: &Path,
+    workers: usize,
+    child_ms: f64,
+    schedule: Schedule,
+    children: u64,
+) -> Result<Value> {
+    use crate::broker::{
+        drive_broker, finish_run, live_workers, publish_run, wire::Keys, RunOnBroker,
+    };
+    let out = unique_dir(scratch)?;
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "bench".into());
+    let config = crate::qd::RunConfig::load(&demo_dir.join("cycleqd.toml"))?;
+    let run = RunOnBroker {
+        name: name.clone(),
+        fingerprint: set.fingerprint,
+        config_toml: config.to_toml(),
+        factor_cache: out.join("factors").display().to_string(),
+        max_attempts: 2,
+        visibility: Duration::from_secs(60),
+    };
+    let mut coord = bench_coordinator(set, &out, schedule, children)?;
+    publish_run(url, &run)?;
+    let mut procs = (0..workers)
+        .map(|_| {
+            std::process::Command::new(exe)
+                .args(["worker", "--broker", &url_arg(url), "--run", &name])
+                .args(["--simulate-child-ms", &child_ms.to_string()])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .map_err(|e| Error::invalid(format!("starting a worker process: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // Every worker up before the clock starts.
+    let mut conn = url.connect()?;
+    let keys = Keys::new(&name);
+    let t0 = Instant::now();
+    while live_workers(&mut conn, url, &keys)?.len() < workers {
+        if t0.elapsed() > Duration::from_secs(60) {
+            return Err(Error::invalid(
+                "the worker processes did not come up in 60 s",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, stats) = drive_broker(&mut coord, url, &run, &Stop::default(), &mut |_| {})?;
+    finish_run(url, &name)?;
+    for p in &mut procs {
+        let _ = p.wait();
+    }
+    coord.checkpoint()?;
+    let _ = std::fs::remove_dir_all(&out);
+    let busy: Vec<f64> = stats
+        .busy_by_worker
+        .values()
+        .map(|b| b / stats.wall_seconds.max(1e-12))
+        .collect();
+    let mut lat = stats.latency_seconds.clone();
+    lat.sort_by(f64::total_cmp);
+    let pct = |q: f64| {
+        lat.get(((lat.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+            * 1e3
+    };
+    Ok(json!({
+        "schedule": match schedule { Schedule::Batch(b) => format!("batch {b}"), Schedule::Steady => "steady".into() },
+        "broker": url.to_string(),
+        "workers": workers,
+        "child_ms": child_ms,
+        "children": children,
+        "wall_seconds": stats.wall_seconds,
+        "busy_fraction_per_worker": busy,
+        "busy_fraction_min": busy.iter().copied().fold(f64::INFINITY, f64::min),
+        "busy_fraction_mean": busy.iter().sum::<f64>() / workers.max(1) as f64,
+        "broker_latency_ms_median": pct(0.5),
+        "broker_latency_ms_p90": pct(0.9),
+        "children_per_second": children as f64 / stats.wall_seconds.max(1e-12),
+        "ideal_children_per_second": workers as f64 / (child_ms / 1e3),
+    }))
+}
+
+/// The URL as a worker process is given it (the real one: the display form masks passwords).
+fn url_arg(url: &crate::broker::BrokerUrl) -> String {
+    url.as_str().to_string()
 }
 
 fn unique_dir(scratch: &Path) -> Result<PathBuf> {

@@ -69,6 +69,9 @@ pub struct BenchArgs {
     /// cpu, cuda or cuda:N (default: CUDA when present).
     #[arg(long)]
     device: Option<DeviceChoice>,
+    /// `scheduler`: worker processes through this Redis instead of threads in this process.
+    #[arg(long)]
+    broker: Option<cycleqd_engine::broker::BrokerUrl>,
     /// Print the JSON report instead of the table.
     #[arg(long)]
     json: bool,
@@ -363,7 +366,21 @@ fn scheduler(a: &BenchArgs) -> anyhow::Result<ExitCode> {
             a.workers
         ));
         let mut runs = (0..3)
-            .map(|_| measure(set.clone(), &scratch, a.workers, a.child_ms, s, children))
+            .map(|_| match &a.broker {
+                None => measure(set.clone(), &scratch, a.workers, a.child_ms, s, children),
+                Some(url) => cycleqd_engine::bench::scheduler::measure_broker(
+                    url,
+                    &std::env::current_exe()
+                        .map_err(|e| cycleqd_engine::Error::invalid(e.to_string()))?,
+                    &scratch.join("demo"),
+                    set.clone(),
+                    &scratch,
+                    a.workers,
+                    a.child_ms,
+                    s,
+                    children,
+                ),
+            })
             .collect::<cycleqd_engine::Result<Vec<_>>>()?;
         runs.sort_by(|x, y| {
             x["busy_fraction_mean"]
@@ -381,6 +398,7 @@ fn scheduler(a: &BenchArgs) -> anyhow::Result<ExitCode> {
     let report = json!({
         "op": "scheduler",
         "machine": cpu_model(),
+        "broker": a.broker.as_ref().map(|u| u.to_string()),
         "checkpoint_every": 25,
         "results": results,
     });
@@ -393,7 +411,11 @@ fn scheduler(a: &BenchArgs) -> anyhow::Result<ExitCode> {
             "children",
             "busy min",
             "busy mean",
-            "coord ms/child"
+            if r["broker"].is_null() {
+                "coord ms/child"
+            } else {
+                "broker ms (med)"
+            }
         );
         for x in r["results"].as_array().into_iter().flatten() {
             println!(
@@ -404,7 +426,10 @@ fn scheduler(a: &BenchArgs) -> anyhow::Result<ExitCode> {
                 x["children"],
                 100.0 * x["busy_fraction_min"].as_f64().unwrap_or(0.0),
                 100.0 * x["busy_fraction_mean"].as_f64().unwrap_or(0.0),
-                x["coordinator_ms_per_child"].as_f64().unwrap_or(0.0),
+                x["coordinator_ms_per_child"]
+                    .as_f64()
+                    .or(x["broker_latency_ms_median"].as_f64())
+                    .unwrap_or(0.0),
             );
         }
     })

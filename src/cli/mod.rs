@@ -11,6 +11,7 @@ mod prompt;
 mod run;
 mod score;
 mod synth;
+mod worker;
 
 use std::process::ExitCode;
 
@@ -47,6 +48,8 @@ pub enum Command {
     Run(run::RunArgs),
     /// Build the synthetic demo: a tiny base, skill experts, task files and a run config.
     Synth(synth::SynthArgs),
+    /// Serve a run's children from a broker (`run --broker`) on this node's device.
+    Worker(worker::WorkerArgs),
     /// Measure the device's ceilings and time every hot operation against them.
     Bench(bench::BenchArgs),
 }
@@ -57,6 +60,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Inspect(a) => inspect::run(a),
         Command::Merge(a) => merge::run(a),
         Command::Synth(a) => synth::run(a),
+        Command::Worker(a) => worker::run(a),
         Command::Run(a) => run::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Prompt(a) => prompt::run(a),

@@ -11,6 +11,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use cycleqd_engine::backend::cuda::DeviceChoice;
+use cycleqd_engine::broker::{BrokerUrl, WorkerStatus};
 use cycleqd_engine::qd::RunConfig;
 use cycleqd_engine::run::{plan_workers, Progress, Reporter, Run, RunEnd, Stop};
 use cycleqd_engine::synth::{synthesize, SynthOptions};
@@ -40,6 +41,13 @@ pub struct RunArgs {
     /// Where the demo is synthesised when `--config` is absent.
     #[arg(long, default_value = "cycleqd-demo")]
     demo_dir: PathBuf,
+    /// Coordinate workers on any node through this Redis (`redis://HOST:PORT/DB`, `rediss://`
+    /// for TLS); `--workers N` also serves it with N local workers (0: coordinate only).
+    #[arg(long)]
+    broker: Option<BrokerUrl>,
+    /// The run's name on the broker (default: the run folder's name).
+    #[arg(long, requires = "broker")]
+    run: Option<String>,
 }
 
 pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
@@ -71,13 +79,17 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let count =
         match a.workers {
-            Some(0) => anyhow::bail!("--workers: must be at least 1"),
+            Some(0) if a.broker.is_some() => Some(0),
+            Some(0) => anyhow::bail!("--workers: must be at least 1 (0 only with --broker)"),
             Some(n) => Some(n),
             None => cfg.evolution.workers.count().map_err(|m| {
                 anyhow::anyhow!("{}: `evolution.workers`: {m}", config_path.display())
             })?,
         };
-    let devices = plan_workers(count, a.device)?;
+    // Over a broker with no local workers, one device still scores the experts and the
+    // final table.
+    let devices = plan_workers(count.map(|n| n.max(1)), a.device)?;
+    let local = count.unwrap_or(devices.len());
     let mut bars = Bars::default();
     let mut run = Run::open(cfg, &out, devices, &mut bars)
         .with_context(|| format!("run {}", out.display()))?;
@@ -88,9 +100,20 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         describe(&run)
     );
     let stop = Stop::on_signals();
-    let end = run
-        .execute(&stop, &mut bars)
-        .with_context(|| format!("run {}", out.display()))?;
+    let end = match &a.broker {
+        None => run.execute(&stop, &mut bars),
+        Some(url) => {
+            let name = match &a.run {
+                Some(n) => n.clone(),
+                None => std::path::absolute(&out)?
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "run".into()),
+            };
+            run.execute_broker(url, &name, local, &stop, &mut bars)
+        }
+    }
+    .with_context(|| format!("run {}", out.display()))?;
     match end {
         RunEnd::AlreadyFinished(s) => {
             eprintln!("{} is a finished run; its table:", out.display());
@@ -147,7 +170,7 @@ impl Reporter for Bars {
         let bar = ProgressBar::new(p.generations).with_position(p.applied.min(p.generations));
         bar.set_style(
             ProgressStyle::with_template(
-                "{elapsed_precise} [{bar:30}] {pos}/{len} children  {per_sec}  {msg}",
+                "{elapsed_precise} [{bar:30}] {pos}/{len} children  {per_sec}  {prefix} {msg}",
             )
             .expect("valid template")
             .progress_chars("=> "),
@@ -177,6 +200,19 @@ impl Reporter for Bars {
                 }
             ));
             bar.set_position(p.applied);
+        }
+    }
+
+    fn workers(&mut self, live: &[WorkerStatus]) {
+        if let Some(bar) = &self.bar {
+            let each: Vec<String> = live
+                .iter()
+                .map(|w| {
+                    let short = w.name.rsplit('/').next().unwrap_or(&w.name);
+                    format!("{short} {:.1}/s", w.children_per_second)
+                })
+                .collect();
+            bar.set_prefix(format!("{} worker(s) [{}]", live.len(), each.join(", ")));
         }
     }
 

@@ -29,20 +29,24 @@ pub fn fingerprint(store: &ModelStore) -> Result<u64> {
     Ok(h)
 }
 
-/// The cache file for these inputs, factorised by the algorithm `algorithm` describes (its
-/// name, rank and every setting the result depends on).
-pub fn cache_path(
-    dir: &Path,
-    base: &ModelStore,
-    experts: &[ModelStore],
-    algorithm: &str,
-) -> Result<PathBuf> {
-    let mut h = mix(fnv1a(CACHE_VERSION.as_bytes()), fingerprint(base)?);
+/// Fingerprint of a base and its experts, in order.
+pub fn inputs_fingerprint(base: &ModelStore, experts: &[ModelStore]) -> Result<u64> {
+    let mut h = fingerprint(base)?;
     for e in experts {
         h = mix(h, fingerprint(e)?);
     }
-    h = mix(h, fnv1a(algorithm.as_bytes()));
-    Ok(dir.join(format!("factors-{h:016x}.safetensors")))
+    Ok(h)
+}
+
+/// The cache file for inputs of fingerprint `inputs` ([`inputs_fingerprint`]), factorised by
+/// the algorithm `algorithm` describes (its name, rank and every setting the result depends
+/// on).
+pub fn cache_path(dir: &Path, inputs: u64, algorithm: &str) -> PathBuf {
+    let h = mix(
+        mix(fnv1a(CACHE_VERSION.as_bytes()), inputs),
+        fnv1a(algorithm.as_bytes()),
+    );
+    dir.join(format!("factors-{h:016x}.safetensors"))
 }
 
 /// Writes the factors (`{tensor}::{expert}::{U,S,VT}`, f32) with a data checksum and the

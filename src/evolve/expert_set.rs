@@ -55,6 +55,10 @@ pub struct ExpertSet {
     pub tensors: Vec<TensorFactors>,
     pub rank: Rank,
     pub cache_status: CacheStatus,
+    /// Content fingerprint of everything a child is made of: the base's and the experts'
+    /// tensors, the factorisation and the factors' bytes. Two processes with the same
+    /// fingerprint materialise bit-identical children from the same genome.
+    pub fingerprint: u64,
 }
 
 /// What the factor cache did for this build.
@@ -118,9 +122,8 @@ impl ExpertSet {
     ) -> Result<Self> {
         let mut tensors = validate(&base, &experts, rank)?;
         let algorithm = algorithm_tag(rank);
-        let path = cache_dir
-            .map(|d| cache::cache_path(d, &base, &experts, &algorithm))
-            .transpose()?;
+        let inputs = cache::inputs_fingerprint(&base, &experts)?;
+        let path = cache_dir.map(|d| cache::cache_path(d, inputs, &algorithm));
         let mut cache_status = CacheStatus::Disabled;
         if let Some(p) = &path {
             cache_status = match cache::load(p, &mut tensors, experts.len()) {
@@ -140,12 +143,17 @@ impl ExpertSet {
                 cache::save(p, &tensors, &algorithm)?;
             }
         }
+        let fingerprint = factors_fingerprint(
+            crate::durable::mix(inputs, crate::durable::fnv1a(algorithm.as_bytes())),
+            &tensors,
+        );
         Ok(ExpertSet {
             base,
             experts,
             tensors,
             rank,
             cache_status,
+            fingerprint,
         })
     }
 
@@ -449,4 +457,17 @@ fn factorise_randomized<L: BatchedLinalg>(
         .collect();
     store(tensors, &jobs, done);
     Ok(())
+}
+
+/// `h` mixed with every factor's bytes, in tensor and expert order.
+fn factors_fingerprint(mut h: u64, tensors: &[TensorFactors]) -> u64 {
+    use crate::durable::{hash_bytes, mix};
+    for t in tensors {
+        for f in &t.factors {
+            for part in [&f.u[..], &f.s[..], &f.vt[..]] {
+                h = mix(h, hash_bytes(bytemuck::cast_slice(part)));
+            }
+        }
+    }
+    h
 }

@@ -232,6 +232,14 @@ pub struct Evolution {
     /// Sequences per forward batch when scoring.
     #[serde(default = "default_batch")]
     pub eval_batch: usize,
+    /// Workers over a broker: evaluations a child may take (a worker that dies or errs on it
+    /// costs one) before it is marked failed.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Workers over a broker: how long a child held by a silent worker (its process gone) waits
+    /// before another worker takes it over. A working worker renews its hold.
+    #[serde(default = "default_visibility")]
+    pub visibility_timeout_s: f64,
 }
 
 impl Default for Evolution {
@@ -293,6 +301,12 @@ fn default_checkpoint_every() -> u64 {
 fn default_batch() -> usize {
     256
 }
+fn default_max_attempts() -> u32 {
+    2
+}
+fn default_visibility() -> f64 {
+    60.0
+}
 fn default_rank() -> RankSpec {
     RankSpec::Name("full".into())
 }
@@ -353,6 +367,41 @@ impl RunConfig {
         }
         c.validate().map_err(|m| Error::config(path, m))?;
         Ok(c)
+    }
+
+    /// A resolved configuration (every path absolute, as a run folder's `config.toml` or a
+    /// broker holds it), checked; `origin` names where it came from in errors.
+    pub fn parse_resolved(text: &str, origin: &str) -> Result<RunConfig> {
+        let c: RunConfig = toml::from_str(text)
+            .map_err(|e| Error::config(origin, e.message().replace('\n', " ")))?;
+        c.validate().map_err(|m| Error::config(origin, m))?;
+        Ok(c)
+    }
+
+    /// Rewrites every path that starts with a `from` prefix to start with its `to` instead
+    /// (`worker --path-map`: the same files under another mount point on another node).
+    pub fn map_paths(&mut self, maps: &[(PathBuf, PathBuf)]) {
+        let map = |p: &mut PathBuf| {
+            for (from, to) in maps {
+                if let Ok(rest) = p.strip_prefix(from) {
+                    *p = to.join(rest);
+                    return;
+                }
+            }
+        };
+        map(&mut self.base);
+        if let Some(p) = &mut self.factor_cache {
+            map(p);
+        }
+        for t in &mut self.tasks {
+            map(&mut t.expert);
+            for p in [&mut t.fitness, &mut t.heldout, &mut t.evaluator_dir]
+                .into_iter()
+                .flatten()
+            {
+                map(p);
+            }
+        }
     }
 
     /// Checks every value; the message names the key.
@@ -431,6 +480,14 @@ impl RunConfig {
                 "`evolution.bins`: {} bins over {dims} measures is more cells than a 64-bit count holds",
                 e.bins
             ));
+        }
+        if e.max_attempts == 0 {
+            return Err("`evolution.max_attempts`: must be at least 1".into());
+        }
+        if !(e.visibility_timeout_s.is_finite() && e.visibility_timeout_s > 0.0) {
+            return Err(
+                "`evolution.visibility_timeout_s`: must be a positive number of seconds".into(),
+            );
         }
         if !(e.crossover_mean.is_finite() && e.crossover_mean > 0.0) {
             return Err("`evolution.crossover_mean`: must be > 0".into());
@@ -519,6 +576,9 @@ impl RunConfig {
         let mut prev = saved.clone();
         prev.evolution.generations = self.evolution.generations;
         prev.evolution.workers = self.evolution.workers.clone();
+        // How failures are retried and detected does not change what a child scores.
+        prev.evolution.max_attempts = self.evolution.max_attempts;
+        prev.evolution.visibility_timeout_s = self.evolution.visibility_timeout_s;
         let mut now = self.clone();
         for t in prev.tasks.iter_mut().chain(now.tasks.iter_mut()) {
             *t = t.normalized();

@@ -291,6 +291,11 @@ impl Coordinator {
         self.in_flight.len()
     }
 
+    /// Child `child`, if it is in flight (to hand it out again).
+    pub fn spec_in_flight(&self, child: u64) -> Option<Arc<ChildSpec>> {
+        self.in_flight.get(&child).cloned()
+    }
+
     pub fn population(&self) -> &Population {
         &self.pop
     }

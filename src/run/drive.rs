@@ -80,6 +80,8 @@ pub enum DriveEvent<'a> {
     Progress(&'a Progress),
     /// A line for the log (a failure, a retry, a retired worker).
     Note(String),
+    /// The live workers of a run over a broker, about once a second.
+    Workers(&'a [crate::broker::WorkerStatus]),
 }
 
 struct Job {

@@ -20,6 +20,9 @@ use serde_json::json;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{cuda_device_count, cuda_unavailable_reason, CudaBackend, DeviceChoice};
+use crate::broker::{
+    drive_broker, finish_run, publish_run, serve, BrokerUrl, RunOnBroker, ServeOptions,
+};
 use crate::error::{Error, Result};
 use crate::eval::{
     ExternalEvaluator, PreparedTask, Scoring, TaskFile, TaskScorer, TaskSettings, TaskSuite,
@@ -132,6 +135,8 @@ pub trait Reporter {
     fn loop_ended(&mut self) {}
     /// The final table: `step` of `total` models scored, `what` next.
     fn table(&mut self, _step: usize, _total: usize, _what: &str) {}
+    /// The live workers of a run over a broker, about once a second.
+    fn workers(&mut self, _live: &[crate::broker::WorkerStatus]) {}
 }
 
 /// A reporter that says nothing.
@@ -160,6 +165,8 @@ pub struct Run {
     saved: Option<(Population, CheckpointMeta)>,
     opened: Vec<Opened>,
     started: Instant,
+    /// Where the expert set's factors are cached (workers on other nodes read them there).
+    pub factor_cache: PathBuf,
     _lock: RunLock,
 }
 
@@ -201,10 +208,7 @@ impl Run {
             .collect::<Result<Vec<_>>>()?;
         let opened = devices
             .iter()
-            .map(|d| match d {
-                Device::Cpu { threads } => Ok(Opened::Cpu { threads: *threads }),
-                Device::Cuda(i) => CudaBackend::open(*i).map(|b| Opened::Cuda(Box::new(b))),
-            })
+            .map(open_device)
             .collect::<Result<Vec<_>>>()?;
         let cache_dir = cfg
             .factor_cache
@@ -254,6 +258,7 @@ impl Run {
             saved,
             opened,
             started,
+            factor_cache: std::path::absolute(&cache_dir).unwrap_or(cache_dir),
             _lock: lock,
         })
     }
@@ -283,46 +288,12 @@ impl Run {
 
     /// One worker per opened device (each places the set's sources there once).
     pub fn workers(&mut self) -> Result<Vec<Box<dyn Worker>>> {
-        let mut out: Vec<Box<dyn Worker>> = vec![];
-        for (i, d) in std::mem::take(&mut self.opened).into_iter().enumerate() {
-            let w: Box<dyn Worker> = match d {
-                Opened::Cpu { threads } => {
-                    let pool = if self.devices.len() > 1 {
-                        Some(
-                            rayon::ThreadPoolBuilder::new()
-                                .num_threads(threads)
-                                .thread_name(move |t| format!("cpu{i}-{t}"))
-                                .build()
-                                .map_err(|e| Error::invalid(format!("CPU worker {i}: {e}")))?,
-                        )
-                    } else {
-                        None
-                    };
-                    Box::new(ModelWorker::new(
-                        format!("cpu:{i}"),
-                        CpuBackend,
-                        self.set.clone(),
-                        self.suites.clone(),
-                        None,
-                        pool,
-                    )?)
-                }
-                Opened::Cuda(gpu) => {
-                    use crate::backend::Backend;
-                    let name = gpu.name();
-                    Box::new(ModelWorker::new(
-                        name,
-                        *gpu,
-                        self.set.clone(),
-                        self.suites.clone(),
-                        None,
-                        None,
-                    )?)
-                }
-            };
-            out.push(w);
-        }
-        Ok(out)
+        let shared = self.devices.len() > 1;
+        std::mem::take(&mut self.opened)
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| make_worker(i, d, shared, &self.set, &self.suites))
+            .collect()
     }
 
     /// The coordinator: resumed from the checkpoint, or a new run whose archives are seeded
@@ -402,10 +373,110 @@ impl Run {
             end,
             workers: mut back,
             ..
-        } = drive(&mut coord, workers, stop, &mut |ev| match ev {
-            DriveEvent::Progress(p) => reporter.progress(p),
-            DriveEvent::Note(n) => reporter.note(&n),
-        })?;
+        } = drive(&mut coord, workers, stop, &mut |ev| forward(reporter, ev))?;
+        self.conclude(
+            coord, end, &mut back, names, resumed_at, loop_start, reporter,
+        )
+    }
+
+    /// The run over a broker (`url`, as run `name`): the run is published, `local` of this
+    /// process's workers serve it as remote ones do (0: coordinate only; the first device
+    /// still scores the experts and the final table), and the coordinator drives it through
+    /// the streams. The same folder and broker resume it after a crash.
+    pub fn execute_broker(
+        &mut self,
+        url: &BrokerUrl,
+        name: &str,
+        local: usize,
+        stop: &Stop,
+        reporter: &mut dyn Reporter,
+    ) -> Result<RunEnd> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        if let Some(s) = self.finished_summary()? {
+            return Ok(RunEnd::AlreadyFinished(s));
+        }
+        let mut workers = self.workers()?;
+        if workers.is_empty() {
+            return Err(Error::invalid(
+                "a run needs one device of its own (to score the experts and the final table)",
+            ));
+        }
+        let mut coord = self.coordinator(workers[0].as_mut())?;
+        let run = RunOnBroker {
+            name: name.to_string(),
+            fingerprint: self.set.fingerprint,
+            config_toml: self.cfg.to_toml(),
+            factor_cache: self.factor_cache.display().to_string(),
+            max_attempts: self.cfg.evolution.max_attempts,
+            visibility: Duration::from_secs_f64(self.cfg.evolution.visibility_timeout_s),
+        };
+        publish_run(url, &run)?;
+        reporter.note(&format!(
+            "run `{name}` on broker {url} (expert set {:016x}); {local} local worker(s)",
+            run.fingerprint
+        ));
+        let resumed_at = coord.population().children_done;
+        let names: Vec<String> = workers.iter().take(local).map(|w| w.name()).collect();
+        reporter.started(&coord.progress(), &names);
+        let stop_local = Arc::new(AtomicBool::new(false));
+        let n_local = local.min(workers.len());
+        let serving: Vec<_> = workers
+            .drain(..n_local)
+            .map(|mut w| {
+                let (url, set) = (url.clone(), self.set.clone());
+                let opts = ServeOptions {
+                    run: name.to_string(),
+                    fingerprint: run.fingerprint,
+                    visibility: run.visibility,
+                    max_attempts: run.max_attempts,
+                    stop: stop_local.clone(),
+                };
+                std::thread::spawn(move || {
+                    let r = serve(&url, &set, w.as_mut(), &opts, &mut |_| {});
+                    (w, r)
+                })
+            })
+            .collect();
+        let loop_start = Instant::now();
+        let driven = drive_broker(&mut coord, url, &run, stop, &mut |ev| forward(reporter, ev));
+        if let Ok((DriveEnd::Finished, _)) = &driven {
+            finish_run(url, name)?;
+        }
+        stop_local.store(true, Ordering::SeqCst);
+        let mut back = vec![];
+        for t in serving {
+            let (w, r) = t
+                .join()
+                .map_err(|_| Error::invalid("a local worker's thread panicked"))?;
+            if let Err(e) = r {
+                reporter.note(&format!("local worker {}: {e}", w.name()));
+            }
+            back.push(w);
+        }
+        back.append(&mut workers);
+        let (end, stats) = driven?;
+        reporter.note(&format!(
+            "broker: {} children published ({} again after a worker's error), {} results, {} duplicates ignored, {} dead letters",
+            stats.published, stats.republished, stats.results, stats.duplicates, stats.dead_letters
+        ));
+        self.conclude(
+            coord, end, &mut back, names, resumed_at, loop_start, reporter,
+        )
+    }
+
+    /// After the loop: the checkpoint, then (every child applied) the final table and outputs,
+    /// scored by the first of `back`.
+    #[allow(clippy::too_many_arguments)]
+    fn conclude(
+        &mut self,
+        mut coord: Coordinator,
+        end: DriveEnd,
+        back: &mut [Box<dyn Worker>],
+        names: Vec<String>,
+        resumed_at: u64,
+        loop_start: Instant,
+        reporter: &mut dyn Reporter,
+    ) -> Result<RunEnd> {
         coord.checkpoint()?;
         // Past the loop a stop request has nothing left to save: signals act as usual again.
         signals::restore();
@@ -440,6 +511,118 @@ impl Run {
             &mut |step, total, what| reporter.table(step, total, what),
         )?;
         Ok(RunEnd::Finished(summary))
+    }
+}
+
+/// A worker on opened device `d` (the `i`th of the process; `shared`: CPU workers split the
+/// cores between them).
+fn make_worker(
+    i: usize,
+    d: Opened,
+    shared: bool,
+    set: &Arc<ExpertSet>,
+    suites: &Arc<Suites>,
+) -> Result<Box<dyn Worker>> {
+    Ok(match d {
+        Opened::Cpu { threads } => {
+            let pool = if shared {
+                Some(
+                    rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .thread_name(move |t| format!("cpu{i}-{t}"))
+                        .build()
+                        .map_err(|e| Error::invalid(format!("CPU worker {i}: {e}")))?,
+                )
+            } else {
+                None
+            };
+            Box::new(ModelWorker::new(
+                format!("cpu:{i}"),
+                CpuBackend,
+                set.clone(),
+                suites.clone(),
+                None,
+                pool,
+            )?)
+        }
+        Opened::Cuda(gpu) => {
+            use crate::backend::Backend;
+            let name = gpu.name();
+            Box::new(ModelWorker::new(
+                name,
+                *gpu,
+                set.clone(),
+                suites.clone(),
+                None,
+                None,
+            )?)
+        }
+    })
+}
+
+fn open_device(d: &Device) -> Result<Opened> {
+    match d {
+        Device::Cpu { threads } => Ok(Opened::Cpu { threads: *threads }),
+        Device::Cuda(i) => CudaBackend::open(*i).map(|b| Opened::Cuda(Box::new(b))),
+    }
+}
+
+/// What a worker process on any node needs of a run it serves through a broker: the run's
+/// configuration (paths as they are on this node), the coordinator's factor cache (read there
+/// when this node sees it, else computed into `local_cache`), a folder for exported copies of
+/// children, and its device. The expert set's fingerprint must be `fingerprint`, the
+/// coordinator's, or the worker would materialise other children from the same genomes.
+pub fn open_broker_worker(
+    cfg: &RunConfig,
+    coordinator_cache: &Path,
+    local_cache: &Path,
+    work_dir: &Path,
+    device: &Device,
+    fingerprint: u64,
+) -> Result<(Arc<ExpertSet>, Box<dyn Worker>)> {
+    let base = ModelStore::open_llama(&cfg.base)?;
+    let suites = Arc::new(build_suites(cfg, &base, work_dir)?);
+    let experts = cfg
+        .tasks
+        .iter()
+        .map(|t| ModelStore::open_llama(&t.expert))
+        .collect::<Result<Vec<_>>>()?;
+    let opened = open_device(device)?;
+    let cache = if coordinator_cache.is_dir() {
+        coordinator_cache
+    } else {
+        local_cache
+    };
+    let set = match &opened {
+        Opened::Cuda(gpu) => {
+            ExpertSet::build_with(base, experts, cfg.rank(), Some(cache), gpu.as_ref())?
+        }
+        Opened::Cpu { .. } => {
+            ExpertSet::build_with(base, experts, cfg.rank(), Some(cache), &CpuLinalg)?
+        }
+    };
+    if set.fingerprint != fingerprint {
+        return Err(Error::invalid(format!(
+            "this node's expert set (fingerprint {:016x}, factors {} in {}) is not the coordinator's \
+             ({fingerprint:016x}): other models, or factors computed elsewhere; give the worker the \
+             same files and the run's factor cache ({}), with --path-map where they are mounted elsewhere",
+            set.fingerprint,
+            set.cache_status,
+            cache.display(),
+            coordinator_cache.display()
+        )));
+    }
+    let set = Arc::new(set);
+    let worker = make_worker(0, opened, false, &set, &suites)?;
+    Ok((set, worker))
+}
+
+/// Passes a drive's events to a reporter.
+fn forward(reporter: &mut dyn Reporter, ev: DriveEvent) {
+    match ev {
+        DriveEvent::Progress(p) => reporter.progress(p),
+        DriveEvent::Note(n) => reporter.note(&n),
+        DriveEvent::Workers(w) => reporter.workers(w),
     }
 }
 
