@@ -37,7 +37,12 @@ impl Worker for Faulty {
         self.inner.name()
     }
 
-    fn evaluate(&mut self, genome: &Genome, label: &str) -> cycleqd_engine::Result<Scored> {
+    fn evaluate(
+        &mut self,
+        genome: &Genome,
+        label: &str,
+        race: Option<&cycleqd_engine::qd::RaceBounds>,
+    ) -> cycleqd_engine::Result<Scored> {
         if self.always.contains(label) {
             panic!("injected panic on {label}");
         }
@@ -46,7 +51,7 @@ impl Worker for Faulty {
                 "injected error on {label}"
             )));
         }
-        self.inner.evaluate(genome, label)
+        self.inner.evaluate(genome, label, race)
     }
 
     fn score_tensors(
@@ -154,6 +159,7 @@ fn coordinator(set: &Arc<ExpertSet>, out: &Path, schedule: Schedule, n: u64) -> 
         generations: n,
         checkpoint_every: 5,
         config_toml: "test".into(),
+        racing: None,
     };
     std::fs::create_dir_all(out).unwrap();
     Coordinator::create(out, set.clone(), pop, cfg).unwrap()
@@ -181,7 +187,7 @@ fn run_out_of_order(c: &mut Coordinator, reverse: bool) {
             let told = c
                 .tell(
                     s.child,
-                    Outcome::Scored(simulated_scores(&s.genome)),
+                    Outcome::Scored(simulated_scores(&s.genome).into()),
                     report(),
                 )
                 .unwrap();
@@ -225,7 +231,8 @@ fn late_and_duplicate_results_are_ignored_and_a_resume_reissues_children_in_flig
         "the next batch waits for this one"
     );
     // Child 2 arrives first: held until child 1 is applied.
-    let scores = |s: &cycleqd_engine::qd::ChildSpec| Outcome::Scored(simulated_scores(&s.genome));
+    let scores =
+        |s: &cycleqd_engine::qd::ChildSpec| Outcome::Scored(simulated_scores(&s.genome).into());
     match c.tell(2, scores(&batch[1]), report()).unwrap() {
         Told::Applied(ev) => assert!(ev.is_empty()),
         Told::Duplicate => panic!("child 2 is in flight"),
@@ -260,6 +267,7 @@ fn late_and_duplicate_results_are_ignored_and_a_resume_reissues_children_in_flig
         generations: 12,
         checkpoint_every: 5,
         config_toml: "test".into(),
+        racing: None,
     };
     let mut r = Coordinator::resume(&out, set.clone(), pop, meta, cfg).unwrap();
     let again: Vec<u64> = std::iter::from_fn(|| r.ask().unwrap())

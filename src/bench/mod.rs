@@ -3,6 +3,7 @@
 
 pub mod ceilings;
 pub mod cuda;
+pub mod racing;
 pub mod sandbox;
 pub mod scheduler;
 pub mod suite;

@@ -51,9 +51,14 @@ impl Worker for SimulatedWorker {
         self.name.clone()
     }
 
-    fn evaluate(&mut self, genome: &Genome, _label: &str) -> Result<Scored> {
+    fn evaluate(
+        &mut self,
+        genome: &Genome,
+        _label: &str,
+        _race: Option<&crate::qd::RaceBounds>,
+    ) -> Result<Scored> {
         std::thread::sleep(self.hold);
-        Ok(Ok(simulated_scores(genome)))
+        Ok(Ok(simulated_scores(genome).into()))
     }
 
     fn score_tensors(
@@ -164,6 +169,7 @@ fn bench_coordinator(
         // The configuration default: what a run pays.
         checkpoint_every: 25,
         config_toml: String::new(),
+        racing: None,
     };
     Coordinator::create(out, set, pop, cfg)
 }

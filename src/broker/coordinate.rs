@@ -294,6 +294,7 @@ pub fn drive_broker(
                     child: spec.child,
                     attempt: 1,
                     genome: spec.genome.to_flat(),
+                    race: spec.race.as_deref().cloned(),
                 };
                 let id = xadd(
                     &mut conn,
@@ -420,6 +421,7 @@ fn handle_result(
                         child: r.child,
                         attempt: *n + 1,
                         genome: spec.genome.to_flat(),
+                        race: spec.race.as_deref().cloned(),
                     };
                     let id = xadd(
                         conn,

@@ -316,7 +316,9 @@ fn handle(
     };
     let t = Instant::now();
     let label = format!("child-{}", msg.child);
-    let outcome = match catch_unwind(AssertUnwindSafe(|| worker.evaluate(&genome, &label))) {
+    let outcome = match catch_unwind(AssertUnwindSafe(|| {
+        worker.evaluate(&genome, &label, msg.race.as_ref())
+    })) {
         Ok(Ok(Ok(scores))) => WireOutcome::Scores(scores),
         Ok(Ok(Err(reason))) => WireOutcome::Failed(reason),
         Ok(Err(e)) => WireOutcome::Error(format!("error: {e}")),

@@ -14,6 +14,8 @@ use std::collections::HashMap;
 use redis::Value;
 
 use crate::durable::hash_bytes;
+use crate::eval::Evaluation;
+use crate::qd::RaceBounds;
 
 /// The wire format's version.
 pub const VERSION: u32 = 1;
@@ -129,6 +131,8 @@ pub struct ChildMessage {
     pub attempt: u32,
     /// The genome, flat ([`crate::evolve::Genome::to_flat`]).
     pub genome: Vec<f32>,
+    /// Racing: what the child must beat (field `race`, JSON).
+    pub race: Option<RaceBounds>,
 }
 
 impl ChildMessage {
@@ -136,7 +140,7 @@ impl ChildMessage {
     pub fn fields(&self, run: &str, fingerprint: u64) -> Vec<(&'static str, Vec<u8>)> {
         let genome: Vec<u8> = self.genome.iter().flat_map(|x| x.to_le_bytes()).collect();
         let sum = format!("{:016x}", hash_bytes(&genome));
-        vec![
+        let mut f = vec![
             ("v", VERSION.to_string().into_bytes()),
             ("run", run.as_bytes().to_vec()),
             ("fp", format!("{fingerprint:016x}").into_bytes()),
@@ -144,7 +148,11 @@ impl ChildMessage {
             ("attempt", self.attempt.to_string().into_bytes()),
             ("genome", genome),
             ("sum", sum.into_bytes()),
-        ]
+        ];
+        if let Some(r) = &self.race {
+            f.push(("race", serde_json::to_vec(r).expect("bounds serialise")));
+        }
+        f
     }
 
     pub fn parse(f: &Fields, run: &str, fingerprint: u64) -> std::result::Result<Self, WireError> {
@@ -159,6 +167,13 @@ impl ChildMessage {
         if text(f, "sum")? != format!("{:016x}", hash_bytes(raw)) {
             return Err(WireError("the genome's checksum does not match".into()));
         }
+        let race = match f.get("race") {
+            None => None,
+            Some(_) => Some(
+                serde_json::from_slice(bytes(f, "race")?)
+                    .map_err(|e| WireError(format!("field `race` is not racing bounds: {e}")))?,
+            ),
+        };
         Ok(ChildMessage {
             child: number(f, "child")?,
             attempt: number(f, "attempt")?,
@@ -166,6 +181,7 @@ impl ChildMessage {
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect(),
+            race,
         })
     }
 }
@@ -174,8 +190,8 @@ impl ChildMessage {
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WireOutcome {
-    /// Its scores, one per task.
-    Scores(Vec<f64>),
+    /// Its scores, one per task, and what each example gave.
+    Scores(Evaluation),
     /// The child failed (an evaluator crashed, its logits were not finite, it was lost on
     /// too many workers): it is marked failed.
     Failed(String),
@@ -214,8 +230,8 @@ impl ResultMessage {
         check_header(f, run, fingerprint)?;
         let outcome: WireOutcome = serde_json::from_slice(bytes(f, "outcome")?)
             .map_err(|e| WireError(format!("field `outcome` is not an outcome: {e}")))?;
-        if let WireOutcome::Scores(s) = &outcome {
-            if s.iter().any(|x| !x.is_finite()) {
+        if let WireOutcome::Scores(ev) = &outcome {
+            if ev.scores.iter().any(|x| !x.is_finite()) {
                 return Err(WireError("a score is not finite".into()));
             }
         }
@@ -263,6 +279,7 @@ mod tests {
             child: 42,
             attempt: 2,
             genome: vec![1.0, -0.5, f32::MIN_POSITIVE, 3.25e7],
+            race: None,
         };
         let f = as_fields(c.fields("r1", 0xabc));
         assert_eq!(ChildMessage::parse(&f, "r1", 0xabc).unwrap(), c);
@@ -294,14 +311,21 @@ mod tests {
             attempt: 1,
             worker: "cuda:0 H100".into(),
             seconds: 1.5,
-            outcome: WireOutcome::Scores(vec![0.25, 1.0]),
+            outcome: WireOutcome::Scores(Evaluation {
+                scores: vec![0.25, 1.0],
+                examples: vec![vec![Some(0.0), None, Some(1.0)], vec![]],
+                stopped_early: true,
+            }),
         };
         let f = as_fields(r.fields("r1", 7));
         assert_eq!(ResultMessage::parse(&f, "r1", 7).unwrap(), r);
         let mut nan = f.clone();
         nan.insert(
             "outcome".into(),
-            Value::BulkString(br#"{"scores": [NaN]}"#.to_vec()),
+            Value::BulkString(
+                br#"{"scores": {"scores": [NaN], "examples": [], "stopped_early": false}}"#
+                    .to_vec(),
+            ),
         );
         assert!(ResultMessage::parse(&nan, "r1", 7).is_err());
         let mut garbage = Fields::new();

@@ -37,6 +37,8 @@ enum Op {
     Demo,
     /// The code-execution sandbox: its start-up overhead per program, programs per second.
     Sandbox,
+    /// The demo with full evaluation against racing: examples scored, time, final scores.
+    Racing,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -69,6 +71,12 @@ pub struct BenchArgs {
     /// cpu, cuda or cuda:N (default: CUDA when present).
     #[arg(long)]
     device: Option<DeviceChoice>,
+    /// `racing`: the demo seeds to compare on.
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+    seeds: Vec<u64>,
+    /// `racing`: fitness prompts per subject of the synthesised demo (8 subjects a task).
+    #[arg(long, default_value_t = 12)]
+    fitness_per_subject: usize,
     /// `scheduler`: worker processes through this Redis instead of threads in this process.
     #[arg(long)]
     broker: Option<cycleqd_engine::broker::BrokerUrl>,
@@ -122,6 +130,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         Op::Scheduler => return scheduler(&a),
         Op::Demo => return demo(&a),
         Op::Sandbox => return sandbox(&a),
+        Op::Racing => return racing(&a),
     }
     let choice = a.device.unwrap_or(match cuda_unavailable_reason() {
         None => DeviceChoice::Cuda(None),
@@ -503,5 +512,50 @@ fn sandbox(a: &BenchArgs) -> anyhow::Result<ExitCode> {
             r["programs_per_second"].as_f64().unwrap_or(0.0),
             r["programs_per_second_plain"].as_f64().unwrap_or(0.0)
         );
+    })
+}
+
+/// Full evaluation against racing on the demo of several seeds.
+fn racing(a: &BenchArgs) -> anyhow::Result<ExitCode> {
+    progress(&format!(
+        "the demo with full evaluation and with racing, seeds {:?}, {} fitness examples per task",
+        a.seeds,
+        8 * a.fitness_per_subject
+    ));
+    let scratch = std::env::temp_dir().join("cycleqd-bench");
+    let mut report = cycleqd_engine::bench::racing::compare(
+        &scratch,
+        &a.seeds,
+        a.fitness_per_subject,
+        a.children,
+    )?;
+    report["machine"] = json!(cpu_model());
+    emit(a, &report, |r| {
+        println!(
+            "{:>4} {:>9} {:>14} {:>14} {:>7} {:>8} {:>9} {:>9} {:>10}",
+            "seed",
+            "examples",
+            "scored full",
+            "scored racing",
+            "ratio",
+            "stopped",
+            "s full",
+            "s racing",
+            "Δ held-out"
+        );
+        for x in r["results"].as_array().into_iter().flatten() {
+            println!(
+                "{:>4} {:>9} {:>14} {:>14} {:>6.2}× {:>8} {:>9.1} {:>9.1} {:>+10.3}",
+                x["seed"],
+                x["fitness_examples_per_task"],
+                x["full"]["examples_scored"],
+                x["racing"]["examples_scored"],
+                x["examples_ratio"].as_f64().unwrap_or(0.0),
+                x["racing"]["stopped_early"],
+                x["full"]["loop_seconds"].as_f64().unwrap_or(0.0),
+                x["racing"]["loop_seconds"].as_f64().unwrap_or(0.0),
+                x["heldout_mean_difference"].as_f64().unwrap_or(0.0),
+            );
+        }
     })
 }

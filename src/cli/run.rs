@@ -190,8 +190,17 @@ impl Reporter for Bars {
     fn progress(&mut self, p: &Progress) {
         if let Some(bar) = &self.bar {
             let best: Vec<String> = p.best.iter().map(|(n, b)| format!("{n} {b:.2}")).collect();
+            let raced = if p.examples_scored < p.examples_full {
+                format!(
+                    "  examples {:.0}% of full, {} stopped early",
+                    100.0 * p.examples_scored as f64 / p.examples_full.max(1) as f64,
+                    p.stopped_early
+                )
+            } else {
+                String::new()
+            };
             bar.set_message(format!(
-                "best: {}{}",
+                "best: {}{}{raced}",
                 best.join(", "),
                 if p.failed > 0 {
                     format!("  ({} failed)", p.failed)

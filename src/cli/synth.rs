@@ -18,6 +18,9 @@ pub struct SynthArgs {
     /// Number of skills (one expert and one task each).
     #[arg(long, default_value_t = 3)]
     skills: usize,
+    /// Fitness prompts per subject (8 subjects a task; held-out prompts stay 8 per subject).
+    #[arg(long, default_value_t = 12)]
+    fitness_per_subject: usize,
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
@@ -27,6 +30,7 @@ pub fn run(a: SynthArgs) -> anyhow::Result<ExitCode> {
     let opts = SynthOptions {
         seed: a.seed,
         skills: a.skills,
+        fitness_per_subject: a.fitness_per_subject,
         ..SynthOptions::default()
     };
     let report = synthesize(&a.out, &opts).with_context(|| format!("synth {}", a.out.display()))?;

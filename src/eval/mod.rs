@@ -5,6 +5,7 @@
 pub mod external;
 pub mod program;
 pub mod prompt;
+pub mod racing;
 pub mod sandbox;
 pub mod score;
 pub mod settings;
@@ -12,7 +13,9 @@ pub mod suite;
 pub mod task;
 
 pub use external::{ExternalEvaluator, ExternalFailure};
-pub use score::{evaluate, evaluate_with, score_completions, PreparedTask, TaskResult};
+pub use score::{
+    evaluate, evaluate_some, evaluate_with, score_completions, PreparedTask, TaskResult,
+};
 pub use settings::{Scoring, Shot, TaskSettings};
-pub use suite::{Scored, TaskScorer, TaskSuite};
+pub use suite::{Evaluation, Racing, Scored, TaskScorer, TaskSuite};
 pub use task::{Example, Input, Metric, Target, TaskFile};

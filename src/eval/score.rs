@@ -176,6 +176,11 @@ impl PreparedTask {
         self.items.is_empty()
     }
 
+    /// Whether every example scores 0 or 1 (one sample, or pass@n of n samples).
+    pub fn binary(&self) -> bool {
+        self.scoring.samples == 1 || self.scoring.pass_k == self.scoring.samples
+    }
+
     /// What the sandbox of a `python_tests` task enforces here.
     pub fn sandbox_description(&self) -> Option<String> {
         self.sandbox.as_ref().map(|s| s.enforced())
@@ -385,6 +390,55 @@ pub fn evaluate_with<B: Backend>(
 where
     B::Buf: Default,
 {
+    evaluate_examples(
+        model,
+        backend,
+        tokenizer,
+        tasks,
+        batch,
+        keep_completions,
+        None,
+    )
+}
+
+/// [`evaluate`] on some examples only: `include[t][i]` says whether example `i` of task `t`
+/// is scored. The others' entries in `per_example` are NaN and do not count in `score`.
+pub fn evaluate_some<B: Backend>(
+    model: &LlamaModel<B>,
+    backend: &B,
+    tokenizer: &Tokenizer,
+    tasks: &[&PreparedTask],
+    batch: usize,
+    include: &[Vec<bool>],
+) -> Result<Vec<TaskResult>>
+where
+    B::Buf: Default,
+{
+    evaluate_examples(
+        model,
+        backend,
+        tokenizer,
+        tasks,
+        batch,
+        false,
+        Some(include),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn evaluate_examples<B: Backend>(
+    model: &LlamaModel<B>,
+    backend: &B,
+    tokenizer: &Tokenizer,
+    tasks: &[&PreparedTask],
+    batch: usize,
+    keep_completions: bool,
+    include: Option<&[Vec<bool>]>,
+) -> Result<Vec<TaskResult>>
+where
+    B::Buf: Default,
+{
+    let included = |t: usize, i: usize| include.is_none_or(|inc| inc[t][i]);
     let batch = batch.max(1);
     // Passing samples per example, and the completions.
     let mut passed: Vec<Vec<usize>> = tasks.iter().map(|t| vec![0; t.len()]).collect();
@@ -395,6 +449,9 @@ where
     for (t, task) in tasks.iter().enumerate() {
         let s = &task.scoring;
         for (i, item) in task.items.iter().enumerate() {
+            if !included(t, i) {
+                continue;
+            }
             if let Item::Generate { prompt, .. } = item {
                 for j in 0..s.samples {
                     jobs.push(Job {
@@ -524,8 +581,8 @@ where
                 .iter()
                 .enumerate()
                 .filter_map(move |(i, item)| match item {
-                    Item::Choice { pairs, .. } => Some((t, i, pairs)),
-                    Item::Generate { .. } => None,
+                    Item::Choice { pairs, .. } if included(t, i) => Some((t, i, pairs)),
+                    _ => None,
                 })
         })
         .collect();
@@ -564,6 +621,7 @@ where
                 .iter()
                 .enumerate()
                 .map(|(i, item)| match item {
+                    _ if !included(t, i) => f64::NAN,
                     Item::Generate { .. } => program::pass_at_k(s.samples, passed[t][i], s.pass_k),
                     Item::Choice { answer_index, .. } => {
                         (chosen[t][i] == Some(*answer_index)) as u8 as f64
@@ -580,8 +638,13 @@ where
             } else {
                 comps.clear();
             }
+            let scored: Vec<f64> = per_example
+                .iter()
+                .copied()
+                .filter(|v| !v.is_nan())
+                .collect();
             TaskResult {
-                score: per_example.iter().sum::<f64>() / per_example.len().max(1) as f64,
+                score: scored.iter().sum::<f64>() / scored.len().max(1) as f64,
                 per_example,
                 completions: comps,
             }

@@ -14,11 +14,71 @@ use crate::llama::LlamaModel;
 use crate::model::export::export_tensors;
 use crate::model::{HostTensor, LlamaConfig, Tokenizer};
 
-use super::{evaluate, ExternalEvaluator, PreparedTask};
+use super::racing;
+use super::score::evaluate_some;
+use super::{ExternalEvaluator, PreparedTask};
 
-/// A model's scores in task order, or why they could not be had (an external evaluator
-/// failed: the child is marked failed and the run goes on).
-pub type Scored = std::result::Result<Vec<f64>, String>;
+/// A model's evaluation: a score per task and, for the built-in tasks, what each example gave.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Evaluation {
+    /// Per task, in task order. With `stopped_early`, the mean of the examples scored.
+    pub scores: Vec<f64>,
+    /// Per task: each example's score in the file's order, `None` where it was not scored
+    /// (racing stopped first); empty for a task scored by an external evaluator (and for
+    /// evaluations made without per-example results).
+    pub examples: Vec<Vec<Option<f64>>>,
+    /// Racing showed the final scores could not matter, and stopped.
+    pub stopped_early: bool,
+}
+
+impl Evaluation {
+    /// Scores alone (an external evaluator, a simulated device).
+    pub fn scores(scores: Vec<f64>) -> Evaluation {
+        Evaluation {
+            scores,
+            ..Evaluation::default()
+        }
+    }
+
+    /// Per task, the examples scored and the task's examples (0 and 0 without per-example
+    /// results).
+    pub fn examples_scored(&self) -> Vec<(usize, usize)> {
+        (0..self.scores.len())
+            .map(|t| match self.examples.get(t) {
+                Some(e) => (e.iter().filter(|x| x.is_some()).count(), e.len()),
+                None => (0, 0),
+            })
+            .collect()
+    }
+}
+
+impl From<Vec<f64>> for Evaluation {
+    fn from(scores: Vec<f64>) -> Evaluation {
+        Evaluation::scores(scores)
+    }
+}
+
+/// A model's evaluation, or why it could not be had (an external evaluator failed, the
+/// model's outputs were not finite: the child is marked failed and the run goes on).
+pub type Scored = std::result::Result<Evaluation, String>;
+
+/// How to race an evaluation (see [`super::racing`]).
+pub struct Racing<'a> {
+    /// Examples per raced task per round.
+    pub batch: usize,
+    /// Seed of the examples' order.
+    pub seed: u64,
+    /// Miscoverage of each task's interval (the caller's confidence, split over the tasks and
+    /// rounds it may look at).
+    pub delta: f64,
+    /// Per task: raced, or scored whole in the first round.
+    pub raced: Vec<bool>,
+    /// Whether final scores within these intervals (one per task) could still matter.
+    pub could_matter: &'a CouldMatter<'a>,
+}
+
+/// Whether final scores within intervals (one per task) could still change a decision.
+pub type CouldMatter<'a> = dyn Fn(&[(f64, f64)]) -> bool + 'a;
 
 /// How one task is scored.
 pub enum TaskScorer {
@@ -60,7 +120,30 @@ impl TaskSuite {
     where
         B::Buf: Default,
     {
-        let mut scores = vec![f64::NAN; self.scorers.len()];
+        self.score_model_raced(backend, model, label, export, None)
+    }
+
+    /// [`TaskSuite::score_model`], racing the built-in tasks `racing` marks: their examples
+    /// are scored in rounds in a seeded order, and the evaluation stops as soon as the final
+    /// scores' intervals show they cannot matter (then the external evaluators are not run:
+    /// the model enters nothing).
+    pub fn score_model_raced<B: Backend>(
+        &self,
+        backend: &B,
+        model: &LlamaModel<B>,
+        label: &str,
+        export: &mut dyn FnMut(&Path) -> Result<()>,
+        racing: Option<&Racing>,
+    ) -> Result<Scored>
+    where
+        B::Buf: Default,
+    {
+        let k = self.scorers.len();
+        let mut ev = Evaluation {
+            scores: vec![f64::NAN; k],
+            examples: vec![vec![]; k],
+            stopped_early: false,
+        };
         let builtin: Vec<(usize, &PreparedTask)> = self
             .scorers
             .iter()
@@ -76,25 +159,100 @@ impl TaskSuite {
                 .as_ref()
                 .ok_or_else(|| Error::invalid("built-in tasks need the base's tokenizer.json"))?;
             let tasks: Vec<&PreparedTask> = builtin.iter().map(|(_, t)| *t).collect();
-            let results = match evaluate(model, backend, tok, &tasks, self.batch) {
-                // The model, not the machine, is at fault: the child failed.
-                Err(Error::NonFiniteOutput(why)) => return Ok(Err(why)),
-                r => r?,
-            };
-            for ((i, _), r) in builtin.iter().zip(results) {
-                scores[*i] = r.score;
+            for (i, t) in &builtin {
+                ev.examples[*i] = vec![None; t.len()];
+            }
+            // Each built-in task's examples in rounds: a raced task `batch` at a time in its
+            // seeded order, the others whole in the first round.
+            let orders: Vec<Vec<usize>> = builtin
+                .iter()
+                .map(|(i, t)| match racing {
+                    Some(r) if r.raced[*i] => racing::order(t.len(), r.seed, *i),
+                    _ => (0..t.len()).collect(),
+                })
+                .collect();
+            let step: Vec<usize> = builtin
+                .iter()
+                .map(|(i, t)| match racing {
+                    Some(r) if r.raced[*i] => r.batch.max(1),
+                    _ => t.len(),
+                })
+                .collect();
+            let mut done = vec![0usize; builtin.len()];
+            loop {
+                let mut include: Vec<Vec<bool>> =
+                    tasks.iter().map(|t| vec![false; t.len()]).collect();
+                let mut any = false;
+                for b in 0..builtin.len() {
+                    let next = (done[b] + step[b]).min(orders[b].len());
+                    for &e in &orders[b][done[b]..next] {
+                        include[b][e] = true;
+                        any = true;
+                    }
+                    done[b] = next;
+                }
+                if !any {
+                    break;
+                }
+                let results = match evaluate_some(model, backend, tok, &tasks, self.batch, &include)
+                {
+                    // The model, not the machine, is at fault: the child failed.
+                    Err(Error::NonFiniteOutput(why)) => return Ok(Err(why)),
+                    r => r?,
+                };
+                for (b, r) in results.iter().enumerate() {
+                    let i = builtin[b].0;
+                    for (e, &v) in r.per_example.iter().enumerate() {
+                        if include[b][e] {
+                            ev.examples[i][e] = Some(v);
+                        }
+                    }
+                }
+                let Some(race) = racing else { continue };
+                if done.iter().zip(&orders).all(|(d, o)| *d == o.len()) {
+                    break;
+                }
+                // Intervals of the final scores: raced tasks from their examples so far,
+                // the rest exact (external tasks: anything, they are not scored yet).
+                let intervals: Vec<(f64, f64)> = (0..k)
+                    .map(|i| match builtin.iter().position(|(j, _)| *j == i) {
+                        Some(b) => {
+                            let seen: Vec<f64> = ev.examples[i].iter().flatten().copied().collect();
+                            let sum: f64 = seen.iter().sum();
+                            racing::interval(
+                                sum,
+                                seen.len(),
+                                tasks[b].len(),
+                                race.delta,
+                                tasks[b].binary(),
+                            )
+                        }
+                        None => (f64::NEG_INFINITY, f64::INFINITY),
+                    })
+                    .collect();
+                if !(race.could_matter)(&intervals) {
+                    ev.stopped_early = true;
+                    break;
+                }
+            }
+            for (i, _) in &builtin {
+                let seen: Vec<f64> = ev.examples[*i].iter().flatten().copied().collect();
+                ev.scores[*i] = seen.iter().sum::<f64>() / seen.len().max(1) as f64;
+            }
+            if ev.stopped_early {
+                return Ok(Ok(ev));
             }
         }
         if self.has_external() {
             let dir = self.work_dir.join(label);
             export(&dir)?;
-            let outcome = self.score_external(&dir, &mut scores);
+            let outcome = self.score_external(&dir, &mut ev.scores);
             remove_quietly(&dir);
             if let Err(reason) = outcome {
                 return Ok(Err(reason));
             }
         }
-        Ok(Ok(scores))
+        Ok(Ok(ev))
     }
 
     /// Scores host tensors (a merge, a final-model candidate, a checkpoint's views) on

@@ -45,7 +45,7 @@ pub struct ArchiveStats {
 }
 
 /// A grid archive over `ranges.len()` measures with `bins` bins each.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GridArchive<S> {
     bins: usize,
     ranges: Vec<(f64, f64)>,
@@ -97,6 +97,58 @@ impl<S: Clone> GridArchive<S> {
             edges: self.edges.clone(),
             cells: BTreeMap::new(),
         }
+    }
+
+    /// The same cells and objectives without the solutions (what a raced evaluation must
+    /// beat).
+    pub fn objectives(&self) -> GridArchive<()> {
+        GridArchive {
+            bins: self.bins,
+            ranges: self.ranges.clone(),
+            qd_offset: self.qd_offset,
+            edges: self.edges.clone(),
+            cells: self
+                .cells
+                .iter()
+                .map(|(k, e)| {
+                    (
+                        *k,
+                        Elite {
+                            solution: (),
+                            objective: e.objective,
+                            measures: e.measures.clone(),
+                            cell: e.cell.clone(),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// Whether a solution with objective at most `upper` and each measure `d` within
+    /// `measures[d]` could be added: some cell those measures may fall in is empty, or holds
+    /// an elite below `upper`.
+    pub fn could_improve(&self, upper: f64, measures: &[(f64, f64)]) -> bool {
+        let span: Vec<(usize, usize)> = measures
+            .iter()
+            .enumerate()
+            .map(|(d, &(lo, hi))| (self.bin(d, lo), self.bin(d, hi)))
+            .collect();
+        let cells: u128 = span.iter().map(|&(l, h)| (h - l + 1) as u128).product();
+        let mut held = 0u128;
+        for e in self.cells.values() {
+            if e.cell
+                .iter()
+                .zip(&span)
+                .all(|(c, &(l, h))| *c >= l && *c <= h)
+            {
+                if upper > e.objective {
+                    return true;
+                }
+                held += 1;
+            }
+        }
+        held < cells
     }
 
     pub fn paper_range(expert_scores: &[f64]) -> (f64, f64) {
@@ -331,6 +383,25 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     use super::*;
+
+    #[test]
+    fn could_improve_sees_empty_cells_and_weaker_elites_in_the_box() {
+        let mut a = GridArchive::new(4, vec![(0.0, 1.0)], 0.0).unwrap();
+        // Cells (0, 0.25], (0.25, 0.5], (0.5, 0.75], (0.75, 1].
+        a.add(1u8, 0.6, &[0.1]).unwrap();
+        a.add(2u8, 0.3, &[0.4]).unwrap();
+        // Only cell 0, held at 0.6: an objective up to 0.6 cannot beat it, above can.
+        assert!(!a.could_improve(0.6, &[(0.0, 0.2)]));
+        assert!(a.could_improve(0.61, &[(0.0, 0.2)]));
+        // Cells 0 and 1: the elite at 0.3 can be beaten by 0.5.
+        assert!(a.could_improve(0.5, &[(0.1, 0.4)]));
+        assert!(!a.could_improve(0.3, &[(0.1, 0.4)]));
+        // Cell 2 is empty: anything may enter.
+        assert!(a.could_improve(0.0, &[(0.3, 0.6)]));
+        let o = a.objectives();
+        assert_eq!(o.len(), 2);
+        assert!(!o.could_improve(0.3, &[(0.1, 0.4)]));
+    }
 
     #[test]
     fn bins_are_right_inclusive_and_clamped() {

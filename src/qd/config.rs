@@ -97,6 +97,20 @@ pub struct TaskConfig {
     /// relative paths mean what they say in the file).
     #[serde(default)]
     pub evaluator_dir: Option<PathBuf>,
+    /// `"full"` or `"racing"`, overriding `evolution.evaluation` for this task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<EvaluationKind>,
+}
+
+/// How much of a task a child is scored on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EvaluationKind {
+    /// Every example.
+    Full,
+    /// Examples in rounds, stopping once the child cannot enter any archive (at
+    /// `racing_confidence`); a child that enters is always scored on every example.
+    Racing,
 }
 
 impl TaskConfig {
@@ -232,6 +246,16 @@ pub struct Evolution {
     /// Sequences per forward batch when scoring.
     #[serde(default = "default_batch")]
     pub eval_batch: usize,
+    /// `"full"` or `"racing"` (per task overridable).
+    #[serde(default = "default_evaluation")]
+    pub evaluation: EvaluationKind,
+    /// Racing: the probability that a child stopped early could in fact have entered an
+    /// archive is at most `1 − racing_confidence`.
+    #[serde(default = "default_racing_confidence")]
+    pub racing_confidence: f64,
+    /// Racing: examples per task per round.
+    #[serde(default = "default_racing_batch")]
+    pub racing_batch: usize,
     /// Workers over a broker: evaluations a child may take (a worker that dies or errs on it
     /// costs one) before it is marked failed.
     #[serde(default = "default_max_attempts")]
@@ -300,6 +324,15 @@ fn default_checkpoint_every() -> u64 {
 }
 fn default_batch() -> usize {
     256
+}
+fn default_evaluation() -> EvaluationKind {
+    EvaluationKind::Full
+}
+fn default_racing_confidence() -> f64 {
+    0.95
+}
+fn default_racing_batch() -> usize {
+    16
 }
 fn default_max_attempts() -> u32 {
     2
@@ -480,6 +513,15 @@ impl RunConfig {
                 "`evolution.bins`: {} bins over {dims} measures is more cells than a 64-bit count holds",
                 e.bins
             ));
+        }
+        if !(e.racing_confidence > 0.0 && e.racing_confidence < 1.0) {
+            return Err(format!(
+                "`evolution.racing_confidence`: must be in (0, 1), got {}",
+                e.racing_confidence
+            ));
+        }
+        if e.racing_batch == 0 {
+            return Err("`evolution.racing_batch`: must be at least 1".into());
         }
         if e.max_attempts == 0 {
             return Err("`evolution.max_attempts`: must be at least 1".into());

@@ -16,7 +16,9 @@ use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
 use super::archive::{AddStatus, ArchiveStats, EliteSampling, GridArchive};
+use super::racing::RaceBounds;
 use crate::error::{Error, Result};
+use crate::eval::Evaluation;
 use crate::evolve::{ExpertSet, Genome};
 
 /// The operators' parameters.
@@ -37,6 +39,52 @@ pub struct Individual {
     pub id: String,
     /// Fitness per task, in task order.
     pub fitness: Vec<f64>,
+    /// Per task, what each example gave (empty for tasks without per-example results).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub examples: Vec<ExampleScores>,
+}
+
+/// One task's per-example results, compact: `"10.1"` (each example right, wrong, or not
+/// scored) when every score is 0 or 1, else the scores (null: not scored).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ExampleScores {
+    Bits(String),
+    Values(Vec<Option<f64>>),
+}
+
+impl ExampleScores {
+    pub fn of(values: &[Option<f64>]) -> ExampleScores {
+        if values.iter().flatten().all(|&v| v == 0.0 || v == 1.0) {
+            ExampleScores::Bits(
+                values
+                    .iter()
+                    .map(|v| match v {
+                        Some(x) if *x == 1.0 => '1',
+                        Some(_) => '0',
+                        None => '.',
+                    })
+                    .collect(),
+            )
+        } else {
+            ExampleScores::Values(values.to_vec())
+        }
+    }
+
+    /// Each example's score, `None` where not scored.
+    pub fn values(&self) -> Vec<Option<f64>> {
+        match self {
+            ExampleScores::Bits(b) => b
+                .chars()
+                .map(|c| match c {
+                    '1' => Some(1.0),
+                    '0' => Some(0.0),
+                    _ => None,
+                })
+                .collect(),
+            ExampleScores::Values(v) => v.clone(),
+        }
+    }
 }
 
 impl Individual {
@@ -71,6 +119,15 @@ pub struct Population {
     /// run): [`Population::replay_history`] rebuilds it from the event log.
     #[serde(skip)]
     pub history: Vec<HistoryPoint>,
+    /// Examples scored over all children applied, and what full evaluations would have
+    /// scored (they differ when racing stops children early).
+    #[serde(default)]
+    pub examples_scored: u64,
+    #[serde(default)]
+    pub examples_full: u64,
+    /// Children whose evaluation racing stopped early.
+    #[serde(default)]
+    pub stopped_early: u64,
 }
 
 /// A child to evaluate: what [`Population::breed`] made of child number `child`.
@@ -91,6 +148,10 @@ pub struct ChildSpec {
     /// the archives keep the same genome when the child enters them.
     #[serde(skip)]
     pub genome: Arc<Genome>,
+    /// With racing: what the child must beat (shared by the children bred from one
+    /// snapshot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub race: Option<Arc<RaceBounds>>,
 }
 
 impl ChildSpec {
@@ -108,8 +169,9 @@ pub fn child_id(n: u64) -> String {
 /// What evaluating a child gave.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
-    /// A score per task, in task order.
-    Scored(Vec<f64>),
+    /// A score per task, in task order, with the examples' results (a child stopped early by
+    /// racing enters no archive).
+    Scored(Evaluation),
     /// The reason the child could not be scored (it enters no archive).
     Failed(String),
 }
@@ -139,6 +201,18 @@ pub struct ChildEvent {
     /// Evaluations it took (2 when a failing worker's child was retried on another).
     #[serde(default = "one_attempt")]
     pub attempts: u32,
+    /// Racing stopped it early: the means of the examples it was scored on (it entered
+    /// nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimates: Option<Vec<f64>>,
+    /// Per task, what each example gave.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub examples: Option<BTreeMap<String, ExampleScores>>,
+    /// Per task, the examples scored and the task's examples.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub examples_scored: Option<Vec<usize>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub examples_full: Option<Vec<usize>>,
 }
 
 fn one_attempt() -> u32 {
@@ -181,7 +255,7 @@ impl Population {
         tasks: Vec<String>,
         ranges: &[(f64, f64)],
         bins: usize,
-        expert_fitness: Vec<Vec<f64>>,
+        expert_fitness: Vec<impl Into<Evaluation>>,
     ) -> Result<Population> {
         let k = tasks.len();
         if set.experts.len() != k || ranges.len() != k || expert_fitness.len() != k {
@@ -204,11 +278,20 @@ impl Population {
             genomes: BTreeMap::new(),
             experts: vec![],
             history: vec![],
+            examples_scored: 0,
+            examples_full: 0,
+            stopped_early: 0,
         };
-        for (e, fitness) in expert_fitness.into_iter().enumerate() {
+        for (e, ev) in expert_fitness.into_iter().enumerate() {
+            let ev: Evaluation = ev.into();
             let ind = Individual {
                 id: format!("expert-{}", pop.tasks[e]),
-                fitness,
+                fitness: ev.scores,
+                examples: if ev.examples.iter().all(Vec::is_empty) {
+                    vec![]
+                } else {
+                    ev.examples.iter().map(|x| ExampleScores::of(x)).collect()
+                },
             };
             pop.experts.push(ind.clone());
             pop.offer(ind, Arc::new(Genome::seed(set, e)))?;
@@ -311,6 +394,9 @@ impl Population {
             genomes: self.genomes.clone(),
             experts: self.experts.clone(),
             history: vec![],
+            examples_scored: self.examples_scored,
+            examples_full: self.examples_full,
+            stopped_early: self.stopped_early,
         }
     }
 
@@ -369,6 +455,7 @@ impl Population {
             crossover_weights: weights,
             seed: [ops.seed, n],
             genome: Arc::new(genome),
+            race: None,
         })
     }
 
@@ -379,18 +466,50 @@ impl Population {
         let k = self.tasks.len();
         let id = spec.id();
         self.children_done += 1;
+        let mut estimates = None;
+        let (mut examples, mut scored, mut full) = (None, None, None);
         let (scores, failed, entered) = match outcome {
-            Outcome::Scored(f) if f.len() == k && f.iter().all(|x| x.is_finite()) => {
-                let entered = self.offer(
-                    Individual {
-                        id: id.clone(),
-                        fitness: f.clone(),
-                    },
-                    spec.genome.clone(),
-                )?;
-                (Some(f), None, entered)
+            Outcome::Scored(ev)
+                if ev.scores.len() == k && ev.scores.iter().all(|x| x.is_finite()) =>
+            {
+                let counts = ev.examples_scored();
+                self.examples_scored += counts.iter().map(|c| c.0 as u64).sum::<u64>();
+                self.examples_full += counts.iter().map(|c| c.1 as u64).sum::<u64>();
+                let compact: Vec<ExampleScores> = if ev.examples.iter().all(Vec::is_empty) {
+                    vec![]
+                } else {
+                    ev.examples.iter().map(|e| ExampleScores::of(e)).collect()
+                };
+                if !compact.is_empty() {
+                    examples = Some(
+                        self.tasks
+                            .iter()
+                            .cloned()
+                            .zip(compact.iter().cloned())
+                            .filter(|(_, e)| !matches!(e, ExampleScores::Bits(b) if b.is_empty()))
+                            .collect(),
+                    );
+                    scored = Some(counts.iter().map(|c| c.0).collect());
+                    full = Some(counts.iter().map(|c| c.1).collect());
+                }
+                if ev.stopped_early {
+                    self.stopped_early += 1;
+                    estimates = Some(ev.scores);
+                    (None, None, BTreeMap::new())
+                } else {
+                    let entered = self.offer(
+                        Individual {
+                            id: id.clone(),
+                            fitness: ev.scores.clone(),
+                            examples: compact,
+                        },
+                        spec.genome.clone(),
+                    )?;
+                    (Some(ev.scores), None, entered)
+                }
             }
-            Outcome::Scored(f) => {
+            Outcome::Scored(ev) => {
+                let f = ev.scores;
                 self.failed += 1;
                 (
                     None,
@@ -421,6 +540,10 @@ impl Population {
             seconds: 0.0,
             worker: String::new(),
             attempts: 1,
+            estimates,
+            examples,
+            examples_scored: scored,
+            examples_full: full,
         })
     }
 

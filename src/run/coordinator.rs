@@ -66,6 +66,8 @@ pub struct CoordinatorConfig {
     pub checkpoint_every: u64,
     /// The resolved configuration, stored in every checkpoint.
     pub config_toml: String,
+    /// Racing: children stop being evaluated once they cannot enter an archive.
+    pub racing: Option<crate::qd::RacingConfig>,
 }
 
 /// The state of a run, and its log and checkpoint on disk.
@@ -96,6 +98,11 @@ pub struct Progress {
     pub duplicates: u64,
     /// Each archive's best objective, by task.
     pub best: Vec<(String, f64)>,
+    /// Examples scored, and what full evaluations would have scored.
+    pub examples_scored: u64,
+    pub examples_full: u64,
+    /// Children racing stopped early.
+    pub stopped_early: u64,
 }
 
 impl Coordinator {
@@ -220,9 +227,16 @@ impl Coordinator {
         use rayon::prelude::*;
         let last = (self.next_child + count - 1).min(self.cfg.generations);
         let (pop, set, ops) = (&self.pop, &self.set, &self.cfg.ops);
+        // Raced children must beat the archives they were bred from.
+        let race = self.cfg.racing.as_ref().map(|r| Arc::new(r.bounds(pop)));
         let specs = (self.next_child..=last)
             .into_par_iter()
-            .map(|n| pop.breed(n, set, ops).map(Arc::new))
+            .map(|n| {
+                pop.breed(n, set, ops).map(|mut s| {
+                    s.race = race.clone();
+                    Arc::new(s)
+                })
+            })
             .collect::<Result<Vec<_>>>()?;
         for spec in specs {
             self.pending.push_back(spec.child);
@@ -323,6 +337,9 @@ impl Coordinator {
                 .enumerate()
                 .map(|(k, (b, n))| (n.clone(), b.fitness[k]))
                 .collect(),
+            examples_scored: self.pop.examples_scored,
+            examples_full: self.pop.examples_full,
+            stopped_early: self.pop.stopped_early,
         }
     }
 

@@ -336,7 +336,9 @@ fn spawn(i: usize, mut worker: Box<dyn Worker>, done: Sender<Done>) -> Result<Sl
             while let Ok(job) = rx.recv() {
                 let start = Instant::now();
                 let id = job.spec.id();
-                let r = catch_unwind(AssertUnwindSafe(|| worker.evaluate(&job.spec.genome, &id)));
+                let r = catch_unwind(AssertUnwindSafe(|| {
+                    worker.evaluate(&job.spec.genome, &id, job.spec.race.as_deref())
+                }));
                 let result = match r {
                     Ok(Ok(Ok(scores))) => Ok(Outcome::Scored(scores)),
                     Ok(Ok(Err(reason))) => Ok(Outcome::Failed(reason)),

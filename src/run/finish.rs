@@ -80,8 +80,18 @@ pub fn finish(
         let elites: Vec<_> = a
             .elites()
             .map(|e| {
-                json!({"id": e.solution, "objective": e.objective, "measures": e.measures,
-                       "cell": e.cell, "fitness": pop.individuals[&e.solution].fitness})
+                let ind = &pop.individuals[&e.solution];
+                let mut v = json!({"id": e.solution, "objective": e.objective, "measures": e.measures,
+                                   "cell": e.cell, "fitness": ind.fitness});
+                if !ind.examples.is_empty() {
+                    // Per task, what each example gave (`"10…"`: right or wrong, in file order).
+                    v["examples"] = json!(names
+                        .iter()
+                        .zip(&ind.examples)
+                        .map(|(n, x)| (n.clone(), x))
+                        .collect::<std::collections::BTreeMap<_, _>>());
+                }
+                v
             })
             .collect();
         let doc = json!({"task": names[q], "bins": a.bins(), "stats": a.stats(), "elites": elites});
@@ -122,6 +132,7 @@ pub fn finish(
         let mut score = |split: Split| -> Result<Vec<f64>> {
             worker
                 .score_tensors(t, split, &label)?
+                .map(|ev| ev.scores)
                 .map_err(|r| Error::invalid(format!("{model}: {r}")))
         };
         let h = score(Split::Heldout)?;
@@ -210,6 +221,11 @@ pub fn finish(
         "children": pop.children_done,
         "failed_children": pop.failed,
         "evaluations": pop.evaluations(),
+        // Fitness examples scored during the loop, what full evaluations would have scored
+        // (they differ when racing stops children early), and how many it stopped.
+        "examples_scored": pop.examples_scored,
+        "examples_full": pop.examples_full,
+        "stopped_early": pop.stopped_early,
         "archives": pop.archives.iter().zip(names).map(|(a, n)| json!({"task": n, "stats": a.stats()})).collect::<Vec<_>>(),
         "final": {"rule": final_rule, "model": summary.chosen, "path": out.join("final")},
         "table": summary.rows,

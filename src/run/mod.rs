@@ -31,7 +31,7 @@ use crate::evolve::batched_svd::CpuLinalg;
 use crate::evolve::{ExpertSet, Genome};
 use crate::model::{ModelStore, Tokenizer};
 use crate::qd::checkpoint::{self, CheckpointMeta};
-use crate::qd::config::{RangeSpec, RunConfig, ScheduleKind};
+use crate::qd::config::{EvaluationKind, RangeSpec, RunConfig, ScheduleKind};
 use crate::qd::cycle::coefficient_groups;
 use crate::qd::{GridArchive, Operators, Population};
 
@@ -314,6 +314,7 @@ impl Run {
             generations: e.generations,
             checkpoint_every: e.checkpoint_every,
             config_toml: self.cfg.to_toml(),
+            racing: self.racing(),
         };
         if let Some((pop, meta)) = self.saved.take() {
             return Coordinator::resume(&self.out, self.set.clone(), pop, meta, ccfg);
@@ -322,11 +323,16 @@ impl Run {
         let expert_fitness = (0..self.set.experts.len())
             .map(|e| {
                 first
-                    .evaluate(&Genome::seed(&self.set, e), &format!("expert-{}", tasks[e]))?
+                    .evaluate(
+                        &Genome::seed(&self.set, e),
+                        &format!("expert-{}", tasks[e]),
+                        None,
+                    )?
                     .map_err(|r| Error::invalid(format!("expert {}: {r}", tasks[e])))
             })
             .collect::<Result<Vec<_>>>()?;
-        let ranges = measure_ranges(&self.cfg, &expert_fitness)?;
+        let scores: Vec<Vec<f64>> = expert_fitness.iter().map(|e| e.scores.clone()).collect();
+        let ranges = measure_ranges(&self.cfg, &scores)?;
         let pop = Population::new(
             &self.set,
             tasks,
@@ -335,6 +341,45 @@ impl Run {
             expert_fitness,
         )?;
         Coordinator::create(&self.out, self.set.clone(), pop, ccfg)
+    }
+
+    /// The racing settings the configuration resolves to (`None`: every child is scored on
+    /// every example). Only built-in tasks race; a task's `evaluation` overrides the run's.
+    pub fn racing(&self) -> Option<crate::qd::RacingConfig> {
+        let e = &self.cfg.evolution;
+        let raced: Vec<bool> = self
+            .cfg
+            .tasks
+            .iter()
+            .zip(&self.suites.fitness.scorers)
+            .map(|(t, s)| {
+                let wanted = t.evaluation.unwrap_or(e.evaluation) == EvaluationKind::Racing;
+                wanted && matches!(s, TaskScorer::Builtin(_))
+            })
+            .collect();
+        if !raced.iter().any(|&r| r) {
+            return None;
+        }
+        let batch = e.racing_batch;
+        let rounds = self
+            .suites
+            .fitness
+            .scorers
+            .iter()
+            .zip(&raced)
+            .filter_map(|(s, &r)| match s {
+                TaskScorer::Builtin(t) if r => Some(t.len().div_ceil(batch)),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(1);
+        Some(crate::qd::RacingConfig {
+            raced,
+            batch,
+            confidence: e.racing_confidence,
+            seed: e.seed,
+            rounds,
+        })
     }
 
     /// The whole run from where the folder stands: workers, the loop (until done or `stop`),

@@ -11,10 +11,11 @@ use std::sync::Arc;
 
 use crate::backend::{Backend, Placement, TensorCoefficients};
 use crate::error::{Error, Result};
-use crate::eval::{Scored, TaskScorer, TaskSuite};
+use crate::eval::{Racing, Scored, TaskScorer, TaskSuite};
 use crate::evolve::{ExpertSet, Genome};
 use crate::llama::LlamaModel;
 use crate::model::HostTensor;
+use crate::qd::RaceBounds;
 
 /// Which split of the tasks to score.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,7 +65,13 @@ pub trait Worker: Send {
     /// Materialises `genome` and scores it on every fitness task. `Ok(Err(reason))`: the
     /// child failed (an external evaluator crashed); `Err`: this worker failed (the child may
     /// be retried elsewhere).
-    fn evaluate(&mut self, genome: &Genome, label: &str) -> Result<Scored>;
+    /// With `race`, the evaluation may stop early once the child cannot enter an archive.
+    fn evaluate(
+        &mut self,
+        genome: &Genome,
+        label: &str,
+        race: Option<&RaceBounds>,
+    ) -> Result<Scored>;
     /// Scores host tensors (a baseline merge, a final-model candidate) on a split.
     fn score_tensors(
         &mut self,
@@ -247,7 +254,12 @@ where
         Some(self.backend.describe_sources(&self.sources))
     }
 
-    fn evaluate(&mut self, genome: &Genome, label: &str) -> Result<Scored> {
+    fn evaluate(
+        &mut self,
+        genome: &Genome,
+        label: &str,
+        race: Option<&RaceBounds>,
+    ) -> Result<Scored> {
         let ModelWorker {
             backend,
             set,
@@ -265,7 +277,15 @@ where
             let mut export = |dir: &Path| -> Result<()> {
                 suite.export(dir, &child_tensors(backend, set, placed, model, genome)?)
             };
-            suite.score_model(backend, model, label, &mut export)
+            let could_enter = |iv: &[(f64, f64)]| race.is_some_and(|r| r.could_enter(iv));
+            let racing = race.map(|r| Racing {
+                batch: r.batch,
+                seed: r.seed,
+                delta: r.delta,
+                raced: r.raced.clone(),
+                could_matter: &could_enter,
+            });
+            suite.score_model_raced(backend, model, label, &mut export, racing.as_ref())
         })
     }
 

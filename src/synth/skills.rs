@@ -343,6 +343,13 @@ pub fn synthesize(out: &Path, opts: &SynthOptions) -> Result<SynthReport> {
             "synth needs at least one subject and one fitness and held-out prompt per subject",
         ));
     }
+    let pairs = DISTRACTORS * (DISTRACTORS - 1);
+    if opts.fitness_per_subject + opts.heldout_per_subject > pairs {
+        return Err(Error::invalid(format!(
+            "at most {pairs} prompts per subject (distinct distractor pairs), asked for {} fitness and {} held-out",
+            opts.fitness_per_subject, opts.heldout_per_subject
+        )));
+    }
     if out.exists()
         && std::fs::read_dir(out)
             .map_err(|e| Error::io(out, e))?
