@@ -5,7 +5,7 @@
 #   cargo build --release && cargo test --release --no-run
 #   scripts/gpu_checks.sh --stage gpu-bin      # copies the binaries into gpu-bin/ (git-ignored)
 # then, with `gpu-bin` carried to the device:
-#   bash scripts/gpu_checks.sh --run gpu-bin   # writes $OUT/{tests.txt,bench.json,torch.json}
+#   bash scripts/gpu_checks.sh --run gpu-bin   # writes $OUT/{tests.txt,bench.json,demo.json,serve.json,torch.json}
 set -euo pipefail
 mode=${1:?--stage DIR or --run DIR}
 dir=${2:?directory}
@@ -53,6 +53,7 @@ case "$mode" in
     step backend_checks "$dir/backend_checks"
     step bench "$dir/cycleqd-engine" bench --device cuda --out "$out/bench.json"
     step demo_bench "$dir/cycleqd-engine" bench --op demo --device cuda --out "$out/demo.json"
+    step serve_bench "$dir/cycleqd-engine" bench --op serve --device cuda --out "$out/serve.json"
     step torch python3 scripts/torch_side_by_side.py --engine "$out/bench.json" --out "$out/torch.json"
     # A GPU test that prints SKIPPED on a machine with a GPU did not run: that is a failure.
     if grep -h "^SKIPPED" "$out/cuda_parity.txt" "$out/unit_tests.txt" "$out/backend_checks.txt" 2>/dev/null; then

@@ -16,6 +16,7 @@ pub mod model;
 pub mod qd;
 pub mod report;
 pub mod run;
+pub mod serve;
 
 pub use error::{Error, Result};
 pub mod bench;

@@ -30,6 +30,18 @@ pub struct AttentionGeometry {
     pub max_seq: usize,
 }
 
+/// Runs `f`, a loop of `B`'s operations, where they compute best. A host backend's operations
+/// are rayon loops: started from a thread outside rayon's pool, each is injected into the pool
+/// and waited for (a sleep and a wake-up per loop, which on a small model costs more than the
+/// loop); started on a pool thread, they run there and only split. Elsewhere `f` just runs.
+pub fn on_compute_threads<B: Backend, T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    if B::HOST_COMPUTE && rayon::current_thread_index().is_none() {
+        rayon::scope(|_| f())
+    } else {
+        f()
+    }
+}
+
 pub trait Backend: Send + Sync {
     /// A weight tensor resident where this backend computes, in its storage dtype.
     type Weight: Send + Sync;
@@ -38,6 +50,9 @@ pub trait Backend: Send + Sync {
     /// A model's materialisation sources, placed where this backend computes
     /// ([`Backend::place_sources`]).
     type Sources: Send;
+
+    /// Whether this backend computes on the host's cores (rayon's threads).
+    const HOST_COMPUTE: bool = false;
 
     /// Human-readable device name (`cpu (2 threads)`, `cuda:0 NVIDIA H100`).
     fn name(&self) -> String;

@@ -6,6 +6,7 @@ pub mod cuda;
 pub mod racing;
 pub mod sandbox;
 pub mod scheduler;
+pub mod serve;
 pub mod suite;
 
 pub use ceilings::{cpu_copy_bandwidth, cpu_peak_flops, time_median};

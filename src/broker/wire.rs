@@ -315,6 +315,8 @@ mod tests {
                 scores: vec![0.25, 1.0],
                 examples: vec![vec![Some(0.0), None, Some(1.0)], vec![]],
                 stopped_early: true,
+                served: vec![1],
+                exported: false,
             }),
         };
         let f = as_fields(r.fields("r1", 7));

@@ -39,6 +39,18 @@ enum Op {
     Sandbox,
     /// The demo with full evaluation against racing: examples scored, time, final scores.
     Racing,
+    /// The OpenAI endpoint: tokens/s at several concurrent clients against one batched
+    /// `generate`.
+    Serve,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ServeModel {
+    /// The synthetic demo's base.
+    Demo,
+    /// A random Llama of about 100M parameters with a word-level tokenizer.
+    #[value(name = "100m")]
+    Small100m,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -80,6 +92,12 @@ pub struct BenchArgs {
     /// `scheduler`: worker processes through this Redis instead of threads in this process.
     #[arg(long)]
     broker: Option<cycleqd_engine::broker::BrokerUrl>,
+    /// `serve`: concurrent clients to measure at.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    clients: Vec<usize>,
+    /// `serve`: the models to serve.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "demo,100m")]
+    serve_models: Vec<ServeModel>,
     /// Print the JSON report instead of the table.
     #[arg(long)]
     json: bool,
@@ -131,6 +149,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         Op::Demo => return demo(&a),
         Op::Sandbox => return sandbox(&a),
         Op::Racing => return racing(&a),
+        Op::Serve => return serve(&a),
     }
     let choice = a.device.unwrap_or(match cuda_unavailable_reason() {
         None => DeviceChoice::Cuda(None),
@@ -556,6 +575,112 @@ fn racing(a: &BenchArgs) -> anyhow::Result<ExitCode> {
                 x["racing"]["loop_seconds"].as_f64().unwrap_or(0.0),
                 x["heldout_mean_difference"].as_f64().unwrap_or(0.0),
             );
+        }
+    })
+}
+
+/// The OpenAI endpoint against one batched `generate`, on each `--serve-models` model.
+fn serve(a: &BenchArgs) -> anyhow::Result<ExitCode> {
+    if a.clients.is_empty() || a.clients.contains(&0) {
+        bail!("--clients must be numbers of clients, each at least 1");
+    }
+    match super::open_device(a.device)? {
+        Some(gpu) => serve_on(&gpu, a),
+        None => serve_on(&CpuBackend, a),
+    }
+}
+
+fn serve_on<B: Backend>(be: &B, a: &BenchArgs) -> anyhow::Result<ExitCode>
+where
+    B::Buf: Default,
+{
+    use cycleqd_engine::bench::serve::{measure, ServeWorkload};
+    use cycleqd_engine::llama::LlamaModel;
+    use cycleqd_engine::model::{ModelStore, Tokenizer};
+    let scratch = std::env::temp_dir().join(format!("cycleqd-bench-serve-{}", std::process::id()));
+    let mut models = vec![];
+    for m in &a.serve_models {
+        let (name, model, tokenizer, workload) = match m {
+            ServeModel::Demo => {
+                progress("synthesising the demo");
+                let dir = scratch.join("demo");
+                cycleqd_engine::synth::synthesize(
+                    &dir,
+                    &cycleqd_engine::synth::SynthOptions::default(),
+                )?;
+                let store = ModelStore::open_llama(dir.join("base"))?;
+                let model = LlamaModel::load(be, &store)?;
+                let tok = Tokenizer::from_dir(&dir.join("base"))?;
+                let w = ServeWorkload {
+                    prompt_tokens: 16,
+                    new_tokens: 32,
+                    rounds: 25,
+                };
+                ("demo base", model, tok, w)
+            }
+            ServeModel::Small100m => {
+                progress("a random ~100M Llama");
+                let shape = LlamaShape::SMALL_100M;
+                let (cfg, tensors) = cycleqd_engine::synth::random_llama(&shape, DType::BF16, 7)?;
+                let dir = scratch.join("100m");
+                std::fs::create_dir_all(&dir)?;
+                let words: Vec<String> = ["<s>", "</s>", "<unk>"]
+                    .iter()
+                    .map(|w| w.to_string())
+                    .chain((3..shape.vocab_size).map(|i| format!("w{i}")))
+                    .collect();
+                let tok_json = cycleqd_engine::synth::word_level_tokenizer_json(&words);
+                write_atomic(&dir.join("tokenizer.json"), tok_json.to_string().as_bytes())?;
+                let tok = Tokenizer::from_dir(&dir)?;
+                let by_name: std::collections::HashMap<_, _> = tensors.into_iter().collect();
+                let model = LlamaModel::from_tensors(be, cfg, |n| {
+                    by_name
+                        .get(n)
+                        .cloned()
+                        .ok_or_else(|| cycleqd_engine::Error::invalid(format!("no tensor {n}")))
+                })?;
+                let w = ServeWorkload {
+                    prompt_tokens: 32,
+                    new_tokens: 64,
+                    rounds: 3,
+                };
+                ("random 100M", model, tok, w)
+            }
+        };
+        let parameters = model.config.num_parameters();
+        progress(&format!(
+            "{name} ({:.1}M parameters): clients {:?}",
+            parameters as f64 / 1e6,
+            a.clients
+        ));
+        let rows = measure(be, &model, &tokenizer, &a.clients, workload)?;
+        models.push(json!({"model": name, "parameters": parameters, "results": rows}));
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    let report = json!({
+        "op": "serve",
+        "machine": cpu_model(),
+        "device": be.name(),
+        "target": "at 16 clients, serve ≥ 80% of generate's batched tokens/s",
+        "models": models,
+    });
+    emit(a, &report, |r| {
+        println!(
+            "{:<12} {:>7} {:>14} {:>14} {:>9} {:>10}",
+            "model", "clients", "generate tok/s", "serve tok/s", "fraction", "same text"
+        );
+        for m in r["models"].as_array().into_iter().flatten() {
+            for x in m["results"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<12} {:>7} {:>14.1} {:>14.1} {:>8.1}% {:>10}",
+                    m["model"].as_str().unwrap_or(""),
+                    x["clients"],
+                    x["generate_tokens_per_s"].as_f64().unwrap_or(0.0),
+                    x["serve_tokens_per_s"].as_f64().unwrap_or(0.0),
+                    100.0 * x["fraction_of_batched"].as_f64().unwrap_or(0.0),
+                    x["same_text_as_generate"]
+                );
+            }
         }
     })
 }

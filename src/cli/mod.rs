@@ -10,6 +10,7 @@ mod merge;
 mod prompt;
 mod run;
 mod score;
+mod serve;
 mod synth;
 mod worker;
 
@@ -42,6 +43,8 @@ pub enum Command {
     Prompt(prompt::PromptArgs),
     /// Score given completions on a JSONL task file, with no model (programs run sandboxed).
     Score(score::ScoreArgs),
+    /// Serve a checkpoint behind an OpenAI-compatible HTTP API (continuous batching).
+    Serve(serve::ServeArgs),
     /// Export a run's final model or an archive elite as a Hugging Face checkpoint.
     Export(export::ExportArgs),
     /// Evolve multi-skill models (CycleQD); without --config, the built-in synthetic demo.
@@ -65,6 +68,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Eval(a) => eval::run(a),
         Command::Prompt(a) => prompt::run(a),
         Command::Score(a) => score::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Export(a) => export::run(a),
         Command::Bench(a) => bench::run(a),
     }

@@ -28,26 +28,68 @@ pub struct ExternalEvaluator {
     /// The working directory it runs in (its relative paths resolve from there); `None`: the
     /// engine's.
     pub dir: Option<std::path::PathBuf>,
+    /// The model is served to the command (`{base_url}`, `{model_name}`) instead of exported
+    /// (`{model}`).
+    pub serve: bool,
+}
+
+/// Where an evaluator finds the model.
+#[derive(Clone, Copy, Debug)]
+pub enum ModelAt<'a> {
+    /// An exported checkpoint directory (`{model}`).
+    Dir(&'a Path),
+    /// An OpenAI-compatible endpoint (`{base_url}`, `{model_name}`).
+    Served {
+        base_url: &'a str,
+        model_name: &'a str,
+    },
 }
 
 impl ExternalEvaluator {
-    /// The argument list for one evaluation.
+    /// The argument list for one evaluation of an exported model.
     pub fn arguments(&self, model_dir: &Path, task: &str) -> Vec<String> {
-        let dir = model_dir.display().to_string();
-        let mut args: Vec<String> = self
-            .command
-            .iter()
-            .map(|a| a.replace("{model}", &dir).replace("{task}", task))
-            .collect();
-        if !self.command.iter().any(|a| a.contains("{model}")) {
-            args.push(dir);
+        self.arguments_for(ModelAt::Dir(model_dir), task)
+    }
+
+    /// The argument list for one evaluation: `{task}` replaced, and `{model}` (appended when
+    /// the command does not name it) or `{base_url}` and `{model_name}`.
+    pub fn arguments_for(&self, at: ModelAt, task: &str) -> Vec<String> {
+        match at {
+            ModelAt::Dir(model_dir) => {
+                let dir = model_dir.display().to_string();
+                let mut args: Vec<String> = self
+                    .command
+                    .iter()
+                    .map(|a| a.replace("{model}", &dir).replace("{task}", task))
+                    .collect();
+                if !self.command.iter().any(|a| a.contains("{model}")) {
+                    args.push(dir);
+                }
+                args
+            }
+            ModelAt::Served {
+                base_url,
+                model_name,
+            } => self
+                .command
+                .iter()
+                .map(|a| {
+                    a.replace("{base_url}", base_url)
+                        .replace("{model_name}", model_name)
+                        .replace("{task}", task)
+                })
+                .collect(),
         }
-        args
     }
 
     /// Runs the command on `model_dir` and returns its score.
     pub fn score(&self, model_dir: &Path, task: &str) -> Result<f64, ExternalFailure> {
-        let args = self.arguments(model_dir, task);
+        self.score_at(ModelAt::Dir(model_dir), task)
+    }
+
+    /// Runs the command on the model where it is and returns its score.
+    pub fn score_at(&self, at: ModelAt, task: &str) -> Result<f64, ExternalFailure> {
+        let args = self.arguments_for(at, task);
         let (program, rest) = args
             .split_first()
             .ok_or_else(|| ExternalFailure("the evaluator command is empty".into()))?;
@@ -168,6 +210,7 @@ mod tests {
             command: vec!["sh".into(), "-c".into(), script.into(), "eval".into()],
             timeout: Duration::from_millis(timeout_ms),
             dir: None,
+            serve: false,
         }
     }
 
@@ -177,6 +220,7 @@ mod tests {
             command: vec!["ev".into(), "--model={model}".into(), "{task}".into()],
             timeout: Duration::from_secs(1),
             dir: None,
+            serve: false,
         };
         assert_eq!(
             e.arguments(Path::new("/m"), "code"),
@@ -186,6 +230,7 @@ mod tests {
             command: vec!["ev".into()],
             timeout: Duration::from_secs(1),
             dir: None,
+            serve: false,
         };
         assert_eq!(e.arguments(Path::new("/m"), "code"), ["ev", "/m"]);
     }
@@ -200,6 +245,7 @@ mod tests {
             command: vec!["sh".into(), "scripts/ev.sh".into()],
             timeout: Duration::from_secs(5),
             dir: Some(dir.path().to_path_buf()),
+            serve: false,
         };
         assert_eq!(e.score(Path::new("/m"), "t"), Ok(0.75));
         // The program itself given relative to the directory.
@@ -248,6 +294,7 @@ mod tests {
             command: vec!["/nonexistent/evaluator".into()],
             timeout: Duration::from_secs(1),
             dir: None,
+            serve: false,
         };
         assert!(missing
             .score(dir, "t")

@@ -14,6 +14,7 @@ use crate::llama::LlamaModel;
 use crate::model::export::export_tensors;
 use crate::model::{HostTensor, LlamaConfig, Tokenizer};
 
+use super::external::ModelAt;
 use super::racing;
 use super::score::evaluate_some;
 use super::{ExternalEvaluator, PreparedTask};
@@ -29,6 +30,12 @@ pub struct Evaluation {
     pub examples: Vec<Vec<Option<f64>>>,
     /// Racing showed the final scores could not matter, and stopped.
     pub stopped_early: bool,
+    /// Tasks (by index) whose evaluator reached the model over HTTP (`serve = true`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub served: Vec<usize>,
+    /// A checkpoint of the model was written for the other external evaluators.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exported: bool,
 }
 
 impl Evaluation {
@@ -142,7 +149,7 @@ impl TaskSuite {
         let mut ev = Evaluation {
             scores: vec![f64::NAN; k],
             examples: vec![vec![]; k],
-            stopped_early: false,
+            ..Evaluation::default()
         };
         let builtin: Vec<(usize, &PreparedTask)> = self
             .scorers
@@ -243,9 +250,45 @@ impl TaskSuite {
                 return Ok(Ok(ev));
             }
         }
-        if self.has_external() {
+        // Served evaluators talk to the model where it is; the others get an exported copy.
+        for (i, s) in self.scorers.iter().enumerate() {
+            if let TaskScorer::External(evaluator) = s {
+                if !evaluator.serve {
+                    continue;
+                }
+                let tok = self.tokenizer.as_ref().ok_or_else(|| {
+                    Error::invalid("a served evaluator needs the base's tokenizer.json")
+                })?;
+                let opts = crate::serve::ServeOptions {
+                    model_name: label.to_string(),
+                    ..crate::serve::ServeOptions::default()
+                };
+                let chat = tok.chat_template()?.cloned();
+                let name = &self.names[i];
+                let scored = crate::serve::serve_model(backend, model, tok, chat, &opts, |url| {
+                    evaluator.score_at(
+                        ModelAt::Served {
+                            base_url: url,
+                            model_name: label,
+                        },
+                        name,
+                    )
+                })?;
+                ev.served.push(i);
+                match scored {
+                    Ok(x) => ev.scores[i] = x,
+                    Err(reason) => return Ok(Err(format!("task {name}: {reason}"))),
+                }
+            }
+        }
+        let exported = self
+            .scorers
+            .iter()
+            .any(|s| matches!(s, TaskScorer::External(e) if !e.serve));
+        if exported {
             let dir = self.work_dir.join(label);
             export(&dir)?;
+            ev.exported = true;
             let outcome = self.score_external(&dir, &mut ev.scores);
             remove_quietly(&dir);
             if let Err(reason) = outcome {
@@ -290,6 +333,9 @@ impl TaskSuite {
     fn score_external(&self, dir: &Path, scores: &mut [f64]) -> std::result::Result<(), String> {
         for (i, s) in self.scorers.iter().enumerate() {
             if let TaskScorer::External(ev) = s {
+                if ev.serve {
+                    continue;
+                }
                 scores[i] = ev
                     .score(dir, &self.names[i])
                     .map_err(|e| format!("task {}: {e}", self.names[i]))?;

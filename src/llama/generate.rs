@@ -285,7 +285,7 @@ pub fn log_softmax_at(logits: &[f32], i: usize) -> f32 {
     (logits[i] as f64 - max - sum.ln()) as f32
 }
 
-fn sample(logits: &[f32], s: Sampling, rng: &mut SplitMix64) -> u32 {
+pub(crate) fn sample(logits: &[f32], s: Sampling, rng: &mut SplitMix64) -> u32 {
     if s.temperature <= 0.0 {
         return argmax(logits);
     }
@@ -350,7 +350,7 @@ fn sample(logits: &[f32], s: Sampling, rng: &mut SplitMix64) -> u32 {
 }
 
 /// A tiny seeded generator for sampling (SplitMix64): reproducible, no dependency.
-struct SplitMix64(u64);
+pub(crate) struct SplitMix64(pub(crate) u64);
 
 impl SplitMix64 {
     fn next_u64(&mut self) -> u64 {

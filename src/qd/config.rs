@@ -97,6 +97,11 @@ pub struct TaskConfig {
     /// relative paths mean what they say in the file).
     #[serde(default)]
     pub evaluator_dir: Option<PathBuf>,
+    /// The evaluator talks to the child through an OpenAI-compatible endpoint the engine
+    /// serves for its lifetime (`{base_url}`, `{model_name}` in its arguments) instead of
+    /// reading an exported copy (`{model}`): no checkpoint is written per child.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub serve: bool,
     /// `"full"` or `"racing"`, overriding `evolution.evaluation` for this task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evaluation: Option<EvaluationKind>,
@@ -474,6 +479,23 @@ impl RunConfig {
                     return Err(format!("{}: the command is empty", key("evaluator")))
                 }
                 _ => {}
+            }
+            if t.serve {
+                match &t.evaluator {
+                    None => {
+                        return Err(format!(
+                            "{}: `serve = true` serves the child to an `evaluator`, and this task has none",
+                            key("serve")
+                        ))
+                    }
+                    Some(cmd) if cmd.iter().any(|a| a.contains("{model}")) => {
+                        return Err(format!(
+                            "{}: a served evaluator gets {{base_url}} and {{model_name}}, not {{model}} (no checkpoint is written)",
+                            key("evaluator")
+                        ))
+                    }
+                    _ => {}
+                }
             }
             if !(t.evaluator_timeout_s > 0.0 && t.evaluator_timeout_s.is_finite()) {
                 return Err(format!("{}: must be > 0", key("evaluator_timeout_s")));

@@ -213,6 +213,12 @@ pub struct ChildEvent {
     pub examples_scored: Option<Vec<usize>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub examples_full: Option<Vec<usize>>,
+    /// With external evaluators: the tasks whose evaluator reached the child over HTTP
+    /// (`serve = true`), and whether a checkpoint of it was written for the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_written: Option<bool>,
 }
 
 fn one_attempt() -> u32 {
@@ -468,10 +474,15 @@ impl Population {
         self.children_done += 1;
         let mut estimates = None;
         let (mut examples, mut scored, mut full) = (None, None, None);
+        let (mut served, mut checkpoint_written) = (None, None);
         let (scores, failed, entered) = match outcome {
             Outcome::Scored(ev)
                 if ev.scores.len() == k && ev.scores.iter().all(|x| x.is_finite()) =>
             {
+                if !ev.served.is_empty() || ev.exported {
+                    served = Some(ev.served.iter().map(|&t| self.tasks[t].clone()).collect());
+                    checkpoint_written = Some(ev.exported);
+                }
                 let counts = ev.examples_scored();
                 self.examples_scored += counts.iter().map(|c| c.0 as u64).sum::<u64>();
                 self.examples_full += counts.iter().map(|c| c.1 as u64).sum::<u64>();
@@ -544,6 +555,8 @@ impl Population {
             examples,
             examples_scored: scored,
             examples_full: full,
+            served,
+            checkpoint_written,
         })
     }
 

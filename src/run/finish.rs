@@ -88,6 +88,7 @@ pub fn finish(
                     v["examples"] = json!(names
                         .iter()
                         .zip(&ind.examples)
+                        .filter(|(_, x)| !matches!(x, crate::qd::ExampleScores::Bits(b) if b.is_empty()))
                         .map(|(n, x)| (n.clone(), x))
                         .collect::<std::collections::BTreeMap<_, _>>());
                 }

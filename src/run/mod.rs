@@ -674,7 +674,7 @@ fn forward(reporter: &mut dyn Reporter, ev: DriveEvent) {
 /// The fitness and held-out suites, and per task which split the table shows.
 fn build_suites(cfg: &RunConfig, base: &ModelStore, out: &Path) -> Result<Suites> {
     let base_dir = base.dir().to_path_buf();
-    let tok = if cfg.tasks.iter().any(|t| t.fitness.is_some()) {
+    let tok = if cfg.tasks.iter().any(|t| t.fitness.is_some() || t.serve) {
         Some(Tokenizer::from_dir(&base_dir)?)
     } else {
         None
@@ -716,6 +716,7 @@ fn build_suites(cfg: &RunConfig, base: &ModelStore, out: &Path) -> Result<Suites
                     command: cmd.clone(),
                     timeout: Duration::from_secs_f64(t.evaluator_timeout_s),
                     dir: t.evaluator_dir.clone(),
+                    serve: t.serve,
                 };
                 fit.push(TaskScorer::External(ev.clone()));
                 held.push(TaskScorer::External(ev));

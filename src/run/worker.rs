@@ -182,7 +182,7 @@ where
     fn in_pool<T: Send>(pool: &Option<rayon::ThreadPool>, f: impl FnOnce() -> T + Send) -> T {
         match pool {
             Some(p) => p.install(f),
-            None => f(),
+            None => crate::backend::on_compute_threads::<B, T>(f),
         }
     }
 }

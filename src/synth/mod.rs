@@ -6,4 +6,4 @@ pub mod random;
 pub use random::{hash_uniform, hash_values, random_llama, LlamaShape};
 pub mod skills;
 
-pub use skills::{synthesize, SynthOptions, SynthReport};
+pub use skills::{synthesize, word_level_tokenizer_json, SynthOptions, SynthReport};

@@ -144,15 +144,19 @@ fn build_vocab(skills: usize, subjects: usize) -> Vocab {
     Vocab { words, index }
 }
 
-/// A word-level `tokenizer.json` (whitespace split, `<s>` prepended) that transformers loads as
-/// a `PreTrainedTokenizerFast`.
 fn tokenizer_json(v: &Vocab) -> Value {
+    word_level_tokenizer_json(&v.words)
+}
+
+/// A word-level `tokenizer.json` over `words` (ids in order; 0, 1 and 2 are `<s>`, `</s>` and
+/// `<unk>`), whitespace split with `<s>` prepended, that transformers loads as a
+/// `PreTrainedTokenizerFast`.
+pub fn word_level_tokenizer_json(words: &[String]) -> Value {
     let special = |id: usize, content: &str| {
         json!({"id": id, "content": content, "single_word": false, "lstrip": false,
                "rstrip": false, "normalized": false, "special": true})
     };
-    let vocab: serde_json::Map<String, Value> = v
-        .words
+    let vocab: serde_json::Map<String, Value> = words
         .iter()
         .enumerate()
         .map(|(i, w)| (w.clone(), json!(i)))

@@ -27,6 +27,8 @@ pub struct CpuBackend;
 const ROW_CHUNK: usize = 8;
 
 impl Backend for CpuBackend {
+    const HOST_COMPUTE: bool = true;
+
     type Weight = HostTensor;
     type Buf = Vec<f32>;
     type Sources = Vec<TensorSources>;
