@@ -304,3 +304,95 @@ fn a_merge_that_would_write_nan_or_inf_writes_nothing() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+#[test]
+fn a_non_empty_output_is_replaced_only_with_overwrite() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cwd = tmp.path();
+    for m in ["base", "expert_a"] {
+        copy_dir(&set_dir().join(m), &cwd.join(m));
+    }
+    std::fs::write(
+        cwd.join("ta.yml"),
+        "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: expert_a\n    parameters: {weight: 1}\n",
+    )
+    .unwrap();
+    let out = cwd.join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), b"mine").unwrap();
+    let (ok, err) = merge_in(cwd, "ta.yml", &out);
+    assert!(!ok && err.contains("--overwrite"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert_eq!(std::fs::read(out.join("keep.txt")).unwrap(), b"mine");
+    let o = bin()
+        .current_dir(cwd)
+        .args(["merge", "ta.yml", "out", "--overwrite", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!out.join("keep.txt").exists());
+    ModelStore::open_llama(&out).unwrap();
+    // An empty folder needs no flag.
+    let empty = cwd.join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let (ok, err) = merge_in(cwd, "ta.yml", &empty);
+    assert!(ok, "{err}");
+}
+
+#[test]
+fn hub_ids_resolve_in_the_local_cache_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("hub");
+    // The set's models as huggingface_hub lays out org/base and org/expert_a (a tag for it).
+    for (m, commit, r) in [("base", "0123abc", "main"), ("expert_a", "4567def", "v1")] {
+        let repo = cache.join(format!("models--org--{m}"));
+        copy_dir(&set_dir().join(m), &repo.join("snapshots").join(commit));
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs").join(r), commit).unwrap();
+    }
+    let cwd = tmp.path().join("work");
+    std::fs::create_dir(&cwd).unwrap();
+    std::fs::write(
+        cwd.join("ta.yml"),
+        "merge_method: task_arithmetic\nbase_model: org/base\nmodels:\n  - model: org/expert_a@v1\n    parameters: {weight: 1}\n",
+    )
+    .unwrap();
+    let run = |yml: &str| {
+        bin()
+            .current_dir(&cwd)
+            .env("HF_HUB_CACHE", &cache)
+            .args(["merge", yml, "out", "--json"])
+            .output()
+            .unwrap()
+    };
+    let o = run("ta.yml");
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The same merge from local paths gives the same bytes.
+    let local = tmp.path().join("local");
+    for m in ["base", "expert_a"] {
+        copy_dir(&set_dir().join(m), &local.join(m));
+    }
+    std::fs::write(
+        local.join("ta.yml"),
+        "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: expert_a\n    parameters: {weight: 1}\n",
+    )
+    .unwrap();
+    let (ok, err) = merge_in(&local, "ta.yml", &local.join("out"));
+    assert!(ok, "{err}");
+    assert_eq!(
+        std::fs::read(cwd.join("out/model.safetensors")).unwrap(),
+        std::fs::read(local.join("out/model.safetensors")).unwrap()
+    );
+    std::fs::write(
+        cwd.join("missing.yml"),
+        "merge_method: task_arithmetic\nbase_model: org/base\nmodels:\n  - model: org/expert_a@v2\n    parameters: {weight: 1}\n",
+    )
+    .unwrap();
+    let o = run("missing.yml");
+    let e = stderr(&o);
+    assert!(
+        !o.status.success() && e.contains("revision `v2`") && e.contains("models--org--expert_a"),
+        "{e}"
+    );
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+}

@@ -7,32 +7,40 @@ use anyhow::Context;
 use clap::Args;
 
 use cycleqd_engine::backend::cpu::CpuBackend;
-use cycleqd_engine::merge::run_merge;
+use cycleqd_engine::merge::{run_merge, MergeOptions};
 use cycleqd_engine::model::DEFAULT_MAX_SHARD_BYTES;
 
 #[derive(Args, Debug)]
 pub struct MergeArgs {
     /// mergekit YAML configuration (model paths relative to the current directory).
     config: PathBuf,
-    /// Output checkpoint directory (written atomically; an existing one is replaced).
+    /// Output checkpoint directory, written beside it and renamed into place when complete.
     out_dir: PathBuf,
+    /// Replace OUT_DIR if it exists and is not empty (the old one stays until the new one is
+    /// complete).
+    #[arg(long)]
+    overwrite: bool,
     /// Largest shard in bytes (mergekit's and transformers' default: 5 GB).
     #[arg(long, default_value_t = DEFAULT_MAX_SHARD_BYTES)]
     max_shard_bytes: u64,
+    /// Seed of the random drops of dare_* and della* (mergekit's flag: the same seed gives
+    /// mergekit's masks). Without it one is drawn and reported.
+    #[arg(long)]
+    random_seed: Option<u64>,
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(a: MergeArgs) -> anyhow::Result<ExitCode> {
-    let report = run_merge(
-        &CpuBackend,
-        &a.config,
-        &a.out_dir,
-        a.max_shard_bytes,
-        !a.json,
-    )
-    .with_context(|| format!("merge {}", a.config.display()))?;
+    let opts = MergeOptions {
+        max_shard_bytes: a.max_shard_bytes,
+        overwrite: a.overwrite,
+        random_seed: a.random_seed,
+        progress: !a.json,
+    };
+    let report = run_merge(&CpuBackend, &a.config, &a.out_dir, &opts)
+        .with_context(|| format!("merge {}", a.config.display()))?;
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -46,6 +54,9 @@ pub fn run(a: MergeArgs) -> anyhow::Result<ExitCode> {
             gb,
             gb / report.seconds
         );
+        if let Some(seed) = report.random_seed {
+            println!("random drops seeded with --random-seed {seed}");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -3,7 +3,16 @@
 //! Peak memory is a few tiles per thread plus the mapped pages of the tensor in flight.
 
 pub mod config;
+pub mod gta;
 pub mod methods;
+pub mod mt;
+pub mod plan;
+pub mod registry;
+pub mod select;
+pub mod settings;
+pub mod sphere;
+pub mod stock;
+pub mod tiles;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -16,15 +25,31 @@ use crate::error::{Error, Result};
 
 use crate::model::{CheckpointWriter, HostTensor, LlamaConfig, ModelStore, TensorSpec};
 
-pub use config::{MergeConfig, Method, ResolvedMerge};
+pub use config::MergeConfig;
 pub use methods::{merge_tensor, MergeOp, Sink};
+
+/// How `merge` runs.
+#[derive(Clone, Debug)]
+pub struct MergeOptions {
+    /// Largest shard in bytes.
+    pub max_shard_bytes: u64,
+    /// Replace a non-empty output folder.
+    pub overwrite: bool,
+    /// Seed of the random drops (DARE, DELLA): mergekit's `--random-seed`. `None`: one is drawn
+    /// and reported.
+    pub random_seed: Option<u64>,
+    pub progress: bool,
+}
 
 /// What a merge did, for the CLI's report and the benchmark.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct MergeReport {
     pub method: String,
     pub tensors: usize,
+    pub layers: usize,
     pub out_dtype: String,
+    /// The seed of the random drops, for methods that draw them.
+    pub random_seed: Option<u64>,
     pub bytes_read: u64,
     pub bytes_written: u64,
     pub seconds: f64,
@@ -32,81 +57,71 @@ pub struct MergeReport {
     pub peak_rss_bytes: Option<u64>,
 }
 
-const LM_HEAD: &str = "lm_head.weight";
-const EMBED: &str = "model.embed_tokens.weight";
-
 /// Runs the merge `config_path` describes into `out_dir`.
 pub fn run_merge<B: Backend>(
     backend: &B,
     config_path: &Path,
     out_dir: &Path,
-    max_shard_bytes: u64,
-    progress: bool,
+    opts: &MergeOptions,
 ) -> Result<MergeReport> {
     let started = Instant::now();
-    let cfg = MergeConfig::from_file(config_path)?;
-    let plan = cfg.resolve(config_path)?;
-    let inputs: Vec<&Path> = plan
-        .inputs
+    let mut cfg = MergeConfig::from_file(config_path)?;
+    cfg.locate_models(config_path)?;
+    let models: Vec<&config::ModelRef> = cfg
+        .base_model
         .iter()
-        .chain(&plan.base)
-        .chain([&plan.donor])
-        .map(|m| m.path.as_path())
+        .chain(cfg.slices.iter().flat_map(|s| {
+            s.base_model
+                .iter()
+                .chain(s.sources.iter().map(|src| &src.model))
+        }))
         .collect();
-    crate::durable::check_output_dir(out_dir, &inputs)?;
+    let paths: Vec<&Path> = models.iter().map(|m| m.path.as_path()).collect();
+    crate::durable::check_output_dir(out_dir, &paths)?;
+    let occupied = std::fs::read_dir(out_dir).is_ok_and(|mut d| d.next().is_some());
+    if occupied && !opts.overwrite {
+        return Err(Error::format(
+            out_dir,
+            "exists and is not empty; pass --overwrite to replace it (the merge is written \
+             beside it and swapped in only when complete)",
+        ));
+    }
 
-    // Open every model once; the donor gives config.json and the tokenizer.
+    // Open every model once.
     let mut stores: BTreeMap<String, ModelStore> = BTreeMap::new();
-    for m in plan.inputs.iter().chain(&plan.base).chain([&plan.donor]) {
+    for m in &models {
         if !stores.contains_key(&m.name) {
             let s = ModelStore::open_llama(&m.path)
                 .map_err(|e| Error::invalid(format!("model `{}`: {e}", m.name)))?;
             stores.insert(m.name.clone(), s);
         }
     }
-    let donor = &stores[&plan.donor.name];
+    let donor_name = &plan::donor(&cfg).name;
+    let donor = &stores[donor_name];
     for (name, s) in &stores {
-        check_same_shape(donor.config(), &plan.donor.name, s.config(), name)?;
+        check_same_shape(donor.config(), donor_name, s.config(), name, cfg.sliced)?;
     }
-
-    // The output holds what a Llama of the donor's shape holds; lm_head only if some input
-    // stores one (a tied input then contributes its embeddings, as mergekit does).
-    let any_lm_head = stores.values().any(|s| s.contains(LM_HEAD));
-    let mut names: Vec<(String, Vec<usize>)> = donor
-        .config()
-        .expected_tensors()
-        .into_iter()
-        .filter(|(n, _)| n != LM_HEAD)
-        .collect();
-    if any_lm_head {
-        names.push((
-            LM_HEAD.to_string(),
-            vec![donor.config().vocab_size, donor.config().hidden_size],
-        ));
-    }
-    let source = |store: &ModelStore, name: &str| -> Result<HostTensor> {
-        if name == LM_HEAD && !store.contains(LM_HEAD) {
-            store.tensor(EMBED)
-        } else {
-            store.tensor(name)
-        }
-    };
+    let seed = opts
+        .random_seed
+        .unwrap_or_else(|| rand::random::<u32>() as u64);
+    let plan = plan::plan(&cfg, &stores, seed, config_path)?;
 
     let out_dtype = cfg
         .out_dtype
         .or(cfg.dtype)
         .unwrap_or_else(|| donor.dominant_dtype());
-    let specs: Vec<TensorSpec> = names
+    let specs: Vec<TensorSpec> = plan
+        .tensors
         .iter()
-        .map(|(n, shape)| TensorSpec {
-            name: n.clone(),
+        .map(|t| TensorSpec {
+            name: t.name.clone(),
             dtype: out_dtype,
-            shape: shape.clone(),
+            shape: t.shape.clone(),
         })
         .collect();
-    let writer = CheckpointWriter::create(out_dir, specs.clone(), max_shard_bytes)?;
+    let writer = CheckpointWriter::create(out_dir, specs.clone(), opts.max_shard_bytes)?;
 
-    let bar = if progress {
+    let bar = if opts.progress {
         let b = ProgressBar::new(specs.len() as u64);
         b.set_style(
             ProgressStyle::with_template(
@@ -121,23 +136,15 @@ pub fn run_merge<B: Backend>(
     };
 
     let mut bytes_read = 0u64;
-    for spec in &specs {
-        let name = &spec.name;
-        let inputs: Vec<HostTensor> = plan
-            .inputs
-            .iter()
-            .map(|m| source(&stores[&m.name], name))
-            .collect::<Result<_>>()?;
-        let base = plan
-            .base
-            .as_ref()
-            .filter(|_| plan.op.needs_base())
-            .map(|b| source(&stores[&b.name], name))
-            .transpose()?;
+    for t in plan.merge_order() {
+        let name = &t.name;
+        let load = |r: &plan::Read| stores[&r.model].tensor(&r.tensor);
+        let inputs: Vec<HostTensor> = t.inputs.iter().map(load).collect::<Result<_>>()?;
+        let base = t.base.as_ref().map(load).transpose()?;
         let refs: Vec<&HostTensor> = inputs.iter().collect();
         backend.merge(
             name,
-            &plan.op,
+            &t.op,
             base.as_ref(),
             &refs,
             out_dtype,
@@ -168,15 +175,18 @@ pub fn run_merge<B: Backend>(
     bar.finish_and_clear();
 
     writer.add_file("mergekit_config.yml", cfg.source_text.as_bytes())?;
-    writer.finish(
-        &donor.config().to_json_with_dtype(out_dtype),
-        Some(donor.dir()),
-    )?;
+    let mut config = donor.config().to_json_with_dtype(out_dtype);
+    if cfg.sliced {
+        config["num_hidden_layers"] = serde_json::json!(plan.num_layers);
+    }
+    writer.finish(&config, Some(donor.dir()))?;
     let bytes_written = specs.iter().map(|s| s.nbytes() as u64).sum();
     Ok(MergeReport {
-        method: format!("{:?}", cfg.method),
+        method: cfg.method.name.to_string(),
         tensors: specs.len(),
+        layers: plan.num_layers,
         out_dtype: out_dtype.torch_name().to_string(),
+        random_seed: plan.seed,
         bytes_read,
         bytes_written,
         seconds: started.elapsed().as_secs_f64(),
@@ -184,7 +194,14 @@ pub fn run_merge<B: Backend>(
     })
 }
 
-fn check_same_shape(a: &LlamaConfig, a_name: &str, b: &LlamaConfig, b_name: &str) -> Result<()> {
+/// Models of one merge share their widths (and, without `slices:`, their depth).
+fn check_same_shape(
+    a: &LlamaConfig,
+    a_name: &str,
+    b: &LlamaConfig,
+    b_name: &str,
+    sliced: bool,
+) -> Result<()> {
     let fields = [
         ("vocab_size", a.vocab_size, b.vocab_size),
         ("hidden_size", a.hidden_size, b.hidden_size),
@@ -211,7 +228,7 @@ fn check_same_shape(a: &LlamaConfig, a_name: &str, b: &LlamaConfig, b_name: &str
         ("head_dim", a.head_dim, b.head_dim),
     ];
     for (key, x, y) in fields {
-        if x != y {
+        if x != y && !(sliced && key == "num_hidden_layers") {
             return Err(Error::invalid(format!(
                 "model `{b_name}` has {key} {y} but `{a_name}` has {x}: models of different shapes cannot be merged"
             )));

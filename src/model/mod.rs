@@ -5,6 +5,7 @@ pub mod chat;
 pub mod config;
 pub mod dtype;
 pub mod export;
+pub mod hub;
 pub mod safetensors;
 pub mod store;
 pub mod tokenizer;

@@ -254,28 +254,15 @@ fn baselines(k: usize) -> Vec<(String, MergeOp)> {
         ),
         (
             "task arithmetic λ=0.5".to_string(),
-            MergeOp::TaskArithmetic {
-                weights: ones.clone(),
-                lambda: 0.5,
-                normalize: false,
-            },
+            MergeOp::task_arithmetic(ones.clone(), 0.5, false),
         ),
         (
             "task arithmetic λ=1".to_string(),
-            MergeOp::TaskArithmetic {
-                weights: ones.clone(),
-                lambda: 1.0,
-                normalize: false,
-            },
+            MergeOp::task_arithmetic(ones.clone(), 1.0, false),
         ),
         (
             "TIES (density 0.5)".to_string(),
-            MergeOp::Ties {
-                weights: ones,
-                densities: vec![0.5; k],
-                lambda: 1.0,
-                normalize: true,
-            },
+            MergeOp::ties(ones, vec![0.5; k], 1.0, true),
         ),
     ]
 }

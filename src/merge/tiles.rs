@@ -1,0 +1,97 @@
+//! Streaming over a tensor's elements in tiles, in parallel: each tile of every input is upcast
+//! to f32 into thread-local buffers, so memory stays a few tiles per thread whatever the tensor
+//! size, and the inputs are read straight from their memory maps. Methods are written as passes:
+//! reductions (norms, dot products, histograms), then one output pass that rounds each tile to
+//! the output dtype and hands it to a sink.
+
+use rayon::prelude::*;
+
+use crate::error::Result;
+use crate::model::{dtype, DType, HostTensor};
+
+use super::methods::Sink;
+
+/// Elements per tile: 16 Ki × 4 B = 64 KiB per f32 buffer, so a tile's inputs and output stay
+/// in L2 between the upcast and the arithmetic.
+pub const TILE: usize = 1 << 14;
+/// Tiles per task and per sink call (1 Mi elements: 2–4 MB of output): per-tile writes from
+/// several threads would contend on the output file's lock.
+const TILES_PER_CHUNK: usize = 64;
+
+pub fn upcast_range(t: &HostTensor, lo: usize, hi: usize, dst: &mut [f32]) {
+    let s = t.dtype.size();
+    dtype::to_f32(t.dtype, &t.data()[lo * s..hi * s], dst);
+}
+
+/// Tile `tile`'s element range.
+pub fn range(n: usize, tile: usize) -> (usize, usize) {
+    (tile * TILE, ((tile + 1) * TILE).min(n))
+}
+
+/// Runs `f(first element, input tiles, out tile)` over every tile and sinks the results
+/// rounded to `out_dtype`.
+pub fn output(
+    n: usize,
+    inputs: &[&HostTensor],
+    out_dtype: DType,
+    sink: &Sink,
+    f: impl Fn(usize, &[&[f32]], &mut [f32]) + Sync,
+) -> Result<()> {
+    let m = inputs.len();
+    let chunk = TILE * TILES_PER_CHUNK;
+    (0..n.div_ceil(chunk)).into_par_iter().try_for_each_init(
+        || (vec![0.0f32; TILE * (m + 1)], Vec::with_capacity(chunk * 4)),
+        |(buf, bytes), c| {
+            bytes.clear();
+            let first = c * TILES_PER_CHUNK;
+            for tile in first..(first + TILES_PER_CHUNK).min(n.div_ceil(TILE)) {
+                let (lo, hi) = range(n, tile);
+                let len = hi - lo;
+                let (ins, out) = buf.split_at_mut(TILE * m);
+                for (i, t) in inputs.iter().enumerate() {
+                    upcast_range(t, lo, hi, &mut ins[i * TILE..i * TILE + len]);
+                }
+                let xs: Vec<&[f32]> = (0..m).map(|i| &ins[i * TILE..i * TILE + len]).collect();
+                f(lo, &xs, &mut out[..len]);
+                dtype::from_f32_into(out_dtype, &out[..len], bytes);
+            }
+            sink(c * chunk * out_dtype.size(), bytes)
+        },
+    )
+}
+
+/// Folds every tile of `inputs` into an accumulator per thread (`fold(acc, first element,
+/// input tiles)`) and combines them. Floating-point sums should accumulate in f64: the order
+/// of the tiles differs from run to run.
+pub fn reduce<A: Send>(
+    n: usize,
+    inputs: &[&HostTensor],
+    init: impl Fn() -> A + Sync + Send,
+    fold: impl Fn(&mut A, usize, &[&[f32]]) + Sync + Send,
+    combine: impl Fn(A, A) -> A + Sync + Send,
+) -> A {
+    let m = inputs.len();
+    (0..n.div_ceil(TILE))
+        .into_par_iter()
+        .fold(
+            || (init(), vec![0.0f32; TILE * m]),
+            |(mut acc, mut buf), tile| {
+                let (lo, hi) = range(n, tile);
+                let len = hi - lo;
+                for (i, t) in inputs.iter().enumerate() {
+                    upcast_range(t, lo, hi, &mut buf[i * TILE..i * TILE + len]);
+                }
+                let xs: Vec<&[f32]> = (0..m).map(|i| &buf[i * TILE..i * TILE + len]).collect();
+                fold(&mut acc, lo, &xs);
+                (acc, buf)
+            },
+        )
+        .map(|(acc, _)| acc)
+        .reduce(&init, combine)
+}
+
+/// Element-wise sums of equal-length vectors (the `combine` of a vector accumulator).
+pub fn add_vecs(mut a: Vec<f64>, b: Vec<f64>) -> Vec<f64> {
+    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+    a
+}
