@@ -87,7 +87,10 @@ pub fn expert_set_of(cfg: &crate::qd::RunConfig) -> Result<ExpertSet> {
         .iter()
         .map(|t| ModelStore::open_llama(&t.expert))
         .collect::<Result<Vec<_>>>()?;
-    ExpertSet::build(ModelStore::open_llama(&cfg.base)?, experts, Rank::Full)
+    Ok(
+        ExpertSet::build(ModelStore::open_llama(&cfg.base)?, experts, Rank::Full)?
+            .with_crossover(cfg.crossover()?),
+    )
 }
 
 /// One scheduler measurement: `children` children on `workers` simulated devices holding each

@@ -60,7 +60,8 @@ pub fn run(a: ExportArgs) -> anyhow::Result<ExitCode> {
         .factor_cache
         .clone()
         .unwrap_or_else(|| a.run.join("factors"));
-    let set = ExpertSet::build_cached(base, experts, cfg.rank(), Some(&cache))?;
+    let set = ExpertSet::build_cached(base, experts, cfg.rank(), Some(&cache))?
+        .with_crossover(cfg.crossover()?);
     let (genomes, _) = read_genomes(&genomes_path, &set)?;
     let id = a.elite.clone().unwrap_or_else(|| "final".into());
     let Some(g) = genomes.get(&id) else {

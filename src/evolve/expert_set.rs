@@ -13,10 +13,11 @@ use serde::{Deserialize, Serialize};
 use super::batched_svd::{randomized_svd_concat, BatchedLinalg, CpuLinalg};
 use super::cache;
 use super::factorize::{exact_svd, Factors, RandomizedSvd};
+use super::crossover::{tensor_seed, CrossoverMethod};
 use super::genome::Genome;
 use crate::backend::{Backend, TensorCoefficients, TensorSources};
 use crate::error::{Error, Result};
-use crate::model::{HostTensor, ModelStore, TensorBytes};
+use crate::model::{DType, HostTensor, ModelStore, TensorBytes};
 
 /// Rank of the task-vector factors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,6 +60,9 @@ pub struct ExpertSet {
     /// tensors, the factorisation and the factors' bytes. Two processes with the same
     /// fingerprint materialise bit-identical children from the same genome.
     pub fingerprint: u64,
+    /// How a genome's experts are combined (`None`: linearly, CycleQD's materialisation; see
+    /// [`super::crossover`]).
+    pub crossover: Option<CrossoverMethod>,
 }
 
 /// What the factor cache did for this build.
@@ -154,7 +158,21 @@ impl ExpertSet {
             rank,
             cache_status,
             fingerprint,
+            crossover: None,
         })
+    }
+
+    /// The set with `crossover` combining its genomes' experts (`None`: linearly). The method
+    /// is part of what a child is made of, so it enters the fingerprint (unchanged for linear).
+    pub fn with_crossover(mut self, crossover: Option<CrossoverMethod>) -> Self {
+        if let Some(c) = &crossover {
+            self.fingerprint = crate::durable::mix(
+                self.fingerprint,
+                crate::durable::fnv1a(c.tag().as_bytes()),
+            );
+        }
+        self.crossover = crossover;
+        self
     }
 
     /// The largest relative reconstruction error of any factor (0 at full rank).
@@ -225,7 +243,17 @@ impl ExpertSet {
         self.coefficients_into(genome, t, &mut coef);
         let dtype = src.base.dtype;
         let mut out = vec![0u8; src.numel() * dtype.size()];
-        backend.materialize(&mut out, dtype, &src, &coef)?;
+        match &self.crossover {
+            None => backend.materialize(&mut out, dtype, &src, &coef)?,
+            Some(method) => {
+                let seed = if method.is_random() {
+                    tensor_seed(&genome.content_id(), &src.name)
+                } else {
+                    0
+                };
+                merge_experts(backend, method, seed, &src, &coef, &mut out)?
+            }
+        }
         Ok(HostTensor {
             dtype,
             shape: self.tensors[t].shape.clone(),
@@ -254,6 +282,63 @@ impl ExpertSet {
             })
             .collect()
     }
+}
+
+/// One tensor of a child under a merge `method` (see [`super::crossover`]): each expert with
+/// a non-zero coefficient `a_e` becomes a model `θ_b + τ'_e` (materialised in f32 with
+/// coefficient 1 and low-rank coefficients `c_e/a_e`), and the method merges those over the
+/// base with weights `a_e`, writing `out` in the base's dtype.
+pub fn merge_experts<B: Backend>(
+    backend: &B,
+    method: &CrossoverMethod,
+    seed: u64,
+    src: &TensorSources,
+    coef: &TensorCoefficients,
+    out: &mut [u8],
+) -> Result<()> {
+    let dtype = src.base.dtype;
+    let mut models = vec![];
+    let mut weights = vec![];
+    let mut offset = 0;
+    for (e, &a) in coef.a.iter().enumerate() {
+        let rank = src.factors.get(e).map_or(0, |f| f.rank);
+        let block = &coef.c[offset..offset + rank];
+        offset += rank;
+        // An expert the genome does not use (a_e = 0 leaves γ_e = 0 under crossover and
+        // mutation) takes no part, as a model of weight 0 would not.
+        if a == 0.0 {
+            continue;
+        }
+        let mut one = TensorCoefficients {
+            a: vec![0.0; coef.a.len()],
+            c: vec![0.0; coef.c.len()],
+        };
+        one.a[e] = 1.0;
+        for (c, &x) in one.c[offset - rank..offset].iter_mut().zip(block) {
+            *c = x / a;
+        }
+        let mut model = vec![0u8; src.numel() * 4];
+        backend.materialize(&mut model, DType::F32, src, &one)?;
+        models.push(HostTensor {
+            dtype: DType::F32,
+            shape: src.base.shape.clone(),
+            bytes: TensorBytes::Owned(Arc::new(model)),
+        });
+        weights.push(a);
+    }
+    if models.is_empty() {
+        // No expert at all: the base itself.
+        out.copy_from_slice(src.base.data());
+        return Ok(());
+    }
+    let op = method.op(weights, seed);
+    let out = std::sync::Mutex::new(out);
+    let sink = |off: usize, bytes: &[u8]| -> Result<()> {
+        out.lock().expect("merge sink")[off..off + bytes.len()].copy_from_slice(bytes);
+        Ok(())
+    };
+    let refs: Vec<&HostTensor> = models.iter().collect();
+    backend.merge(&src.name, &op, Some(&src.base), &refs, dtype, &sink)
 }
 
 /// The algorithm (and every setting its result depends on) that the factor cache records.

@@ -3,10 +3,12 @@
 
 pub mod batched_svd;
 pub mod cache;
+pub mod crossover;
 pub mod expert_set;
 pub mod factorize;
 pub mod genome;
 
+pub use crossover::CrossoverMethod;
 pub use expert_set::{is_factorised, CacheStatus, ExpertSet, Rank, TensorFactors};
 pub use factorize::{exact_svd, Factors, RandomizedSvd};
 pub use genome::{Genome, TensorGenes};

@@ -4,12 +4,14 @@
 //! error naming its key. Paths are relative to the configuration file and are made absolute
 //! when it is read, so the resolved copy a run folder keeps works from anywhere.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::evolve::Rank;
+use crate::evolve::crossover::ParamValue;
+use crate::evolve::{CrossoverMethod, Rank};
 use crate::qd::EliteSampling;
 
 /// `rank = "full"` or `rank = 64`.
@@ -225,6 +227,13 @@ pub struct Evolution {
     pub crossover_std: f32,
     #[serde(default = "default_granularity")]
     pub crossover_granularity: Granularity,
+    /// `linear` (CycleQD), or a mergekit task-vector method that combines a genome's experts
+    /// (`ties`, `dare_ties`, …; see [`crate::evolve::crossover`]).
+    #[serde(default = "default_crossover")]
+    pub crossover: String,
+    /// The method's parameters, with mergekit's names (`density`, `lambda`, `normalize`, …).
+    #[serde(default)]
+    pub crossover_parameters: BTreeMap<String, ParamValue>,
     #[serde(default = "default_w_max")]
     pub mutation_w_max: f32,
     /// `code` (weights in [0.5, 1.3]), `paper` ([alpha_low, alpha_high], default [0.5, 0.8])
@@ -308,6 +317,9 @@ fn default_workers() -> WorkersSpec {
 }
 fn default_schedule() -> ScheduleKind {
     ScheduleKind::Batch
+}
+fn default_crossover() -> String {
+    "linear".into()
 }
 fn default_crossover_std() -> f32 {
     0.01
@@ -559,6 +571,7 @@ impl RunConfig {
         if !(e.crossover_std.is_finite() && e.crossover_std >= 0.0) {
             return Err("`evolution.crossover_std`: must be ≥ 0".into());
         }
+        CrossoverMethod::parse(&e.crossover, &e.crossover_parameters)?;
         if !(e.mutation_w_max.is_finite() && e.mutation_w_max >= 0.0) {
             return Err("`evolution.mutation_w_max`: must be ≥ 0".into());
         }
@@ -633,6 +646,12 @@ impl RunConfig {
     /// with this one: everything that shapes the run must agree. The number of children (a
     /// run may be extended) and the workers (a run may move to another machine) may differ;
     /// an unset `batch` takes the saved one.
+    /// The crossover's merge method (`None`: linear), checked by [`RunConfig::validate`].
+    pub fn crossover(&self) -> Result<Option<CrossoverMethod>> {
+        CrossoverMethod::parse(&self.evolution.crossover, &self.evolution.crossover_parameters)
+            .map_err(Error::invalid)
+    }
+
     pub fn same_run_as(&mut self, saved: &RunConfig) -> bool {
         if self.evolution.batch.is_none() {
             self.evolution.batch = saved.evolution.batch;

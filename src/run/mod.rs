@@ -220,7 +220,8 @@ impl Run {
                 ExpertSet::build_with(base, experts, cfg.rank(), Some(&cache_dir), gpu.as_ref())?
             }
             _ => ExpertSet::build_with(base, experts, cfg.rank(), Some(&cache_dir), &CpuLinalg)?,
-        };
+        }
+        .with_crossover(cfg.crossover()?);
         reporter.note(&format!(
             "factors: {}, {} tensors, {} in {} ({:.2} s); worst relative error {:.2e}",
             set.rank,
@@ -645,7 +646,8 @@ pub fn open_broker_worker(
         Opened::Cpu { .. } => {
             ExpertSet::build_with(base, experts, cfg.rank(), Some(cache), &CpuLinalg)?
         }
-    };
+    }
+    .with_crossover(cfg.crossover()?);
     if set.fingerprint != fingerprint {
         return Err(Error::invalid(format!(
             "this node's expert set (fingerprint {:016x}, factors {} in {}) is not the coordinator's \

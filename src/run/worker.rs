@@ -197,6 +197,14 @@ fn write_child<B: Backend>(
     sources: &mut B::Sources,
     genome: &Genome,
 ) -> Result<()> {
+    if set.crossover.is_some() {
+        // A merge method's child is made on the host, tensor by tensor, and uploaded (see
+        // `evolve::crossover`): no backend has the methods as a fused kernel.
+        for (w, &t) in model.weights_mut().into_iter().zip(placed) {
+            *w = backend.upload_weight(&set.materialize_tensor(genome, t)?)?;
+        }
+        return Ok(());
+    }
     for (coef, &t) in coefs.iter_mut().zip(placed) {
         set.coefficients_into(genome, t, coef);
     }
