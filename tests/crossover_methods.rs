@@ -50,7 +50,10 @@ fn merged(op: &MergeOp, base: &HostTensor, models: &[&HostTensor]) -> Vec<f32> {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -182,6 +185,9 @@ fn a_run_with_dare_ties_crossover_exports_what_it_wrote() {
         dir.path().join("bad-run").to_str().unwrap(),
     ]);
     let err = stderr(&o);
-    assert!(!o.status.success() && err.contains("evolution.crossover"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("evolution.crossover"),
+        "{err}"
+    );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }

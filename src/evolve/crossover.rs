@@ -23,9 +23,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::merge::mt::MaskStream;
-use crate::merge::registry::{self, Family, Fallback, GtaSparsify, Kind, Method};
 use crate::merge::methods::{Gta, MergeOp, Sparsify};
+use crate::merge::mt::MaskStream;
+use crate::merge::registry::{self, Fallback, Family, GtaSparsify, Kind, Method};
 
 /// A parameter as the configuration writes it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -65,9 +65,8 @@ impl CrossoverMethod {
             }
             return Ok(None);
         }
-        let method = registry::find(name).ok_or_else(|| {
-            format!("`{KEY}`: unknown method `{name}` (linear, {})", gta_names())
-        })?;
+        let method = registry::find(name)
+            .ok_or_else(|| format!("`{KEY}`: unknown method `{name}` (linear, {})", gta_names()))?;
         if !matches!(method.family, Family::Gta { .. }) {
             return Err(format!(
                 "`{KEY}`: {name} merges whole models, not weighted task vectors over the base, so \
@@ -107,7 +106,9 @@ impl CrossoverMethod {
         };
         let density = value("density")?;
         if !(density > 0.0 && density <= 1.0) {
-            return Err(format!("`{PARAMS_KEY}.density` is {density}, outside (0, 1]"));
+            return Err(format!(
+                "`{PARAMS_KEY}.density` is {density}, outside (0, 1]"
+            ));
         }
         if sparsify == GtaSparsify::None && density != 1.0 {
             return Err(format!(
@@ -224,7 +225,10 @@ pub fn tensor_seed(content_id: &str, tensor: &str) -> u64 {
 mod tests {
     use super::*;
 
-    fn parse(name: &str, toml_params: &str) -> std::result::Result<Option<CrossoverMethod>, String> {
+    fn parse(
+        name: &str,
+        toml_params: &str,
+    ) -> std::result::Result<Option<CrossoverMethod>, String> {
         let params: BTreeMap<String, ParamValue> = toml::from_str(toml_params).unwrap();
         CrossoverMethod::parse(name, &params)
     }
@@ -252,7 +256,7 @@ mod tests {
         assert!(err("ties", "gamma = 0.1").contains("not a parameter of ties"));
         assert!(err("task_arithmetic", "density = 0.5").contains("whole task vectors"));
         assert!(err("ties", "normalize = 2").contains("true or false"));
-        assert!(err("della", "density = 0.9, epsilon = 0.2").contains("inside (0, 1)"));
+        assert!(err("della", "density = 0.9\nepsilon = 0.2").contains("inside (0, 1)"));
         assert!(err("linear", "density = 0.5").contains("takes no parameters"));
     }
 

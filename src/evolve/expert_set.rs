@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use super::batched_svd::{randomized_svd_concat, BatchedLinalg, CpuLinalg};
 use super::cache;
-use super::factorize::{exact_svd, Factors, RandomizedSvd};
 use super::crossover::{tensor_seed, CrossoverMethod};
+use super::factorize::{exact_svd, Factors, RandomizedSvd};
 use super::genome::Genome;
 use crate::backend::{Backend, TensorCoefficients, TensorSources};
 use crate::error::{Error, Result};
@@ -166,10 +166,8 @@ impl ExpertSet {
     /// is part of what a child is made of, so it enters the fingerprint (unchanged for linear).
     pub fn with_crossover(mut self, crossover: Option<CrossoverMethod>) -> Self {
         if let Some(c) = &crossover {
-            self.fingerprint = crate::durable::mix(
-                self.fingerprint,
-                crate::durable::fnv1a(c.tag().as_bytes()),
-            );
+            self.fingerprint =
+                crate::durable::mix(self.fingerprint, crate::durable::fnv1a(c.tag().as_bytes()));
         }
         self.crossover = crossover;
         self

@@ -648,8 +648,11 @@ impl RunConfig {
     /// an unset `batch` takes the saved one.
     /// The crossover's merge method (`None`: linear), checked by [`RunConfig::validate`].
     pub fn crossover(&self) -> Result<Option<CrossoverMethod>> {
-        CrossoverMethod::parse(&self.evolution.crossover, &self.evolution.crossover_parameters)
-            .map_err(Error::invalid)
+        CrossoverMethod::parse(
+            &self.evolution.crossover,
+            &self.evolution.crossover_parameters,
+        )
+        .map_err(Error::invalid)
     }
 
     pub fn same_run_as(&mut self, saved: &RunConfig) -> bool {
