@@ -1,5 +1,5 @@
 //! Merge throughput on a ~1.1B-parameter synthetic set (TinyLlama shape; base + 3 experts,
-//! bf16, generated here on first run): `task_arithmetic` and `ties` through the release binary,
+//! bf16, generated here on first run): every method `merge` knows, through the release binary,
 //! reported as GB/s of input read + output written, as a fraction of this machine's measured
 //! copy bandwidth, with peak RSS; and the same configs through `mergekit-yaml` when
 //! `MERGEKIT_YAML` names it (e.g. `MERGEKIT_YAML=/work/pyenv/bin/mergekit-yaml`).
@@ -10,7 +10,8 @@
 //! accounting does not credit: its GB/s counts each byte once.
 //!
 //! Run: `cargo build --release && cargo bench --bench merge_cpu` (set `CYCLEQD_BENCH_DIR` to
-//! choose where the 9 GB of inputs go; default `target/merge-bench`).
+//! choose where the 9 GB of inputs go, default `target/merge-bench`; `CYCLEQD_MERGE_METHODS=a,b`
+//! to time only some methods). The random methods run with `--random-seed 42` on both sides.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -58,13 +59,26 @@ fn main() {
         bw / 1e9,
         rayon::current_num_threads()
     );
-    warm_page_cache(&dir);
+    let read_bw = warm_page_cache(&dir);
     println!(
-        "{:<28} {:>9} {:>9} {:>9} {:>10}",
-        "merge", "seconds", "GB/s", "fraction", "peak RSS"
+        "page-cache read bandwidth (pread, 64 MiB buffers): {:.1} GB/s",
+        read_bw / 1e9
+    );
+    println!(
+        "{:<28} {:>9} {:>9} {:>9} {:>9} {:>10}",
+        "merge", "seconds", "GB/s", "of copy", "of read", "peak RSS"
     );
     let mergekit = std::env::var_os("MERGEKIT_YAML");
-    for method in ["task_arithmetic", "ties"] {
+    let only = std::env::var("CYCLEQD_MERGE_METHODS").ok();
+    let methods: Vec<&str> = METHODS
+        .iter()
+        .map(|(m, _)| *m)
+        .filter(|m| {
+            only.as_deref()
+                .is_none_or(|o| o.split(',').any(|x| x == *m))
+        })
+        .collect();
+    for method in methods {
         let out = dir.join(format!("out-engine-{method}"));
         let o = Command::new(&engine)
             .current_dir(&dir)
@@ -73,6 +87,8 @@ fn main() {
                 &format!("{method}.yml"),
                 out.to_str().unwrap(),
                 "--json",
+                "--random-seed",
+                "42",
             ])
             .output()
             .unwrap();
@@ -81,12 +97,14 @@ fn main() {
         let bytes = r["bytes_read"].as_f64().unwrap() + r["bytes_written"].as_f64().unwrap();
         let secs = r["seconds"].as_f64().unwrap();
         let rss = r["peak_rss_bytes"].as_f64().unwrap_or(f64::NAN);
+        let read = r["bytes_read"].as_f64().unwrap();
         println!(
-            "{:<28} {:>9.2} {:>9.2} {:>8.1}% {:>7.2} GB",
+            "{:<28} {:>9.2} {:>9.2} {:>8.1}% {:>8.1}% {:>7.2} GB",
             format!("engine/{method}"),
             secs,
             bytes / secs / 1e9,
             100.0 * bytes / secs / bw,
+            100.0 * read / secs / read_bw,
             rss / 1e9
         );
         let _ = std::fs::remove_dir_all(&out);
@@ -103,7 +121,13 @@ fn main() {
                      print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)",
                 ])
                 .arg(mk)
-                .args([&format!("{method}.yml"), out.to_str().unwrap(), "--no-write-model-card"])
+                .args([
+                    &format!("{method}.yml"),
+                    out.to_str().unwrap(),
+                    "--no-write-model-card",
+                    "--random-seed",
+                    "42",
+                ])
                 .output()
                 .unwrap();
             let secs_mk = t.elapsed().as_secs_f64();
@@ -120,13 +144,15 @@ fn main() {
                 .parse()
                 .unwrap();
             println!(
-                "{:<28} {:>9.2} {:>9.2} {:>8.1}% {:>7.2} GB   (engine {:.1}× faster)",
+                "{:<28} {:>9.2} {:>9.2} {:>8.1}% {:>8.1}% {:>7.2} GB   (engine {:.1}× faster, {:.0}% of its memory)",
                 format!("mergekit/{method}"),
                 secs_mk,
                 bytes / secs_mk / 1e9,
                 100.0 * bytes / secs_mk / bw,
+                100.0 * read / secs_mk / read_bw,
                 rss_kb * 1024.0 / 1e9,
-                secs_mk / secs
+                secs_mk / secs,
+                100.0 * rss / (rss_kb * 1024.0)
             );
             let _ = std::fs::remove_dir_all(&out);
         }
@@ -207,31 +233,71 @@ fn generate_set(dir: &Path) {
     }
 }
 
+/// One configuration per method: the three experts over the base where the method takes one,
+/// mergekit's usual parameters (density 0.3 for the sparsifying ones), bf16 out.
+const METHODS: &[(&str, &str)] = &[
+    ("linear", "models:\n{W}"),
+    ("task_arithmetic", "base_model: base\nmodels:\n{W}"),
+    ("ties", "base_model: base\nmodels:\n{WD}"),
+    ("dare_linear", "base_model: base\nmodels:\n{WD}"),
+    ("dare_ties", "base_model: base\nmodels:\n{WD}"),
+    ("breadcrumbs", "base_model: base\nmodels:\n{WD}"),
+    ("breadcrumbs_ties", "base_model: base\nmodels:\n{WD}"),
+    ("della", "base_model: base\nmodels:\n{WD}parameters: {epsilon: 0.1}\n"),
+    ("della_linear", "base_model: base\nmodels:\n{WD}parameters: {epsilon: 0.1}\n"),
+    ("slerp", "base_model: base\nmodels: [{model: base}, {model: expert_1}]\nparameters: {t: 0.4}\n"),
+    ("nuslerp", "base_model: base\nmodels:\n  - {model: expert_1, parameters: {weight: 0.6}}\n  - {model: expert_2, parameters: {weight: 0.4}}\n"),
+    ("multislerp", "base_model: base\nmodels:\n{W}"),
+    ("karcher", "models: [{model: expert_1}, {model: expert_2}, {model: expert_3}]\n"),
+    ("model_stock", "base_model: base\nmodels: [{model: expert_1}, {model: expert_2}, {model: expert_3}]\n"),
+    ("sce", "base_model: base\nmodels: [{model: expert_1}, {model: expert_2}, {model: expert_3}]\nparameters: {select_topk: 0.5}\n"),
+    ("passthrough", "slices:\n  - sources: [{model: expert_1, layer_range: [0, 16]}]\n  - sources: [{model: expert_2, layer_range: [8, 22]}]\n"),
+];
+
 fn write_configs(dir: &Path) {
-    let models = "models:\n  - model: expert_1\n    parameters: {weight: 0.7, density: 0.3}\n  - model: expert_2\n    parameters: {weight: 0.5, density: 0.3}\n  - model: expert_3\n    parameters: {weight: 0.3, density: 0.3}\n";
-    std::fs::write(
-        dir.join("task_arithmetic.yml"),
-        format!(
-            "merge_method: task_arithmetic\nbase_model: base\n{}dtype: bfloat16\n",
-            models.replace(", density: 0.3", "")
-        ),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("ties.yml"),
-        format!("merge_method: ties\nbase_model: base\n{models}parameters: {{normalize: true}}\ndtype: bfloat16\n"),
-    )
-    .unwrap();
+    let weights = "  - {model: expert_1, parameters: {weight: 0.7}}\n  - {model: expert_2, parameters: {weight: 0.5}}\n  - {model: expert_3, parameters: {weight: 0.3}}\n";
+    let dense = weights.replace("}}", ", density: 0.3}}");
+    for (method, body) in METHODS {
+        let body = body.replace("{WD}", &dense).replace("{W}", weights);
+        std::fs::write(
+            dir.join(format!("{method}.yml")),
+            format!("merge_method: {method}\n{body}dtype: bfloat16\n"),
+        )
+        .unwrap();
+    }
 }
 
-/// Reads every input once so that both tools start from the same (warm) page cache.
-fn warm_page_cache(dir: &Path) {
-    for m in MODELS {
-        for e in std::fs::read_dir(dir.join(m)).unwrap() {
-            let p = e.unwrap().path();
-            if p.extension().is_some_and(|x| x == "safetensors") {
-                let _ = std::fs::read(&p).map(|b| std::hint::black_box(b.len()));
-            }
-        }
-    }
+/// Reads every input once so that both tools start from the same (warm) page cache, then
+/// times a second read of them (`pread` into a reused 64 MiB buffer per thread, files in
+/// parallel): the bandwidth of reading the inputs from the page cache, in bytes/s.
+fn warm_page_cache(dir: &Path) -> f64 {
+    use std::os::unix::fs::FileExt;
+    let files: Vec<PathBuf> = MODELS
+        .iter()
+        .flat_map(|m| std::fs::read_dir(dir.join(m)).unwrap())
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    let read_all = || -> u64 {
+        files
+            .par_iter()
+            .map(|p| {
+                let f = std::fs::File::open(p).unwrap();
+                let mut buf = vec![0u8; 64 << 20];
+                let mut off = 0u64;
+                loop {
+                    let n = f.read_at(&mut buf, off).unwrap();
+                    if n == 0 {
+                        break off;
+                    }
+                    std::hint::black_box(&buf[..n]);
+                    off += n as u64;
+                }
+            })
+            .sum()
+    };
+    read_all();
+    let t = Instant::now();
+    let bytes = read_all();
+    bytes as f64 / t.elapsed().as_secs_f64()
 }

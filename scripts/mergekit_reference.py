@@ -3,8 +3,9 @@
 
 Writes tests/data/merge/: four tiny float32 Llama checkpoints (`base`, `expert_a`, `expert_b`,
 `expert_c`: hidden 16, 4 layers, 2 heads, 1 KV head, vocabulary 32, untied lm_head; each expert
-the base plus a dense random task vector), one mergekit configuration per case in `cases/`, and
-what `mergekit-yaml` wrote from each in `mergekit_out/<case>/` (weights and config.json only).
+the base plus a dense random task vector; `expert_v` and `expert_w`, two of them with other
+tokenizers), one mergekit configuration per case in `cases/`, and what `mergekit-yaml` wrote from
+each in `mergekit_out/<case>/` (weights and config.json; tokenizer.json for the tokenizer cases).
 
 Run with a Python that has mergekit 0.1.5 (and torch, transformers):
     python3 scripts/mergekit_reference.py [--mergekit-yaml PATH]
@@ -159,16 +160,54 @@ slices:
   - sources: [{model: base, layer_range: [1, 4]}, {model: expert_a, layer_range: [1, 4]}]
     parameters: {t: 0.9}
 """,
+    # The output vocabulary: the union (rows for tokens only one model has, averaged rows for
+    # tokens several non-base models have), and one model's, padded.
+    "union_ties": """merge_method: ties
+base_model: base
+dtype: float32
+models:
+  - {model: expert_a, parameters: {weight: 0.6, density: 0.5}}
+  - {model: expert_v, parameters: {weight: 0.4, density: 0.7}}
+tokenizer_source: union
+""",
+    "union_linear": """merge_method: linear
+dtype: float32
+models:
+  - {model: expert_a, parameters: {weight: 0.2}}
+  - {model: expert_v, parameters: {weight: 0.4}}
+  - {model: expert_w, parameters: {weight: 0.4}}
+tokenizer_source: union
+""",
+    "tokenizer_model": """merge_method: task_arithmetic
+base_model: base
+dtype: float32
+models:
+  - {model: expert_a, parameters: {weight: 0.5}}
+  - {model: expert_v, parameters: {weight: 0.5}}
+tokenizer:
+  source: expert_v
+  pad_to_multiple_of: 8
+""",
 }
 
+TOKENIZER_CASES = {"union_ties", "union_linear", "tokenizer_model"}
 
-def tokenizer(path):
+
+def tokenizer(path, extra=(), swap=False, special=()):
+    """The shared WordLevel vocabulary (`w3`…`w31`), plus `extra` regular tokens and `special`
+    added tokens after it; `swap` exchanges the ids of `w3` and `w4`."""
     vocab = {"<s>": 0, "</s>": 1, "<unk>": 2}
     vocab.update({f"w{i}": i for i in range(3, V)})
+    if swap:
+        vocab["w3"], vocab["w4"] = 4, 3
+    vocab.update({t: V + i for i, t in enumerate(extra)})
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(path)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+    if special:
+        fast.add_special_tokens({"additional_special_tokens": list(special)})
+    fast.save_pretrained(path)
 
 
 def tensors(g, scale):
@@ -190,17 +229,30 @@ def tensors(g, scale):
     return sd
 
 
-def write_model(name, sd):
+def write_model(name, sd, **tok):
     d = os.path.join(ROOT, name)
     os.makedirs(d, exist_ok=True)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=L,
+    vocab_size = sd["model.embed_tokens.weight"].shape[0]
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=H, intermediate_size=I, num_hidden_layers=L,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
                       tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, dtype="float32")
     cfg.architectures = ["LlamaForCausalLM"]
     cfg.save_pretrained(d)
     save_file({k: v.to(torch.float32).contiguous() for k, v in sd.items()},
               os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
-    tokenizer(d)
+    tokenizer(d, **tok)
+
+
+def with_vocab(sd, g, extra, swap):
+    """`sd` with `extra` more token rows (random) and, with `swap`, rows 3 and 4 exchanged, so
+    that a token keeps its embedding under the tokenizer's ids."""
+    out = dict(sd)
+    for k in ["model.embed_tokens.weight", "lm_head.weight"]:
+        t = sd[k].clone()
+        if swap:
+            t[[3, 4]] = t[[4, 3]]
+        out[k] = torch.cat([t, torch.randn(extra, H, generator=g, dtype=torch.float64).to(t.dtype)])
+    return out
 
 
 def main():
@@ -215,6 +267,7 @@ def main():
         if "norm" in k:
             base[k] = base[k] + 1.0
     write_model("base", base)
+    experts = {}
     for name in ["expert_a", "expert_b", "expert_c"]:
         delta = tensors(g, 0.1)
         expert = {k: (base[k] + delta[k]).to(torch.float32) for k in base}
@@ -226,6 +279,13 @@ def main():
             assert all(len(np.unique(r)) == len(r) for r in rows), f"{name} {k}: tied magnitudes"
             assert len(np.unique(d)) == d.size, f"{name} {k}: tied magnitudes"
         write_model(name, expert)
+        experts[name] = expert
+    # Two experts with other tokenizers: `expert_v` (expert_c's weights) has `x0`, `x1` and the
+    # special `<|im_end|>` after the shared tokens, and w3/w4 at each other's ids; `expert_w`
+    # (expert_b's) has `x0` and `y0`.
+    write_model("expert_v", with_vocab(experts["expert_c"], g, 3, True),
+                extra=["x0", "x1"], swap=True, special=["<|im_end|>"])
+    write_model("expert_w", with_vocab(experts["expert_b"], g, 2, False), extra=["x0", "y0"])
     os.makedirs(os.path.join(ROOT, "cases"))
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONHASHSEED="0")
     for case, text in CASES.items():
@@ -240,8 +300,9 @@ def main():
             sys.exit(f"{case}: mergekit failed:\n{r.stderr[-4000:]}")
         out = os.path.join(ROOT, "mergekit_out", case)
         os.makedirs(out)
-        for f in ["model.safetensors", "config.json"]:
-            shutil.copy(os.path.join(tmp, f), os.path.join(out, f))
+        for f in ["model.safetensors", "config.json", "tokenizer.json"]:
+            if f != "tokenizer.json" or case in TOKENIZER_CASES:
+                shutil.copy(os.path.join(tmp, f), os.path.join(out, f))
         shutil.rmtree(tmp)
         print(case, "ok")
     with open(os.path.join(ROOT, "README.md"), "w") as f:

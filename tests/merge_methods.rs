@@ -53,12 +53,28 @@ fn every_method_matches_mergekit() {
             want.keys().collect::<Vec<_>>(),
             "{case}: tensor names"
         );
+        // With a rebuilt vocabulary, token rows are compared by token (mergekit numbers the
+        // union's new tokens in a hash map's order); padding rows by position.
+        let rows = want_dir
+            .join("tokenizer.json")
+            .is_file()
+            .then(|| token_rows(&out, &want_dir, want["model.embed_tokens.weight"].shape[0]));
         let mut worst = (0.0f32, String::new());
         for (name, w) in &want {
             let g = &got[name];
             assert_eq!((g.dtype, &g.shape), (w.dtype, &w.shape), "{case} {name}");
+            let (g32, mut w32) = (g.to_f32(), w.to_f32());
+            if let (Some(rows), true) = (&rows, name.contains("embed") || name == "lm_head.weight")
+            {
+                let width = w.shape[1];
+                let orig = w32.clone();
+                for &(gi, wi) in rows {
+                    w32[gi * width..(gi + 1) * width]
+                        .copy_from_slice(&orig[wi * width..(wi + 1) * width]);
+                }
+            }
             // Absolute for small values, relative for large ones (Karcher's reach ~3).
-            for (a, b) in g.to_f32().iter().zip(w.to_f32()) {
+            for (a, b) in g32.iter().zip(w32) {
                 let d = (a - b).abs() / b.abs().max(1.0);
                 if d > worst.0 {
                     worst = (d, name.clone());
@@ -84,6 +100,40 @@ fn every_method_matches_mergekit() {
         ModelStore::open_llama(&out).unwrap();
     }
     eprintln!("{}", report.join("\n"));
+}
+
+/// Every token's id in a `tokenizer.json` (vocabulary and added tokens).
+fn token_ids(dir: &Path) -> std::collections::BTreeMap<String, usize> {
+    let t: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("tokenizer.json")).unwrap()).unwrap();
+    let mut ids: std::collections::BTreeMap<String, usize> = t["model"]["vocab"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_u64().unwrap() as usize))
+        .collect();
+    for a in t["added_tokens"].as_array().unwrap() {
+        ids.insert(
+            a["content"].as_str().unwrap().to_string(),
+            a["id"].as_u64().unwrap() as usize,
+        );
+    }
+    ids
+}
+
+/// `(our row, mergekit's row)` for every row of a vocabulary tensor of `rows` rows: the same
+/// token's, then the padding rows by position. The two vocabularies must hold the same tokens.
+fn token_rows(got: &Path, want: &Path, rows: usize) -> Vec<(usize, usize)> {
+    let (g, w) = (token_ids(got), token_ids(want));
+    assert_eq!(
+        g.keys().collect::<Vec<_>>(),
+        w.keys().collect::<Vec<_>>(),
+        "{}: the output vocabulary",
+        got.display()
+    );
+    let mut pairs: Vec<(usize, usize)> = w.iter().map(|(t, &wi)| (g[t], wi)).collect();
+    pairs.extend((w.len()..rows).map(|i| (i, i)));
+    pairs
 }
 
 #[test]
@@ -124,6 +174,48 @@ fn random_drops_are_reproducible_and_follow_the_seed() {
         .to_string();
     let e = run("e", &seed);
     assert_eq!(weights(&d), weights(&e));
+}
+
+#[test]
+fn the_output_tokenizer_and_chat_template_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The union: the base's ids kept, the new tokens after them; `chat_template` written as
+    // the output's chat_template.jinja (which the engine's own chat rendering then uses).
+    let yaml = "merge_method: linear\nmodels:\n  - {model: base, parameters: {weight: 0.5}}\n  - {model: expert_v, parameters: {weight: 0.5}}\ntokenizer_source: union\nchat_template: chatml\n";
+    std::fs::write(tmp.path().join("u.yml"), yaml).unwrap();
+    let out = tmp.path().join("u");
+    let o = bin()
+        .current_dir(data())
+        .args(["merge", tmp.path().join("u.yml").to_str().unwrap()])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ids = token_ids(&out);
+    let base = token_ids(&data().join("base"));
+    for (t, i) in &base {
+        assert_eq!(ids[t], *i, "the base's `{t}` moved");
+    }
+    assert_eq!(ids.len(), base.len() + 3, "{ids:?}");
+    for t in ["x0", "x1", "<|im_end|>"] {
+        assert!(ids[t] >= base.len(), "{t}");
+    }
+    let tok = cycleqd_engine::model::Tokenizer::from_dir(&out).unwrap();
+    assert_eq!(tok.token_id("x1"), Some(ids["x1"] as u32));
+    assert_eq!(
+        tok.encode_plain("w5 x0").unwrap(),
+        vec![5, ids["x0"] as u32]
+    );
+    let template = std::fs::read_to_string(out.join("chat_template.jinja")).unwrap();
+    assert!(template.contains("<|im_start|>"), "{template}");
+    let config = LlamaConfig::from_dir(&out).unwrap();
+    assert_eq!(config.vocab_size, base.len() + 3);
+    let store = ModelStore::open_llama(&out).unwrap();
+    assert_eq!(
+        store.tensor("lm_head.weight").unwrap().shape,
+        vec![base.len() + 3, 16]
+    );
+    assert!(!out.join("tokenizer.model").exists());
 }
 
 #[test]
@@ -179,8 +271,24 @@ fn bad_configs_are_one_line_errors_naming_the_key() {
             "`parameters.t` is",
         ),
         (
-            "merge_method: ties\nbase_model: base\nmodels: [{model: expert_a, parameters: {weight: 1}}]\ntokenizer_source: union\n",
-            "`tokenizer_source` other than `base`",
+            "merge_method: ties\nbase_model: base\nmodels: [{model: expert_a, parameters: {weight: 1}}]\ntokenizer_source: expert_z\n",
+            "`tokenizer_source: expert_z` is not one of the merge's models",
+        ),
+        (
+            "merge_method: linear\nmodels: [{model: expert_a, parameters: {weight: 1}}]\ntokenizer: {tokens: {x: {source: expert_a}}}\n",
+            "`tokenizer.tokens` (per-token embedding sources) is not supported yet",
+        ),
+        (
+            "merge_method: linear\nmodels: [{model: expert_a, parameters: {weight: 1}}]\ntokenizer_source: base\ntokenizer: {source: union}\n",
+            "either `tokenizer_source` or `tokenizer`, not both",
+        ),
+        (
+            "merge_method: linear\nmodels: [{model: expert_a, parameters: {weight: 1}}]\ntokenizer: {pad_to_multiple_of: 0}\n",
+            "`tokenizer.pad_to_multiple_of` must be a whole number",
+        ),
+        (
+            "merge_method: linear\nmodels: [{model: expert_a, parameters: {weight: 1}}]\nchat_template: vicuna\n",
+            "`chat_template: vicuna` is neither",
         ),
     ];
     for (i, (yaml, want)) in cases.iter().enumerate() {

@@ -1,10 +1,11 @@
 //! mergekit's YAML configuration: `merge_method`, `base_model`, `models:` or `slices:` (sources
 //! with `layer_range`), `parameters` at the top, per slice and per model (values, gradients
-//! over layers, `{filter, value}` conditions), `dtype`, `out_dtype`, `tokenizer_source: base`.
+//! over layers, `{filter, value}` conditions), `dtype`, `out_dtype`, `tokenizer_source`,
+//! `tokenizer: {source, pad_to_multiple_of}` and `chat_template`.
 //! Models are local folders or Hub ids found in the local Hub cache.
 //!
-//! Unlike mergekit, which ignores keys it does not know, anything not supported (`tokenizer`,
-//! `modules`, other tokenizer sources, unknown keys, a parameter the method does not take) is an
+//! Unlike mergekit, which ignores keys it does not know, anything not supported (`modules`,
+//! `tokenizer.tokens`, unknown keys, a parameter the method does not take) is an
 //! error naming the key: a merge that silently differs from what the user wrote is worse than
 //! one that refuses.
 
@@ -64,6 +65,27 @@ pub struct MergeConfig {
     pub out_dtype: Option<DType>,
     /// The YAML text, written next to the merged model as mergekit does.
     pub source_text: String,
+    /// `tokenizer_source` / `tokenizer:`; `None` copies the donor's tokenizer untouched.
+    pub tokenizer: Option<TokenizerSpec>,
+    /// `chat_template`: `auto`, a built-in name, or Jinja text.
+    pub chat_template: Option<String>,
+}
+
+/// Where the output's vocabulary comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TokenizerSource {
+    Base,
+    /// Every model's tokens, the base's first (new ones appended).
+    Union,
+    /// One of the merge's models, by its name in the configuration.
+    Model(String),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenizerSpec {
+    pub source: TokenizerSource,
+    /// Rows added up to a multiple of this (each the mean of the real rows).
+    pub pad_to_multiple_of: Option<usize>,
 }
 
 const TOP_KEYS: &[&str] = &[
@@ -75,8 +97,10 @@ const TOP_KEYS: &[&str] = &[
     "dtype",
     "out_dtype",
     "tokenizer_source",
+    "tokenizer",
+    "chat_template",
 ];
-const NOT_YET: &[&str] = &["modules", "tokenizer", "chat_template"];
+const NOT_YET: &[&str] = &["modules"];
 
 impl MergeConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -110,13 +134,12 @@ impl MergeConfig {
                 registry::names()
             ))
         })?;
-        if let Some(v) = top.get("tokenizer_source") {
-            if !matches!(v, Value::Null) && v.as_str() != Some("base") {
-                return Err(err(
-                    "`tokenizer_source` other than `base` is not supported yet".into(),
-                ));
-            }
-        }
+        let tokenizer = parse_tokenizer(&top, path)?;
+        let chat_template = match top.get("chat_template") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(t)) => Some(t.clone()),
+            Some(_) => return Err(err("`chat_template` must be a string".into())),
+        };
         let dtype_key = |k: &str| -> Result<Option<DType>> {
             match top.get(k) {
                 None | Some(Value::Null) => Ok(None),
@@ -194,7 +217,70 @@ impl MergeConfig {
             dtype: dtype_key("dtype")?,
             out_dtype: dtype_key("out_dtype")?,
             source_text: text.to_string(),
+            tokenizer,
+            chat_template,
         })
+    }
+}
+
+/// `tokenizer_source: base|union|<model>` or `tokenizer: {source, pad_to_multiple_of}` (whose
+/// `source` defaults to `union`, as in mergekit).
+fn parse_tokenizer(top: &serde_yaml::Mapping, path: &Path) -> Result<Option<TokenizerSpec>> {
+    let err = |msg: String| Error::config(path, msg);
+    let source = |v: &Value, key: &str| -> Result<TokenizerSource> {
+        match v.as_str() {
+            Some("base") => Ok(TokenizerSource::Base),
+            Some("union") => Ok(TokenizerSource::Union),
+            Some(m) if !m.is_empty() => Ok(TokenizerSource::Model(m.to_string())),
+            _ => Err(err(format!(
+                "`{key}` must be `base`, `union` or one of the merge's models"
+            ))),
+        }
+    };
+    let legacy = match top.get("tokenizer_source") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(source(v, "tokenizer_source")?),
+    };
+    let block = match top.get("tokenizer") {
+        None | Some(Value::Null) => None,
+        Some(Value::Mapping(m)) => {
+            let mut spec = TokenizerSpec {
+                source: TokenizerSource::Union,
+                pad_to_multiple_of: None,
+            };
+            for (k, v) in m {
+                match key_str(k, path)? {
+                    "source" => spec.source = source(v, "tokenizer.source")?,
+                    "pad_to_multiple_of" => match v.as_u64() {
+                        Some(n) if n >= 1 => spec.pad_to_multiple_of = Some(n as usize),
+                        _ => {
+                            return Err(err(
+                                "`tokenizer.pad_to_multiple_of` must be a whole number ≥ 1".into(),
+                            ))
+                        }
+                    },
+                    "tokens" => {
+                        return Err(err(
+                            "`tokenizer.tokens` (per-token embedding sources) is not supported yet"
+                                .into(),
+                        ))
+                    }
+                    k => return Err(err(format!("unknown key `tokenizer.{k}`"))),
+                }
+            }
+            Some(spec)
+        }
+        Some(_) => return Err(err("`tokenizer` must be a mapping".into())),
+    };
+    match (legacy, block) {
+        (Some(_), Some(_)) => Err(err(
+            "give either `tokenizer_source` or `tokenizer`, not both".into(),
+        )),
+        (Some(source), None) => Ok(Some(TokenizerSpec {
+            source,
+            pad_to_multiple_of: None,
+        })),
+        (None, block) => Ok(block),
     }
 }
 

@@ -2,6 +2,7 @@
 //! from memory-mapped inputs through the backend's merge operator into an atomic export.
 //! Peak memory is a few tiles per thread plus the mapped pages of the tensor in flight.
 
+pub mod chat_template;
 pub mod config;
 pub mod gta;
 pub mod methods;
@@ -13,6 +14,7 @@ pub mod settings;
 pub mod sphere;
 pub mod stock;
 pub mod tiles;
+pub mod vocab;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -99,12 +101,39 @@ pub fn run_merge<B: Backend>(
     let donor_name = &plan::donor(&cfg).name;
     let donor = &stores[donor_name];
     for (name, s) in &stores {
-        check_same_shape(donor.config(), donor_name, s.config(), name, cfg.sliced)?;
+        check_same_shape(
+            donor.config(),
+            donor_name,
+            s.config(),
+            name,
+            cfg.sliced,
+            cfg.tokenizer.is_some(),
+        )?;
     }
     let seed = opts
         .random_seed
         .unwrap_or_else(|| rand::random::<u32>() as u64);
     let plan = plan::plan(&cfg, &stores, seed, config_path)?;
+    let vocab = match &cfg.tokenizer {
+        None => None,
+        Some(spec) => {
+            let vocabs = stores
+                .iter()
+                .map(|(name, s)| {
+                    let v = vocab::ModelVocab::read(s.dir(), s.config().vocab_size)
+                        .map_err(|e| Error::invalid(format!("model `{name}`: {e}")))?;
+                    Ok((name.clone(), v))
+                })
+                .collect::<Result<BTreeMap<_, _>>>()?;
+            let mut order: Vec<String> = vec![];
+            for m in &models {
+                if !order.contains(&m.name) {
+                    order.push(m.name.clone());
+                }
+            }
+            Some(vocab::VocabPlan::build(spec, &vocabs, &order, donor_name)?)
+        }
+    };
 
     let out_dtype = cfg
         .out_dtype
@@ -113,13 +142,19 @@ pub fn run_merge<B: Backend>(
     let specs: Vec<TensorSpec> = plan
         .tensors
         .iter()
-        .map(|t| TensorSpec {
-            name: t.name.clone(),
-            dtype: out_dtype,
-            shape: t.shape.clone(),
+        .map(|t| {
+            let mut shape = t.shape.clone();
+            if let Some(v) = vocab.as_ref().filter(|_| vocab::is_vocab_tensor(&t.name)) {
+                shape[0] = v.rows;
+            }
+            TensorSpec {
+                name: t.name.clone(),
+                dtype: out_dtype,
+                shape,
+            }
         })
         .collect();
-    let writer = CheckpointWriter::create(out_dir, specs.clone(), opts.max_shard_bytes)?;
+    let mut writer = CheckpointWriter::create(out_dir, specs.clone(), opts.max_shard_bytes)?;
 
     let bar = if opts.progress {
         let b = ProgressBar::new(specs.len() as u64);
@@ -139,8 +174,27 @@ pub fn run_merge<B: Backend>(
     for t in plan.merge_order() {
         let name = &t.name;
         let load = |r: &plan::Read| stores[&r.model].tensor(&r.tensor);
-        let inputs: Vec<HostTensor> = t.inputs.iter().map(load).collect::<Result<_>>()?;
-        let base = t.base.as_ref().map(load).transpose()?;
+        let mut inputs: Vec<HostTensor> = t.inputs.iter().map(load).collect::<Result<_>>()?;
+        let mut base = t.base.as_ref().map(load).transpose()?;
+        if let Some(v) = vocab.as_ref().filter(|_| vocab::is_vocab_tensor(name)) {
+            // Every input's rows in the output vocabulary, the base among them.
+            let names: Vec<&str> = t
+                .inputs
+                .iter()
+                .chain(&t.base)
+                .map(|r| r.model.as_str())
+                .collect();
+            let all: Vec<&HostTensor> = inputs.iter().chain(&base).collect();
+            let base_at = t.base.as_ref().map(|_| inputs.len()).or_else(|| {
+                let b = cfg.base_model.as_ref()?;
+                t.inputs.iter().position(|r| r.model == b.name)
+            });
+            let mut permuted = v.permute(name, &all, &names, base_at)?;
+            if base.is_some() {
+                base = permuted.pop();
+            }
+            inputs = permuted;
+        }
         let refs: Vec<&HostTensor> = inputs.iter().collect();
         backend.merge(
             name,
@@ -179,6 +233,18 @@ pub fn run_merge<B: Backend>(
     if cfg.sliced {
         config["num_hidden_layers"] = serde_json::json!(plan.num_layers);
     }
+    if let Some(v) = &vocab {
+        config["vocab_size"] = serde_json::json!(v.rows);
+    }
+    let dirs: Vec<&Path> = models.iter().map(|m| m.path.as_path()).collect();
+    write_tokenizer(
+        &mut writer,
+        &cfg,
+        vocab.as_ref(),
+        &stores,
+        donor.dir(),
+        &dirs,
+    )?;
     writer.finish(&config, Some(donor.dir()))?;
     let bytes_written = specs.iter().map(|s| s.nbytes() as u64).sum();
     Ok(MergeReport {
@@ -194,6 +260,87 @@ pub fn run_merge<B: Backend>(
     })
 }
 
+/// The output's tokenizer files when the configuration rebuilds the vocabulary or sets a chat
+/// template (otherwise the donor's are copied as they are by the writer).
+fn write_tokenizer(
+    writer: &mut CheckpointWriter,
+    cfg: &MergeConfig,
+    vocab: Option<&vocab::VocabPlan>,
+    stores: &BTreeMap<String, ModelStore>,
+    donor_dir: &Path,
+    model_dirs: &[&Path],
+) -> Result<()> {
+    let template = match &cfg.chat_template {
+        Some(spec) => chat_template::resolve(spec, model_dirs)?,
+        None => None,
+    };
+    if vocab.is_none() && template.is_none() {
+        return Ok(());
+    }
+    let source_dir = vocab.map_or(donor_dir, |v| stores[&v.source].dir());
+    let read_json = |name: &str| -> Result<Option<serde_json::Value>> {
+        let p = source_dir.join(name);
+        match std::fs::read_to_string(&p) {
+            Ok(t) => serde_json::from_str(&t)
+                .map(Some)
+                .map_err(|e| Error::format(&p, format!("{e}"))),
+            Err(_) => Ok(None),
+        }
+    };
+    let copy = |writer: &CheckpointWriter, name: &str| -> Result<()> {
+        let p = source_dir.join(name);
+        if p.is_file() {
+            let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
+            writer.add_file(name, &bytes)?;
+        }
+        Ok(())
+    };
+    match vocab.and_then(|v| v.tokenizer_json.as_ref()) {
+        Some(json) => writer.add_file("tokenizer.json", &pretty(json))?,
+        None => copy(writer, "tokenizer.json")?,
+    }
+    copy(writer, "special_tokens_map.json")?;
+    let union = vocab.is_some_and(|v| v.tokenizer_json.is_some());
+    if union {
+        // A SentencePiece model would not know the appended tokens.
+        writer.withhold("tokenizer.model");
+    } else {
+        copy(writer, "tokenizer.model")?;
+    }
+    let mut tok_cfg = read_json("tokenizer_config.json")?;
+    if let Some(v) = vocab {
+        tok_cfg = v.tokenizer_config(tok_cfg);
+    }
+    match &template {
+        Some(t) => {
+            if let Some(serde_json::Value::Object(c)) = &mut tok_cfg {
+                c.remove("chat_template");
+            }
+            writer.add_file(crate::model::chat::TEMPLATE_FILE, t.as_bytes())?;
+        }
+        None => copy(writer, crate::model::chat::TEMPLATE_FILE)?,
+    }
+    if let Some(c) = &tok_cfg {
+        writer.add_file("tokenizer_config.json", &pretty(c))?;
+    }
+    // The donor's must not fill in what the source lacks.
+    for name in crate::model::export::COMPANION_FILES {
+        if name.starts_with("tokenizer") || *name == "special_tokens_map.json" {
+            writer.withhold(name);
+        }
+    }
+    if template.is_some() || vocab.is_some() {
+        writer.withhold(crate::model::chat::TEMPLATE_FILE);
+    }
+    Ok(())
+}
+
+fn pretty(v: &serde_json::Value) -> Vec<u8> {
+    let mut b = serde_json::to_vec_pretty(v).expect("JSON values serialise");
+    b.push(b'\n');
+    b
+}
+
 /// Models of one merge share their widths (and, without `slices:`, their depth).
 fn check_same_shape(
     a: &LlamaConfig,
@@ -201,6 +348,7 @@ fn check_same_shape(
     b: &LlamaConfig,
     b_name: &str,
     sliced: bool,
+    vocab_rebuilt: bool,
 ) -> Result<()> {
     let fields = [
         ("vocab_size", a.vocab_size, b.vocab_size),
@@ -228,7 +376,9 @@ fn check_same_shape(
         ("head_dim", a.head_dim, b.head_dim),
     ];
     for (key, x, y) in fields {
-        if x != y && !(sliced && key == "num_hidden_layers") {
+        let may_differ =
+            (sliced && key == "num_hidden_layers") || (vocab_rebuilt && key == "vocab_size");
+        if x != y && !may_differ {
             return Err(Error::invalid(format!(
                 "model `{b_name}` has {key} {y} but `{a_name}` has {x}: models of different shapes cannot be merged"
             )));

@@ -297,9 +297,12 @@ impl Ctx<'_> {
             .or(base_read.as_ref())
             .expect("a tensor has inputs");
         let shape = shape_of(first)?;
+        // With a rebuilt vocabulary, token-indexed tensors differ in rows (they are permuted
+        // into the output's vocabulary before the merge).
+        let rows_may_differ = self.cfg.tokenizer.is_some() && super::vocab::is_vocab_tensor(out);
         for r in reads.iter().chain(&base_read) {
             let s = shape_of(r)?;
-            if s != shape {
+            if s != shape && !(rows_may_differ && s[1..] == shape[1..]) {
                 return Err(self.err(format!(
                     "`{out}`: `{}` has {} of shape {s:?} but `{}` has {} of shape {shape:?}; these models cannot be merged here",
                     r.model, r.tensor, first.model, first.tensor

@@ -55,6 +55,8 @@ pub struct CheckpointWriter {
     slots: HashMap<String, Slot>,
     order: Vec<String>,
     finished: bool,
+    /// Companion files [`CheckpointWriter::finish`] must not copy.
+    withheld: Vec<String>,
 }
 
 impl CheckpointWriter {
@@ -73,6 +75,7 @@ impl CheckpointWriter {
             slots: HashMap::new(),
             order: vec![],
             finished: false,
+            withheld: vec![],
         };
 
         let mut groups: Vec<Vec<TensorSpec>> = vec![];
@@ -167,8 +170,14 @@ impl CheckpointWriter {
         write_synced(&self.tmp_dir.join(name), bytes)
     }
 
+    /// Keeps [`CheckpointWriter::finish`] from copying companion file `name` (one that would
+    /// contradict files added here, such as a `tokenizer.model` beside a rebuilt vocabulary).
+    pub fn withhold(&mut self, name: &str) {
+        self.withheld.push(name.to_string());
+    }
+
     /// Checks every tensor was written, writes the index (when sharded), `config_json` and the
-    /// companion files found in `companions_from`, syncs, and moves the directory into place
+    /// companion files found in `companions_from` (not those added or withheld), syncs, and moves the directory into place
     /// (replacing an existing one only once the new one is complete).
     pub fn finish(mut self, config_json: &Value, companions_from: Option<&Path>) -> Result<()> {
         for name in &self.order {
@@ -213,7 +222,10 @@ impl CheckpointWriter {
         if let Some(src) = companions_from {
             for name in COMPANION_FILES {
                 let from = src.join(name);
-                if from.is_file() {
+                // Files added with `add_file` win over the companions.
+                let taken =
+                    self.tmp_dir.join(name).exists() || self.withheld.iter().any(|w| w == name);
+                if from.is_file() && !taken {
                     let bytes = fs::read(&from).map_err(|e| Error::io(&from, e))?;
                     write_synced(&self.tmp_dir.join(name), &bytes)?;
                 }
