@@ -8,6 +8,7 @@ mod generate;
 mod inspect;
 mod merge;
 mod prompt;
+mod report;
 mod run;
 mod score;
 mod serve;
@@ -35,7 +36,7 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Summarise a checkpoint directory and report any problem found.
     Inspect(inspect::InspectArgs),
-    /// Merge models as a mergekit YAML configuration says (linear, task_arithmetic, ties, slerp).
+    /// Merge models as a mergekit YAML configuration says (all of mergekit's methods).
     Merge(merge::MergeArgs),
     /// Score a checkpoint on a JSONL task file.
     Eval(eval::EvalArgs),
@@ -47,6 +48,8 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Export a run's final model or an archive elite as a Hugging Face checkpoint.
     Export(export::ExportArgs),
+    /// Rebuild a run's plots and report.html, or list an archive's best elites.
+    Report(report::ReportArgs),
     /// Evolve multi-skill models (CycleQD); without --config, the built-in synthetic demo.
     Run(run::RunArgs),
     /// Build the synthetic demo: a tiny base, skill experts, task files and a run config.
@@ -70,6 +73,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Score(a) => score::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Export(a) => export::run(a),
+        Command::Report(a) => report::run(a),
         Command::Bench(a) => bench::run(a),
     }
 }

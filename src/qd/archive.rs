@@ -164,6 +164,11 @@ impl<S: Clone> GridArchive<S> {
         self.ranges.len()
     }
 
+    /// Each measure's `(lo, hi)`.
+    pub fn ranges(&self) -> &[(f64, f64)] {
+        &self.ranges
+    }
+
     pub fn bins(&self) -> usize {
         self.bins
     }

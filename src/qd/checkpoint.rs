@@ -146,6 +146,33 @@ pub fn save(path: &Path, pop: &Population, meta: &CheckpointMeta) -> Result<()> 
     write_encoded(path, &encode(pop, meta))
 }
 
+/// A checkpoint's population (without genomes) and the event log's length it counts, for
+/// readers that have no expert set (`report`). The checksum is verified.
+pub fn read_state(path: &Path) -> Result<(Population, u64)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let header = parse_header(&bytes, path)?;
+    let md = &header.metadata;
+    let coverage = if md.get("version").map(String::as_str) == Some("1") {
+        Coverage::DataOnly
+    } else {
+        Coverage::DataAndMetadata
+    };
+    durable::verify(&bytes, &header, path, "checkpoint", coverage)?;
+    let get = |k: &str| {
+        md.get(k)
+            .ok_or_else(|| Error::format(path, format!("checkpoint metadata has no `{k}`")))
+    };
+    if get("format")? != FORMAT {
+        return Err(Error::format(path, "not a cycleqd-engine checkpoint"));
+    }
+    let pop: Population = serde_json::from_str(get("state")?)
+        .map_err(|e| Error::format(path, format!("invalid state: {e}")))?;
+    let events_len = get("events_len")?
+        .parse()
+        .map_err(|_| Error::format(path, "`events_len` is not an integer"))?;
+    Ok((pop, events_len))
+}
+
 /// Loads a checkpoint written by [`save`] (or by version 1, whose checksum covers only the
 /// data and which has nothing in flight) for the expert set `set`.
 pub fn load(path: &Path, set: &ExpertSet) -> Result<(Population, CheckpointMeta)> {

@@ -381,6 +381,49 @@ impl Population {
         Ok(history)
     }
 
+    /// The population a run whose applied children are `events` holds (archives, individuals,
+    /// counts, history), rebuilt from this one's grids and experts without genomes: what
+    /// `report` draws for a run whose log runs past its last checkpoint.
+    pub fn replayed<'a>(
+        &self,
+        events: impl IntoIterator<Item = &'a ChildEvent> + Clone,
+    ) -> Result<Population> {
+        let mut pop = Population {
+            tasks: self.tasks.clone(),
+            children_done: 0,
+            failed: 0,
+            archives: self.archives.iter().map(|a| a.empty_like()).collect(),
+            individuals: BTreeMap::new(),
+            genomes: BTreeMap::new(),
+            experts: self.experts.clone(),
+            history: vec![],
+            examples_scored: self.examples_scored,
+            examples_full: self.examples_full,
+            stopped_early: self.stopped_early,
+        };
+        let none = Arc::new(Genome::default());
+        for e in &self.experts {
+            pop.offer(e.clone(), none.clone())?;
+        }
+        for ev in events.clone() {
+            pop.children_done += 1;
+            match &ev.scores {
+                Some(f) => {
+                    let ind = Individual {
+                        id: ev.id.clone(),
+                        fitness: f.clone(),
+                        examples: vec![],
+                    };
+                    pop.offer(ind, none.clone())?;
+                }
+                None => pop.failed += u64::from(ev.failed.is_some()),
+            }
+        }
+        pop.genomes.clear();
+        pop.history = pop.replay_history(events)?;
+        Ok(pop)
+    }
+
     fn record(&mut self, evaluations: u64) {
         self.history.push(HistoryPoint {
             evaluations,

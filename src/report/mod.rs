@@ -1,32 +1,47 @@
 //! A run's report folder: `curves.json` (the archives' pyribs statistics against evaluations,
-//! machine-readable), `curves.png` (qd_score, coverage and obj_max panels, one line per
-//! archive) and `archive_<task>.png` (the archive's grid, cells coloured by objective; with
-//! more than two measures, the best objective over the others is shown).
+//! machine-readable), `curves.png` (qd_score, coverage and obj_max per archive), one
+//! `archive_<task>.png` heatmap per archive (experts, softmax members and the final model
+//! marked), `table.png` (the final table, once the run has finished) and `report.html`, one
+//! self-contained page with all of it, the final model's lineage, the configuration and the
+//! timing. Written at the end of a run, refreshed while it runs, and rebuilt by `report`.
 
-mod canvas;
+mod html;
+pub mod plots;
+pub mod run_folder;
 
 use std::path::Path;
 
-use serde_json::json;
+use serde::Serialize;
+use serde_json::{json, Value};
 
 use crate::durable::write_synced;
 use crate::error::{Error, Result};
-use crate::qd::Population;
+use crate::qd::{ChildEvent, Population};
 
-use canvas::{Canvas, Rgb};
+use plots::{Marker, MarkerKind, Picture};
 
-/// Line colours per archive (colour-blind friendly, from Okabe & Ito).
-const PALETTE: [Rgb; 6] = [
-    [0, 114, 178],
-    [213, 94, 0],
-    [0, 158, 115],
-    [204, 121, 167],
-    [230, 159, 0],
-    [86, 180, 233],
-];
+/// What a report is drawn from.
+pub struct ReportInputs<'a> {
+    /// The population, its statistics' history filled in.
+    pub pop: &'a Population,
+    pub events: &'a [ChildEvent],
+    /// `summary.json`, once the run has finished.
+    pub summary: Option<&'a Value>,
+    pub config_text: Option<&'a str>,
+}
 
-pub fn write_report(dir: &Path, pop: &Population) -> Result<()> {
+/// A picture the report wrote.
+#[derive(Clone, Debug, Serialize)]
+pub struct Written {
+    pub file: String,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// Writes every file of the report into `dir`; returns the pictures written.
+pub fn write_report(dir: &Path, inputs: &ReportInputs) -> Result<Vec<Written>> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let pop = inputs.pop;
     let curves = json!({
         "tasks": pop.tasks,
         "points": pop.history,
@@ -35,151 +50,158 @@ pub fn write_report(dir: &Path, pop: &Population) -> Result<()> {
         &dir.join("curves.json"),
         &serde_json::to_vec(&curves).expect("JSON serialises"),
     )?;
-    write_png(&dir.join("curves.png"), &curves_png(pop))?;
+    let mut pictures: Vec<(String, String, Picture)> = vec![(
+        "curves.png".into(),
+        "Progress".into(),
+        plots::curves(&pop.tasks, &pop.history)?,
+    )];
+    let finals = final_model(inputs);
     for (q, name) in pop.tasks.iter().enumerate() {
-        write_png(
-            &dir.join(format!("archive_{name}.png")),
-            &heatmap_png(pop, q),
-        )?;
+        let markers = markers(inputs, &finals);
+        pictures.push((
+            format!("archive_{name}.png"),
+            format!("Archive `{name}`"),
+            plots::heatmap(&pop.tasks, q, &pop.archives[q], &markers)?,
+        ));
     }
-    Ok(())
+    if let Some(table) = table_rows(inputs.summary) {
+        pictures.push((
+            "table.png".into(),
+            "Final table".into(),
+            plots::table_bars(&pop.tasks, &table.rows, &table.chosen)?,
+        ));
+    }
+    let mut written = vec![];
+    let mut encoded = vec![];
+    for (file, title, pic) in &pictures {
+        let png = pic.encode_png()?;
+        write_synced(&dir.join(file), &png)?;
+        written.push(Written {
+            file: file.clone(),
+            width: pic.width,
+            height: pic.height,
+        });
+        encoded.push((file.clone(), title.clone(), png));
+    }
+    let page = html::page(inputs, &finals, &encoded);
+    write_synced(&dir.join("report.html"), page.as_bytes())?;
+    Ok(written)
 }
 
-fn write_png(path: &Path, c: &Canvas) -> Result<()> {
-    write_synced(path, &c.encode_png())
+/// The model `final/` holds (or, while the run goes on, the best-mean elite so far): its
+/// label, fitness and the individuals it is made of.
+pub(crate) struct FinalModel {
+    pub label: String,
+    pub fitness: Option<Vec<f64>>,
+    pub members: Vec<String>,
 }
 
-fn curves_png(pop: &Population) -> Canvas {
-    let (pw, ph) = (300usize, 220usize);
-    let mut c = Canvas::new(pw * 3 + 40, ph + 70);
-    let xs: Vec<f64> = pop.history.iter().map(|p| p.evaluations as f64).collect();
-    let x_max = xs.iter().copied().fold(1.0, f64::max);
-    type Stat = fn(&crate::qd::ArchiveStats) -> f64;
-    let panels: [(&str, Stat); 3] = [
-        ("QD SCORE", |s| s.qd_score),
-        ("COVERAGE", |s| s.coverage),
-        ("OBJ MAX", |s| s.obj_max.unwrap_or(0.0)),
-    ];
-    for (i, (title, f)) in panels.iter().enumerate() {
-        let (x0, y0) = (20 + i * (pw + 10), 30);
-        let series: Vec<Vec<f64>> = (0..pop.tasks.len())
-            .map(|q| pop.history.iter().map(|p| f(&p.stats[q])).collect())
-            .collect();
-        let y_max = series.iter().flatten().copied().fold(1e-9, f64::max);
-        c.rect_outline(x0, y0, pw, ph, [0, 0, 0]);
-        c.text(x0 + 4, y0 - 14, title, [0, 0, 0]);
-        c.text(x0 + 4, y0 + 4, &format!("{y_max:.3}"), [90, 90, 90]);
-        c.text(x0 + 4, y0 + ph + 6, "EVALUATIONS", [90, 90, 90]);
-        c.text(
-            x0 + pw - 40,
-            y0 + ph + 6,
-            &format!("{x_max:.0}"),
-            [90, 90, 90],
-        );
-        for (q, ys) in series.iter().enumerate() {
-            let col = PALETTE[q % PALETTE.len()];
-            let pt = |j: usize| {
-                (
-                    x0 as f64 + xs[j] / x_max * (pw - 1) as f64,
-                    (y0 + ph - 1) as f64 - ys[j] / y_max * (ph - 12) as f64,
-                )
-            };
-            for j in 1..ys.len() {
-                let (a, b) = (pt(j - 1), pt(j));
-                c.line(a, b, col);
-            }
-        }
-    }
-    for (q, name) in pop.tasks.iter().enumerate() {
-        c.text(
-            20 + q * 120,
-            ph + 52,
-            &name.to_uppercase(),
-            PALETTE[q % PALETTE.len()],
-        );
-    }
-    c
-}
-
-/// The most squares along one axis of an archive heatmap.
-const MAX_SHOWN_BINS: usize = 120;
-
-fn heatmap_png(pop: &Population, q: usize) -> Canvas {
-    let a = &pop.archives[q];
-    let b = a.bins();
-    let dims = a.measure_dims();
-    let measure_names: Vec<&String> = pop
-        .tasks
-        .iter()
-        .enumerate()
-        .filter(|&(d, _)| d != q)
-        .map(|(_, n)| n)
-        .collect();
-    // More bins than a picture has room for are shown a block of bins per square (the best
-    // elite of the block), so the image stays a few hundred pixels whatever `bins` is.
-    let shown = b.min(MAX_SHOWN_BINS);
-    let squeeze = |i: usize| i * shown / b;
-    let (cols, rows) = if dims >= 2 {
-        (shown, shown)
-    } else {
-        (shown, 1)
+fn final_model(inputs: &ReportInputs) -> FinalModel {
+    let pop = inputs.pop;
+    let best_mean = pop.best_mean();
+    let running = FinalModel {
+        label: format!("best mean so far ({})", best_mean.id),
+        fitness: Some(best_mean.fitness.clone()),
+        members: vec![best_mean.id.clone()],
     };
-    let cell = (24 * 15 / shown).clamp(4, 24);
-    let (x0, y0) = (60usize, 40usize);
-    let mut c = Canvas::new(x0 + cols * cell + 40, y0 + rows * cell + 60);
-    let mut best = vec![f64::NAN; cols * rows];
-    for e in a.elites() {
-        let (i, j) = (
-            squeeze(e.cell[0]),
-            if dims >= 2 { squeeze(e.cell[1]) } else { 0 },
-        );
-        let v = &mut best[j * cols + i];
-        if v.is_nan() || e.objective > *v {
-            *v = e.objective;
-        }
+    let Some(s) = inputs.summary else {
+        return running;
+    };
+    let chosen = s["final"]["model"].as_str().unwrap_or_default();
+    let row = s["table"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["model"] == chosen);
+    let fitness = row.and_then(|r| {
+        r["fitness"]
+            .as_array()
+            .map(|v| v.iter().filter_map(Value::as_f64).collect())
+    });
+    let members = if s["final"]["rule"] == "softmax" {
+        pop.best_per_archive()
+            .iter()
+            .map(|i| i.id.clone())
+            .collect()
+    } else {
+        vec![best_mean.id.clone()]
+    };
+    FinalModel {
+        label: format!("final/: {chosen}"),
+        fitness,
+        members,
     }
-    for j in 0..rows {
-        for i in 0..cols {
-            let v = best[j * cols + i];
-            let col = if v.is_nan() {
-                [235, 235, 235]
-            } else {
-                canvas::viridis(v.clamp(0.0, 1.0))
-            };
-            // Measure 2 grows upwards.
-            let y = y0 + (rows - 1 - j) * cell;
-            c.fill(x0 + i * cell + 1, y + 1, cell - 2, cell - 2, col);
-        }
+}
+
+fn markers(inputs: &ReportInputs, finals: &FinalModel) -> Vec<Marker> {
+    let pop = inputs.pop;
+    let mut out: Vec<Marker> = pop
+        .experts
+        .iter()
+        .zip(&pop.tasks)
+        .map(|(e, t)| Marker {
+            label: format!("expert {t}"),
+            kind: MarkerKind::Expert,
+            fitness: e.fitness.clone(),
+        })
+        .collect();
+    for (ind, t) in pop.best_per_archive().iter().zip(&pop.tasks) {
+        out.push(Marker {
+            label: format!("best of {t}"),
+            kind: MarkerKind::Member,
+            fitness: ind.fitness.clone(),
+        });
     }
-    c.text(
-        x0,
-        6,
-        &format!("ARCHIVE {} - OBJECTIVE 0 TO 1", pop.tasks[q].to_uppercase()),
-        [0, 0, 0],
-    );
-    c.text(
-        x0,
-        y0 + rows * cell + 10,
-        &format!("{} >", measure_names[0].to_uppercase()),
-        [0, 0, 0],
-    );
-    if dims >= 2 {
-        c.text(
-            4,
-            y0 - 14,
-            &format!("^ {}", measure_names[1].to_uppercase()),
-            [0, 0, 0],
-        );
+    if let Some(f) = &finals.fitness {
+        out.push(Marker {
+            label: "final".into(),
+            kind: MarkerKind::Final,
+            fitness: f.clone(),
+        });
     }
-    for s in 0..=10 {
-        let v = s as f64 / 10.0;
-        c.fill(
-            x0 + s * 16,
-            y0 + rows * cell + 30,
-            16,
-            10,
-            canvas::viridis(v),
-        );
-    }
-    c
+    out
+}
+
+pub(crate) struct Table {
+    pub tasks: Vec<String>,
+    pub split: Vec<String>,
+    pub rows: Vec<(String, Vec<f64>)>,
+    pub means: Vec<f64>,
+    pub chosen: String,
+}
+
+/// `summary.json`'s table (held-out score per task per model).
+pub(crate) fn table_rows(summary: Option<&Value>) -> Option<Table> {
+    let s = summary?;
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x.as_str().map(String::from))
+            .collect()
+    };
+    let rows: Vec<&Value> = s["table"].as_array()?.iter().collect();
+    Some(Table {
+        tasks: strings(&s["tasks"]),
+        split: strings(&s["table_split"]),
+        rows: rows
+            .iter()
+            .map(|r| {
+                (
+                    r["model"].as_str().unwrap_or_default().to_string(),
+                    r["heldout"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|x| x.as_f64().unwrap_or(f64::NAN))
+                        .collect(),
+                )
+            })
+            .collect(),
+        means: rows
+            .iter()
+            .map(|r| r["mean"].as_f64().unwrap_or(f64::NAN))
+            .collect(),
+        chosen: s["final"]["model"].as_str().unwrap_or_default().to_string(),
+    })
 }

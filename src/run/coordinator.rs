@@ -184,6 +184,7 @@ impl Coordinator {
             events: events.try_clone().map_err(|e| Error::io(&events_path, e))?,
             events_path,
             pending: None,
+            last_report: None,
         };
         let in_flight: BTreeMap<u64, Arc<ChildSpec>> = in_flight
             .into_iter()
@@ -397,7 +398,13 @@ struct CheckpointWriter {
     events: File,
     events_path: PathBuf,
     pending: Option<JoinHandle<Result<()>>>,
+    /// When the report was last refreshed (it is redrawn with a checkpoint at most every
+    /// [`REPORT_EVERY`]).
+    last_report: Option<std::time::Instant>,
 }
+
+/// How often a running run redraws `report/`.
+const REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl CheckpointWriter {
     fn submit(&mut self, pop: Population, meta: CheckpointMeta) -> Result<()> {
@@ -407,12 +414,22 @@ impl CheckpointWriter {
             .try_clone()
             .map_err(|e| Error::io(&self.events_path, e))?;
         let (path, events_path) = (self.path.clone(), self.events_path.clone());
+        let report = self.last_report.is_none_or(|t| t.elapsed() >= REPORT_EVERY);
+        if report {
+            self.last_report = Some(std::time::Instant::now());
+        }
         let thread = std::thread::Builder::new()
             .name("checkpoint".into())
             .spawn(move || {
                 let bytes = checkpoint::encode(&pop, &meta);
                 events.sync_data().map_err(|e| Error::io(&events_path, e))?;
-                checkpoint::write_encoded(&path, &bytes)
+                checkpoint::write_encoded(&path, &bytes)?;
+                if report {
+                    // Best effort: a picture that fails must not stop the run (the final
+                    // report, written at the end, reports its errors).
+                    let _ = refresh_report(&path, &events_path, &pop);
+                }
+                Ok(())
             })
             .map_err(|e| Error::invalid(format!("starting the checkpoint writer: {e}")))?;
         self.pending = Some(thread);
@@ -427,6 +444,23 @@ impl CheckpointWriter {
             None => Ok(()),
         }
     }
+}
+
+/// Redraws the run's `report/` from the population just checkpointed.
+fn refresh_report(ckpt: &Path, events_path: &Path, pop: &Population) -> Result<()> {
+    let dir = ckpt.parent().unwrap_or(Path::new("."));
+    let events = crate::report::run_folder::read_log(events_path)?;
+    let config_text = std::fs::read_to_string(dir.join("config.toml")).ok();
+    crate::report::write_report(
+        &dir.join("report"),
+        &crate::report::ReportInputs {
+            pop,
+            events: &events,
+            summary: None,
+            config_text: config_text.as_deref(),
+        },
+    )?;
+    Ok(())
 }
 
 impl Drop for CheckpointWriter {

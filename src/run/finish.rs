@@ -237,7 +237,17 @@ pub fn finish(
         &out.join("summary.json"),
         &serde_json::to_vec_pretty(&doc).expect("JSON serialises"),
     )?;
-    crate::report::write_report(&out.join("report"), pop)?;
+    let events = crate::report::run_folder::read_log(&out.join("events.jsonl"))?;
+    let config_text = std::fs::read_to_string(out.join("config.toml")).ok();
+    crate::report::write_report(
+        &out.join("report"),
+        &crate::report::ReportInputs {
+            pop,
+            events: &events,
+            summary: Some(&doc),
+            config_text: config_text.as_deref(),
+        },
+    )?;
     Ok(summary)
 }
 
