@@ -328,11 +328,15 @@ fn objective_range(archive: &GridArchive<String>, q: usize, markers: &[Marker]) 
     }
 }
 
+/// The most squares a heatmap draws along a measure (finer grids show blocks of bins).
+const MAX_SQUARES: usize = 100;
+
 /// At most ~8 of the bin edges, as axis ticks.
 fn edge_ticks(lo: f64, hi: f64, bins: usize) -> Vec<f64> {
     let step = bins.div_ceil(8).max(1);
     (0..=bins)
         .step_by(step)
+        .take(9)
         .map(|i| lo + (hi - lo) * i as f64 / bins as f64)
         .collect()
 }
@@ -385,31 +389,39 @@ fn grid_panel(
         .axis_desc_style((FONT, 14))
         .draw()
         .map_err(plot_err)?;
-    // The best objective per shown cell.
-    let rows = if strip { 1 } else { bins };
-    let mut best = vec![f64::NAN; bins * rows];
+    // The best objective per shown square. A grid finer than the panel's pixels shows blocks
+    // of `block` bins a side (the archive is sparse; 10^5 bins a measure is 10^10 cells).
+    let block = bins.div_ceil(MAX_SQUARES).max(1);
+    let cols = bins.div_ceil(block);
+    let rows = if strip { 1 } else { cols };
+    let mut best = vec![f64::NAN; cols * rows];
     for e in archive.elites() {
-        let (i, j) = (e.cell[a], if strip { 0 } else { e.cell[b] });
-        let v = &mut best[j * bins + i];
+        let (i, j) = (e.cell[a] / block, if strip { 0 } else { e.cell[b] / block });
+        let v = &mut best[j * cols + i];
         if v.is_nan() || e.objective > *v {
             *v = e.objective;
         }
     }
-    let edge = |r: (f64, f64), i: usize, n: usize| r.0 + (r.1 - r.0) * i as f64 / n as f64;
-    let cells = (0..rows).flat_map(|j| (0..bins).map(move |i| (i, j)));
+    // Where square `i` starts on a measure's axis (the strip's one row spans its y range).
+    let x_edge = |i: usize| xr.0 + (xr.1 - xr.0) * (i * block).min(bins) as f64 / bins as f64;
+    let y_edge = |j: usize| {
+        if strip {
+            yr.0 + (yr.1 - yr.0) * j as f64
+        } else {
+            yr.0 + (yr.1 - yr.0) * (j * block).min(bins) as f64 / bins as f64
+        }
+    };
+    let cells = (0..rows).flat_map(|j| (0..cols).map(move |i| (i, j)));
     chart
         .draw_series(cells.map(|(i, j)| {
-            let v = best[j * bins + i];
+            let v = best[j * cols + i];
             let colour = if v.is_nan() {
                 RGBColor(232, 232, 232)
             } else {
                 viridis((v - lo) / (hi - lo))
             };
             Rectangle::new(
-                [
-                    (edge(xr, i, bins), edge(yr, j, rows)),
-                    (edge(xr, i + 1, bins), edge(yr, j + 1, rows)),
-                ],
+                [(x_edge(i), y_edge(j)), (x_edge(i + 1), y_edge(j + 1))],
                 colour.filled(),
             )
         }))
