@@ -38,6 +38,23 @@ pub struct Written {
     pub height: u32,
 }
 
+/// Redraws `run_dir/report/` during or at the end of a run: `pop` as the run holds it, the
+/// folder's event log and configuration, and the summary once there is one.
+pub fn redraw_run_report(run_dir: &Path, pop: &Population, summary: Option<&Value>) -> Result<()> {
+    let events = run_folder::read_log(&run_dir.join("events.jsonl"))?;
+    let config_text = std::fs::read_to_string(run_dir.join("config.toml")).ok();
+    write_report(
+        &run_dir.join("report"),
+        &ReportInputs {
+            pop,
+            events: &events,
+            summary,
+            config_text: config_text.as_deref(),
+        },
+    )?;
+    Ok(())
+}
+
 /// Writes every file of the report into `dir`; returns the pictures written.
 pub fn write_report(dir: &Path, inputs: &ReportInputs) -> Result<Vec<Written>> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;

@@ -36,8 +36,9 @@ impl RunFolder {
         let log = dir.join("events.jsonl");
         // The log up to the checkpoint must be the checkpoint's; past it (a running or killed
         // run), every complete line counts.
-        crate::run::coordinator::read_events(&log, events_len, saved.children_done)?;
-        let events = read_log(&log)?;
+        let mut events =
+            crate::run::coordinator::read_events(&log, events_len, saved.children_done)?;
+        events.extend(read_log_after(&log, events_len, events.len())?);
         let pop = saved.replayed(&events)?;
         let summary_path = dir.join("summary.json");
         let summary = match std::fs::read(&summary_path) {
@@ -59,7 +60,17 @@ impl RunFolder {
 
 /// Every complete event of a log (a line still being written at its end is left out).
 pub fn read_log(path: &Path) -> Result<Vec<ChildEvent>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    read_log_after(path, 0, 0)
+}
+
+/// The complete events after byte `offset`, which ends line `lines_before`.
+fn read_log_after(path: &Path, offset: u64, lines_before: usize) -> Result<Vec<ChildEvent>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut text = String::new();
+    f.seek(SeekFrom::Start(offset))
+        .and_then(|_| f.read_to_string(&mut text))
+        .map_err(|e| Error::io(path, e))?;
     let complete = match text.rfind('\n') {
         Some(i) => &text[..=i],
         None => "",
@@ -68,8 +79,10 @@ pub fn read_log(path: &Path) -> Result<Vec<ChildEvent>> {
         .lines()
         .enumerate()
         .map(|(i, l)| {
-            serde_json::from_str(l)
-                .map_err(|e| Error::format(path, format!("line {} is not an event ({e})", i + 1)))
+            serde_json::from_str(l).map_err(|e| {
+                let line = lines_before + i + 1;
+                Error::format(path, format!("line {line} is not an event ({e})"))
+            })
         })
         .collect()
 }

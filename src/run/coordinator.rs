@@ -427,7 +427,8 @@ impl CheckpointWriter {
                 if report {
                     // Best effort: a picture that fails must not stop the run (the final
                     // report, written at the end, reports its errors).
-                    let _ = refresh_report(&path, &events_path, &pop);
+                    let run_dir = path.parent().unwrap_or(Path::new("."));
+                    let _ = crate::report::redraw_run_report(run_dir, &pop, None);
                 }
                 Ok(())
             })
@@ -444,23 +445,6 @@ impl CheckpointWriter {
             None => Ok(()),
         }
     }
-}
-
-/// Redraws the run's `report/` from the population just checkpointed.
-fn refresh_report(ckpt: &Path, events_path: &Path, pop: &Population) -> Result<()> {
-    let dir = ckpt.parent().unwrap_or(Path::new("."));
-    let events = crate::report::run_folder::read_log(events_path)?;
-    let config_text = std::fs::read_to_string(dir.join("config.toml")).ok();
-    crate::report::write_report(
-        &dir.join("report"),
-        &crate::report::ReportInputs {
-            pop,
-            events: &events,
-            summary: None,
-            config_text: config_text.as_deref(),
-        },
-    )?;
-    Ok(())
 }
 
 impl Drop for CheckpointWriter {

@@ -237,17 +237,7 @@ pub fn finish(
         &out.join("summary.json"),
         &serde_json::to_vec_pretty(&doc).expect("JSON serialises"),
     )?;
-    let events = crate::report::run_folder::read_log(&out.join("events.jsonl"))?;
-    let config_text = std::fs::read_to_string(out.join("config.toml")).ok();
-    crate::report::write_report(
-        &out.join("report"),
-        &crate::report::ReportInputs {
-            pop,
-            events: &events,
-            summary: Some(&doc),
-            config_text: config_text.as_deref(),
-        },
-    )?;
+    crate::report::redraw_run_report(out, pop, Some(&doc))?;
     Ok(summary)
 }
 
