@@ -342,7 +342,7 @@ pub fn merge_experts<B: Backend>(
 /// The algorithm (and every setting its result depends on) that the factor cache records.
 fn algorithm_tag(rank: Rank) -> String {
     match rank {
-        Rank::Full => "exact thin svd (faer)".into(),
+        Rank::Full => "exact thin svd (faer, f64)".into(),
         Rank::Truncated(r) => format!("rank {r}, {}", RandomizedSvd::default().tag()),
     }
 }
