@@ -139,6 +139,7 @@ impl BatchedLinalg for CpuLinalg {
 /// often leave tensors untouched) is orthonormalised by a Householder QR on the host instead,
 /// which completes its basis with arbitrary orthonormal columns.
 fn cholesky_qr<O: BatchedLinalg>(ops: &O, x: &mut O::Mat) -> Result<Vec<Vec<f64>>> {
+    use rayon::prelude::*;
     let (p, l, nb) = ops.dims(x);
     let mut r_total: Vec<Vec<f64>> = (0..nb).map(|_| identity(l)).collect();
     let mut gram = ops.zeros(l, l, nb)?;
@@ -147,21 +148,36 @@ fn cholesky_qr<O: BatchedLinalg>(ops: &O, x: &mut O::Mat) -> Result<Vec<Vec<f64>
     for pass in 0..3 {
         ops.gemm(&mut gram, x, true, x, false)?;
         let g = ops.download(&gram)?;
+        // The l×l work of every member on the host, in parallel: sequentially it was most of
+        // a GPU factorisation (an 8B model's 226 matrices, 21 passes each, ~10 ms apiece).
+        let per_member: Vec<Option<(Vec<f64>, Vec<f32>)>> = g
+            .par_chunks_exact(l * l)
+            .zip(r_total.par_iter())
+            .zip(householder.par_iter())
+            .map(|((gi, r_prev), &done)| {
+                if done {
+                    return None;
+                }
+                let mut g64: Vec<f64> = gi.iter().map(|&v| v as f64).collect();
+                if pass == 0 {
+                    // The shift keeps the Cholesky factorisable when X is ill-conditioned in
+                    // f32; the two unshifted passes then restore orthogonality.
+                    let norm = (0..l).map(|j| g64[j * l + j]).sum::<f64>();
+                    let shift = 11.0 * ((p * l + l * (l + 1)) as f64) * f32::EPSILON as f64 * norm;
+                    (0..l).for_each(|j| g64[j * l + j] += shift);
+                }
+                let r = cholesky_upper(&g64, l)?;
+                let rinv = invert_upper(&r, l).iter().map(|&v| v as f32).collect();
+                Some((matmul_upper(&r, r_prev, l), rinv))
+            })
+            .collect();
         let mut rinv = Vec::with_capacity(l * l * nb);
         let mut failed = vec![];
-        for (i, gi) in g.chunks_exact(l * l).enumerate() {
-            let mut g64: Vec<f64> = gi.iter().map(|&v| v as f64).collect();
-            if pass == 0 {
-                // The shift keeps the Cholesky factorisable when X is ill-conditioned in
-                // f32; the two unshifted passes then restore orthogonality.
-                let norm = (0..l).map(|j| g64[j * l + j]).sum::<f64>();
-                let shift = 11.0 * ((p * l + l * (l + 1)) as f64) * f32::EPSILON as f64 * norm;
-                (0..l).for_each(|j| g64[j * l + j] += shift);
-            }
-            match cholesky_upper(&g64, l).filter(|_| !householder[i]) {
-                Some(r) => {
-                    r_total[i] = matmul_upper(&r, &r_total[i], l);
-                    rinv.extend(invert_upper(&r, l).iter().map(|&v| v as f32));
+        for (i, member) in per_member.into_iter().enumerate() {
+            match member {
+                Some((r, inv)) => {
+                    r_total[i] = r;
+                    rinv.extend(inv);
                 }
                 None => {
                     // Left as it is by this pass; replaced by its Householder QR below (and
@@ -276,31 +292,30 @@ pub fn randomized_svd_concat<O: BatchedLinalg>(
     let mut qb = ops.zeros(n, l, nb)?;
     ops.gemm(&mut qb, &at, false, &q, false)?;
     let r_b = ops.orthonormalize(&mut qb)?;
+    // The members' l×l core SVDs are independent host work: in parallel.
+    let cores: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = r_b
+        .par_iter()
+        .map(|r| {
+            let rm = Mat::from_fn(l, l, |i, j| r[j * l + i]);
+            let svd = rm.thin_svd().map_err(|e| {
+                Error::invalid(format!(
+                    "factorize: SVD of the {l}×{l} core did not converge: {e:?}"
+                ))
+            })?;
+            let column_major = |m: faer::MatRef<'_, f64>| -> Vec<f32> {
+                (0..l)
+                    .flat_map(|j| (0..l).map(move |i| m[(i, j)] as f32))
+                    .collect()
+            };
+            let s = svd.S().column_vector().iter().map(|&s| s as f32).collect();
+            Ok((column_major(svd.U()), column_major(svd.V()), s))
+        })
+        .collect::<Result<_>>()?;
     let (mut ur_all, mut vr_all, mut sigmas) = (vec![], vec![], vec![]);
-    for r in &r_b {
-        let rm = Mat::from_fn(l, l, |i, j| r[j * l + i]);
-        let svd = rm.thin_svd().map_err(|e| {
-            Error::invalid(format!(
-                "factorize: SVD of the {l}×{l} core did not converge: {e:?}"
-            ))
-        })?;
-        ur_all.extend(
-            (0..l)
-                .flat_map(|j| (0..l).map(move |i| (i, j)))
-                .map(|(i, j)| svd.U()[(i, j)] as f32),
-        );
-        vr_all.extend(
-            (0..l)
-                .flat_map(|j| (0..l).map(move |i| (i, j)))
-                .map(|(i, j)| svd.V()[(i, j)] as f32),
-        );
-        sigmas.push(
-            svd.S()
-                .column_vector()
-                .iter()
-                .map(|&s| s as f32)
-                .collect::<Vec<f32>>(),
-        );
+    for (ur, vr, s) in cores {
+        ur_all.extend(ur);
+        vr_all.extend(vr);
+        sigmas.push(s);
     }
     let (ur, vr) = (
         ops.upload(&ur_all, l, l, nb)?,
@@ -363,12 +378,19 @@ fn cholesky_upper(g: &[f64], l: usize) -> Option<Vec<f64>> {
 
 /// Inverse of an upper-triangular column-major matrix.
 fn invert_upper(r: &[f64], l: usize) -> Vec<f64> {
+    // Column j solves R·x = e_j by back substitution in its column form, so R is read down
+    // its columns (contiguous) rather than along its rows (a stride of l).
     let mut inv = vec![0.0; l * l];
     for j in 0..l {
-        inv[j * l + j] = 1.0 / r[j * l + j];
-        for i in (0..j).rev() {
-            let s: f64 = (i + 1..=j).map(|k| r[k * l + i] * inv[j * l + k]).sum();
-            inv[j * l + i] = -s / r[i * l + i];
+        let x = &mut inv[j * l..j * l + j + 1];
+        x[j] = 1.0;
+        for k in (0..=j).rev() {
+            let col = &r[k * l..k * l + k + 1];
+            x[k] /= col[k];
+            let xk = x[k];
+            for (xi, &rik) in x[..k].iter_mut().zip(&col[..k]) {
+                *xi -= rik * xk;
+            }
         }
     }
     inv
