@@ -22,6 +22,12 @@ pub trait BatchedLinalg {
     type Mat;
     /// `batch` matrices of `rows × cols` from consecutive column-major host data.
     fn upload(&self, host: &[f32], rows: usize, cols: usize, batch: usize) -> Result<Self::Mat>;
+    /// A batch of `rows × cols` members from separate host slices. The default joins them
+    /// first; a device copies each straight into its place (joining 2 GB of task vectors on
+    /// the host costs seconds, mostly in page faults).
+    fn upload_members(&self, members: &[&[f32]], rows: usize, cols: usize) -> Result<Self::Mat> {
+        self.upload(&members.concat(), rows, cols, members.len())
+    }
     fn zeros(&self, rows: usize, cols: usize, batch: usize) -> Result<Self::Mat>;
     /// (rows, cols, batch).
     fn dims(&self, m: &Self::Mat) -> (usize, usize, usize);
@@ -242,7 +248,7 @@ pub fn randomized_svd_batch<O: BatchedLinalg>(
             "factorize: matrices do not match the batch's shape",
         ));
     }
-    randomized_svd_concat(ops, &mats.concat(), m, n, rank, opts, seeds)
+    randomized_svd_members(ops, mats, m, n, rank, opts, seeds)
 }
 
 /// [`randomized_svd_batch`] of `seeds.len()` row-major `[m, n]` matrices stored one after
@@ -256,10 +262,30 @@ pub fn randomized_svd_concat<O: BatchedLinalg>(
     opts: RandomizedSvd,
     seeds: &[u64],
 ) -> Result<Vec<Factors>> {
+    if concat.len() != seeds.len() * m * n {
+        return Err(Error::invalid(
+            "factorize: matrices or seeds do not match the batch",
+        ));
+    }
+    check_rank(m, n, rank)?; // before chunking: m·n ≥ 1
+    let members: Vec<&[f32]> = concat.chunks_exact(m * n).collect();
+    randomized_svd_members(ops, &members, m, n, rank, opts, seeds)
+}
+
+/// The algorithm, on members already checked to be `m × n` each.
+fn randomized_svd_members<O: BatchedLinalg>(
+    ops: &O,
+    mats: &[&[f32]],
+    m: usize,
+    n: usize,
+    rank: usize,
+    opts: RandomizedSvd,
+    seeds: &[u64],
+) -> Result<Vec<Factors>> {
     use rayon::prelude::*;
     let nb = seeds.len();
     check_rank(m, n, rank)?;
-    if concat.len() != nb * m * n {
+    if mats.len() != nb {
         return Err(Error::invalid(
             "factorize: matrices or seeds do not match the batch",
         ));
@@ -269,7 +295,7 @@ pub fn randomized_svd_concat<O: BatchedLinalg>(
     }
     let l = (rank + opts.oversample).min(m.min(n));
     // Row-major A is column-major Aᵀ [n, m].
-    let at = ops.upload(concat, n, m, nb)?;
+    let at = ops.upload_members(mats, n, m)?;
     let mut omega = vec![0.0f32; nb * n * l];
     omega.par_chunks_mut(n * l).zip(seeds).for_each(|(o, &s)| {
         let mut rng = ChaCha8Rng::seed_from_u64(opts.seed ^ s);
@@ -327,6 +353,7 @@ pub fn randomized_svd_concat<O: BatchedLinalg>(
     ops.gemm(&mut v, &qb, false, &ur, false)?;
     let (u, v) = (ops.download(&u)?, ops.download(&v)?);
     Ok((0..nb)
+        .into_par_iter()
         .map(|i| {
             let (ui, vi) = (
                 &u[i * m * l..(i + 1) * m * l],
@@ -336,14 +363,30 @@ pub fn randomized_svd_concat<O: BatchedLinalg>(
             Factors {
                 m,
                 n,
-                u: (0..m)
-                    .flat_map(|r| (0..rank).map(move |k| ui[k * m + r]))
-                    .collect(),
+                u: transpose_columns(ui, m, rank).into(),
                 s: sigmas[i][..rank].to_vec(),
                 vt: vi[..rank * n].into(),
             }
         })
         .collect())
+}
+
+/// The first `cols` columns of a column-major `rows × ·` matrix as a row-major `rows × cols`
+/// one, in tiles: element by element, every read of a tall matrix's row missed the cache.
+fn transpose_columns(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const TILE: usize = 64;
+    let mut out = vec![0.0f32; rows * cols];
+    for r0 in (0..rows).step_by(TILE) {
+        let r1 = (r0 + TILE).min(rows);
+        for c0 in (0..cols).step_by(TILE) {
+            for c in c0..(c0 + TILE).min(cols) {
+                for r in r0..r1 {
+                    out[r * cols + c] = x[c * rows + r];
+                }
+            }
+        }
+    }
+    out
 }
 
 fn identity(l: usize) -> Vec<f64> {

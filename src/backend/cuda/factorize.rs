@@ -41,6 +41,29 @@ impl BatchedLinalg for CudaBackend {
         })
     }
 
+    fn upload_members(&self, members: &[&[f32]], rows: usize, cols: usize) -> Result<Batch> {
+        let size = rows * cols;
+        let mut data = self.alloc_f32(size * members.len())?;
+        for (i, member) in members.iter().enumerate() {
+            if member.len() != size {
+                return Err(Error::invalid(format!(
+                    "factorize: member {i} holds {} values, not {rows}×{cols}",
+                    member.len()
+                )));
+            }
+            let mut view = data.slice_mut(i * size..(i + 1) * size);
+            self.stream
+                .memcpy_htod(*member, &mut view)
+                .map_err(|e| cuda_err("factorize: upload", e))?;
+        }
+        Ok(Batch {
+            data,
+            rows,
+            cols,
+            batch: members.len(),
+        })
+    }
+
     fn zeros(&self, rows: usize, cols: usize, batch: usize) -> Result<Batch> {
         Ok(Batch {
             data: self.alloc_f32(rows * cols * batch)?,
