@@ -4,14 +4,15 @@
 //! bytes/s ÷ copy bandwidth); a prefill costs 2·params FLOPs per token (compute-bound: achieved
 //! FLOP/s ÷ measured FMA peak).
 //!
-//! Run: `cargo bench --bench llama_cpu`.
+//! Run: `cargo bench --bench llama_cpu` (the criterion part in the process default, f32 unless
+//! `$CYCLEQD_PRECISION` says otherwise; the summary table in f32 and, where the CPU has it, bf16).
 
 use std::time::Duration;
 
 use criterion::{criterion_group, Criterion, Throughput};
 
-use cycleqd_engine::backend::cpu::CpuBackend;
-use cycleqd_engine::bench::{cpu_copy_bandwidth, cpu_peak_flops, time_median};
+use cycleqd_engine::backend::cpu::{CpuBackend, Isa, Precision};
+use cycleqd_engine::bench::{cpu_copy_bandwidth, cpu_peak_bf16_flops, cpu_peak_flops, time_median};
 use cycleqd_engine::llama::{KvCache, LlamaModel, RunState, Step};
 use cycleqd_engine::model::DType;
 use cycleqd_engine::synth::{random_llama, LlamaShape};
@@ -109,42 +110,54 @@ fn bench(cr: &mut Criterion) {
     roofline(&f);
 }
 
-/// Tokens/s and the fraction of the measured ceiling, printed as one summary table.
+/// Tokens/s and the fraction of the measured ceiling, printed as one summary table per
+/// precision: f32 (weights upcast), and bf16 (activations rounded, bf16 dot products) where
+/// the CPU has the bf16 dot product.
 fn roofline(f: &Fixture) {
     let bw = cpu_copy_bandwidth(512 << 20);
     let peak = cpu_peak_flops();
+    let peak_bf16 = cpu_peak_bf16_flops();
     println!(
-        "\nceilings: copy bandwidth {:.1} GB/s, f32 FMA peak {:.1} GFLOP/s ({} threads)",
+        "\nceilings: copy bandwidth {:.1} GB/s, f32 FMA peak {:.1} GFLOP/s, bf16 dot peak {} ({} threads, {})",
         bw / 1e9,
         peak / 1e9,
-        rayon::current_num_threads()
+        peak_bf16.map_or("none".into(), |p| format!("{:.1} GFLOP/s", p / 1e9)),
+        rayon::current_num_threads(),
+        Isa::current().map_or("?", |i| i.name()),
     );
-    println!(
-        "{:<22} {:>12} {:>14} {:>10}",
-        "op", "tokens/s", "achieved", "fraction"
-    );
-    for batch in BATCHES {
-        let mut c = ctx(f, batch);
-        let decode = step(batch, PROMPT, 1);
-        let t = time_median(10, || run(f, &mut c, &decode)).as_secs_f64();
-        let gbs = f.weight_bytes as f64 / t;
+    let mut precisions = vec![(Precision::F32, peak)];
+    if let Some(p) = peak_bf16 {
+        precisions.push((Precision::Bf16, p));
+    }
+    for (precision, peak) in precisions {
+        Precision::set(precision);
         println!(
-            "{:<22} {:>12.1} {:>9.1} GB/s {:>9.1}%",
-            format!("decode/batch{batch}"),
-            batch as f64 / t,
-            gbs / 1e9,
-            100.0 * gbs / bw
+            "\n{:?}: {:<16} {:>12} {:>14} {:>10}",
+            precision, "op", "tokens/s", "achieved", "fraction"
         );
-        let prefill = step(batch, 0, PROMPT);
-        let t = time_median(3, || run(f, &mut c, &prefill)).as_secs_f64();
-        let flops = 2.0 * f.matmul_params as f64 * (batch * PROMPT) as f64 / t;
-        println!(
-            "{:<22} {:>12.1} {:>6.1} GFLOP/s {:>9.1}%",
-            format!("prefill{PROMPT}/batch{batch}"),
-            (batch * PROMPT) as f64 / t,
-            flops / 1e9,
-            100.0 * flops / peak
-        );
+        for batch in BATCHES {
+            let mut c = ctx(f, batch);
+            let decode = step(batch, PROMPT, 1);
+            let t = time_median(10, || run(f, &mut c, &decode)).as_secs_f64();
+            let gbs = f.weight_bytes as f64 / t;
+            println!(
+                "{:<22} {:>12.1} {:>9.1} GB/s {:>9.1}%",
+                format!("decode/batch{batch}"),
+                batch as f64 / t,
+                gbs / 1e9,
+                100.0 * gbs / bw
+            );
+            let prefill = step(batch, 0, PROMPT);
+            let t = time_median(3, || run(f, &mut c, &prefill)).as_secs_f64();
+            let flops = 2.0 * f.matmul_params as f64 * (batch * PROMPT) as f64 / t;
+            println!(
+                "{:<22} {:>12.1} {:>6.1} GFLOP/s {:>9.1}%",
+                format!("prefill{PROMPT}/batch{batch}"),
+                (batch * PROMPT) as f64 / t,
+                flops / 1e9,
+                100.0 * flops / peak
+            );
+        }
     }
 }
 

@@ -404,3 +404,48 @@ fn usage_errors_and_missing_files_are_one_line_each() {
     assert_eq!(err.matches("No such file").count(), 1, "{err}");
     has(&err, &["/nonexistent/t.jsonl"]);
 }
+
+#[test]
+fn a_bad_cpu_isa_or_precision_is_one_line_naming_it() {
+    let dir = llama_dir("tiny-gqa-bf16");
+    let dir = dir.to_str().unwrap();
+    let args = [
+        "generate",
+        "--model",
+        dir,
+        "--max-new-tokens",
+        "2",
+        "--prompt",
+        "Hi",
+    ];
+    for (var, value, needle) in [
+        ("CYCLEQD_CPU_ISA", "sse9", "CYCLEQD_CPU_ISA=sse9"),
+        ("CYCLEQD_PRECISION", "f64", "CYCLEQD_PRECISION=f64"),
+    ] {
+        let o = bin().args(args).env(var, value).output().unwrap();
+        let err = stderr(&o);
+        assert!(
+            !o.status.success() && !err.contains("panicked"),
+            "{var}: {err}"
+        );
+        assert_eq!(err.trim_end().lines().count(), 1, "{var}: {err}");
+        assert!(err.contains(needle), "{var}: {err}");
+    }
+    let mut with_flag = args.to_vec();
+    with_flag.extend(["--precision", "f64"]);
+    let o = run(&with_flag);
+    let err = stderr(&o);
+    assert!(!o.status.success() && err.contains("--precision"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    // Every path and precision the flag and variable name run.
+    for precision in ["auto", "f32", "bf16"] {
+        let mut a = args.to_vec();
+        a.extend(["--precision", precision]);
+        let o = bin()
+            .args(&a)
+            .env("CYCLEQD_CPU_ISA", "generic")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{precision}: {}", stderr(&o));
+    }
+}

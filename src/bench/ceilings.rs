@@ -63,6 +63,49 @@ pub fn cpu_peak_flops() -> f64 {
     (threads * REPS * CHAINS * lanes * 2) as f64 / t.as_secs_f64()
 }
 
+/// Peak bf16 FLOP/s of `vdpbf16ps` (each instruction: 32 products and their sums, 64 FLOPs)
+/// with every rayon thread running independent chains; `None` without AVX-512 BF16. The
+/// ceiling of the matmuls in bf16 precision.
+pub fn cpu_peak_bf16_flops() -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16") {
+        const REPS: usize = 1_000_000;
+        let threads = rayon::current_num_threads();
+        let t = time_best(7, || {
+            let s: f32 = (0..threads)
+                .into_par_iter()
+                // SAFETY: the CPU supports AVX-512F and AVX-512 BF16 (checked above).
+                .map(|i| unsafe { bf16_dot_chains(i as f32, REPS) })
+                .sum();
+            std::hint::black_box(s);
+        });
+        return Some((threads * REPS * CHAINS * 64) as f64 / t.as_secs_f64());
+    }
+    None
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn bf16_dot_chains(seed: f32, reps: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_set1_ps(seed); CHAINS];
+    // Small products, so the chains stay finite over a million steps.
+    let a = _mm512_cvtne2ps_pbh(
+        _mm512_set1_ps(std::hint::black_box(1e-4f32)),
+        _mm512_set1_ps(std::hint::black_box(1e-4f32)),
+    );
+    let b = _mm512_cvtne2ps_pbh(
+        _mm512_set1_ps(std::hint::black_box(1e-4f32)),
+        _mm512_set1_ps(std::hint::black_box(1e-4f32)),
+    );
+    for _ in 0..reps {
+        for c in acc.iter_mut() {
+            *c = _mm512_dpbf16_ps(*c, a, b);
+        }
+    }
+    acc.iter().map(|&v| _mm512_reduce_add_ps(v)).sum()
+}
+
 const CHAINS: usize = 12;
 
 /// Runs the chains; returns their sum and the vector width used.

@@ -28,6 +28,12 @@ use clap::{Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Arithmetic of CPU matmuls with bf16 weights: `auto` (bf16 where the CPU has the bf16 dot
+    /// product, AVX-512 BF16; else f32), `f32` (weights upcast, as the f32 reference), `bf16`
+    /// (activations rounded to bf16, f32 accumulation, as transformers computes in bf16).
+    /// Default: $CYCLEQD_PRECISION, else auto. GPUs are not affected.
+    #[arg(long, global = true, value_parser = ["auto", "f32", "bf16"])]
+    pub precision: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -61,6 +67,15 @@ pub enum Command {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    use cycleqd_engine::backend::cpu::{Isa, Precision};
+    let precision = cli
+        .precision
+        .or_else(|| std::env::var("CYCLEQD_PRECISION").ok())
+        .unwrap_or_else(|| "auto".into());
+    Precision::set(Precision::parse(&precision).ok_or_else(|| {
+        anyhow::anyhow!("CYCLEQD_PRECISION={precision}: not one of auto, f32, bf16")
+    })?);
+    Isa::current()?; // a bad $CYCLEQD_CPU_ISA is one line here, not a surprise later
     match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::run(a),

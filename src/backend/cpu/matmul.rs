@@ -6,10 +6,13 @@
 //! the upcast block `rows` times. The inner kernel takes 4 weight rows × 1 input row per pass so
 //! every load of `x` feeds 4 FMAs. An AVX2+FMA build of the same kernel is chosen at run time.
 
+use std::sync::atomic::{AtomicU8, Ordering};
+
 use rayon::prelude::*;
 
+use crate::error::{Error, Result};
 use crate::model::dtype;
-use crate::model::HostTensor;
+use crate::model::{DType, HostTensor};
 
 /// Weight rows per task when many input rows reuse each block: 16 rows × k=4096 × 4 B =
 /// 256 KiB upcast buffer (fits L2).
@@ -51,19 +54,31 @@ impl OutPtr {
 /// The instruction set a kernel runs with, best first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
+    /// AVX-512 with the bf16 dot product (`vdpbf16ps`): bf16 weights are read as they are
+    /// stored, two products per lane per instruction.
+    Avx512Bf16,
     Avx512,
     Avx2Fma,
     Generic,
 }
 
+const ALL_ISAS: [Isa; 4] = [Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2Fma, Isa::Generic];
+
+/// `Isa::force`'s choice: an index into `ALL_ISAS`, or `NO_ISA` for "as detected".
+static FORCED_ISA: AtomicU8 = AtomicU8::new(NO_ISA);
+const NO_ISA: u8 = u8::MAX;
+
 impl Isa {
-    /// What this CPU supports, detected once.
+    /// The widest set this CPU supports, detected once.
     pub fn detect() -> Isa {
         static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *ISA.get_or_init(|| {
             #[cfg(target_arch = "x86_64")]
             {
                 if is_x86_feature_detected!("avx512f") {
+                    if is_x86_feature_detected!("avx512bf16") {
+                        return Isa::Avx512Bf16;
+                    }
                     return Isa::Avx512;
                 }
                 if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
@@ -74,21 +89,156 @@ impl Isa {
         })
     }
 
+    /// The set the kernels use: the one [`Isa::force`] chose, else `$CYCLEQD_CPU_ISA`
+    /// (`avx512bf16`, `avx512`, `avx2`, `generic`; a set this CPU lacks is an error), else the
+    /// detected one. Forcing a narrower set is how every path is tested on one machine.
+    pub fn current() -> Result<Isa> {
+        let forced = FORCED_ISA.load(Ordering::Relaxed);
+        if forced != NO_ISA {
+            return Ok(ALL_ISAS[forced as usize]);
+        }
+        static FROM_ENV: std::sync::OnceLock<std::result::Result<Isa, String>> =
+            std::sync::OnceLock::new();
+        FROM_ENV
+            .get_or_init(|| match std::env::var("CYCLEQD_CPU_ISA") {
+                Ok(name) if !name.is_empty() => {
+                    let isa = Isa::parse(&name).ok_or_else(|| {
+                        format!(
+                            "CYCLEQD_CPU_ISA={name}: not one of avx512bf16, avx512, avx2, generic"
+                        )
+                    })?;
+                    if Isa::available().contains(&isa) {
+                        Ok(isa)
+                    } else {
+                        Err(format!(
+                            "CYCLEQD_CPU_ISA={name}: this CPU does not support it (best: {})",
+                            Isa::detect().name()
+                        ))
+                    }
+                }
+                _ => Ok(Isa::detect()),
+            })
+            .clone()
+            .map_err(Error::invalid)
+    }
+
+    /// Makes every later matmul of this process use `isa` (`None`: back to the default).
+    /// Process-wide: tests that force a set run in a test binary of their own.
+    pub fn force(isa: Option<Isa>) {
+        if let Some(isa) = isa {
+            assert!(
+                Isa::available().contains(&isa),
+                "{isa:?} is not supported by this CPU"
+            );
+        }
+        let index = isa.map_or(NO_ISA, |i| {
+            ALL_ISAS.iter().position(|&a| a == i).unwrap() as u8
+        });
+        FORCED_ISA.store(index, Ordering::Relaxed);
+    }
+
     /// This ISA and every weaker one, for tests that cover all paths the CPU can run.
     pub fn available() -> Vec<Isa> {
-        let all = [Isa::Avx512, Isa::Avx2Fma, Isa::Generic];
-        let best = all.iter().position(|&i| i == Isa::detect()).unwrap_or(2);
-        all[best..].to_vec()
+        let best = ALL_ISAS
+            .iter()
+            .position(|&i| i == Isa::detect())
+            .unwrap_or(3);
+        ALL_ISAS[best..].to_vec()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512Bf16 => "avx512bf16",
+            Isa::Avx512 => "avx512",
+            Isa::Avx2Fma => "avx2",
+            Isa::Generic => "generic",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Isa> {
+        ALL_ISAS.into_iter().find(|i| i.name() == name)
+    }
+}
+
+/// The arithmetic of the matmuls with bf16 weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// bf16 on CPUs with the bf16 dot product ([`Isa::Avx512Bf16`]), f32 elsewhere.
+    Auto,
+    /// Weights upcast to f32, activations in f32: the reference's arithmetic.
+    F32,
+    /// Activations rounded to bf16 at each matmul, bf16 weights, f32 accumulation: what
+    /// transformers and vLLM compute on CPUs. On a CPU without the bf16 dot product the same
+    /// numbers come from the f32 kernels (bf16 products are exact in f32), without its speed.
+    Bf16,
+}
+
+static PRECISION: AtomicU8 = AtomicU8::new(PRECISION_UNSET);
+const PRECISION_UNSET: u8 = u8::MAX;
+
+impl Precision {
+    /// The process's setting: [`Precision::set`]'s, else `$CYCLEQD_PRECISION`
+    /// (`auto`, `f32`, `bf16`), else f32 — exact against the f32 reference. The command line
+    /// sets it from `--precision`, whose default is `auto`.
+    pub fn current() -> Precision {
+        match PRECISION.load(Ordering::Relaxed) {
+            PRECISION_UNSET => std::env::var("CYCLEQD_PRECISION")
+                .ok()
+                .and_then(|v| Precision::parse(&v))
+                .unwrap_or(Precision::F32),
+            p => [Precision::Auto, Precision::F32, Precision::Bf16][p as usize],
+        }
+    }
+
+    pub fn set(p: Precision) {
+        PRECISION.store(p as u8, Ordering::Relaxed);
+    }
+
+    pub fn parse(name: &str) -> Option<Precision> {
+        match name {
+            "auto" => Some(Precision::Auto),
+            "f32" => Some(Precision::F32),
+            "bf16" => Some(Precision::Bf16),
+            _ => None,
+        }
+    }
+
+    /// Whether a matmul with `dtype` weights computes in bf16 under this setting on `isa`.
+    pub fn uses_bf16(self, dtype: DType, isa: Isa) -> bool {
+        dtype == DType::BF16
+            && match self {
+                Precision::Auto => isa == Isa::Avx512Bf16,
+                Precision::F32 => false,
+                Precision::Bf16 => true,
+            }
     }
 }
 
 pub fn matmul_t(out: &mut [f32], x: &[f32], w: &HostTensor, rows: usize, n: usize, k: usize) {
-    matmul_t_isa(Isa::detect(), out, x, w, rows, n, k)
+    // An unsupported `$CYCLEQD_CPU_ISA` is reported by `check_isa` before any matmul runs;
+    // here it falls back to the detected set rather than panicking mid-model.
+    let isa = Isa::current().unwrap_or_else(|_| Isa::detect());
+    matmul_t_with(isa, Precision::current(), out, x, w, rows, n, k)
 }
 
-/// [`matmul_t`] with a chosen instruction set (must be one of [`Isa::available`]).
+/// [`matmul_t`] with a chosen instruction set (one of [`Isa::available`]), f32 arithmetic.
 pub fn matmul_t_isa(
     isa: Isa,
+    out: &mut [f32],
+    x: &[f32],
+    w: &HostTensor,
+    rows: usize,
+    n: usize,
+    k: usize,
+) {
+    matmul_t_with(isa, Precision::F32, out, x, w, rows, n, k)
+}
+
+/// [`matmul_t`] with a chosen instruction set and precision.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_t_with(
+    isa: Isa,
+    precision: Precision,
     out: &mut [f32],
     x: &[f32],
     w: &HostTensor,
@@ -110,6 +260,35 @@ pub fn matmul_t_isa(
         x.len() >= rows * k && out.len() >= rows * n,
         "matmul_t: buffers too small"
     );
+    if precision.uses_bf16(w.dtype, isa) {
+        let x_bf16: Vec<u16> = x[..rows * k]
+            .iter()
+            .map(|&v| dtype::f32_to_bf16_bits(v))
+            .collect();
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx512Bf16 {
+            return matmul_bf16_dot(out, &x_bf16, w.data(), rows, n, k);
+        }
+        // The same products from the f32 kernels: bf16 × bf16 is exact in f32.
+        let x_rounded: Vec<f32> = x_bf16
+            .iter()
+            .map(|&b| f32::from_bits((b as u32) << 16))
+            .collect();
+        return matmul_f32(isa, out, &x_rounded, w, rows, n, k);
+    }
+    matmul_f32(isa, out, x, w, rows, n, k)
+}
+
+/// Weights upcast block by block into an f32 buffer, f32 register tiles.
+fn matmul_f32(
+    isa: Isa,
+    out: &mut [f32],
+    x: &[f32],
+    w: &HostTensor,
+    rows: usize,
+    n: usize,
+    k: usize,
+) {
     let data = w.data();
     let esize = w.dtype.size();
     let out_ptr = OutPtr(out.as_mut_ptr());
@@ -123,9 +302,11 @@ pub fn matmul_t_isa(
             let wb = &mut wbuf[..(j1 - j0) * k];
             dtype::to_f32(w.dtype, &data[j0 * k * esize..j1 * k * esize], wb);
             match isa {
-                // SAFETY: `isa` is one this CPU supports (asserted above).
+                // SAFETY: `isa` is one this CPU supports (asserted by the caller).
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => unsafe { block_avx512(out_ptr, x, wb, rows, n, k, j0, j1) },
+                Isa::Avx512 | Isa::Avx512Bf16 => unsafe {
+                    block_avx512(out_ptr, x, wb, rows, n, k, j0, j1)
+                },
                 // SAFETY: as above.
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2Fma => unsafe { block_fma(out_ptr, x, wb, rows, n, k, j0, j1) },
@@ -133,6 +314,138 @@ pub fn matmul_t_isa(
             }
         },
     );
+}
+
+/// bf16 weights straight from their bytes (no upcast buffer: half the bytes through the
+/// caches, and nothing written per block) against bf16-rounded activations.
+#[cfg(target_arch = "x86_64")]
+fn matmul_bf16_dot(out: &mut [f32], x: &[u16], w: &[u8], rows: usize, n: usize, k: usize) {
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    let block = block_rows(rows, n, k, 2);
+    let w_ptr = WeightPtr(w.as_ptr());
+    (0..n.div_ceil(block)).into_par_iter().for_each(|blk| {
+        let j0 = blk * block;
+        let j1 = (j0 + block).min(n);
+        // SAFETY: the caller checked the CPU has AVX-512 BF16 (Isa::Avx512Bf16 is only
+        // available then), and `w` holds n·k bf16 values.
+        unsafe { block_bf16_dot(out_ptr, x, w_ptr, rows, n, k, j0, j1) }
+    });
+}
+
+/// The weights' bytes, shared by the tasks (read only).
+#[derive(Clone, Copy)]
+struct WeightPtr(*const u8);
+// SAFETY: only read, and the slice outlives the parallel scope.
+unsafe impl Send for WeightPtr {}
+unsafe impl Sync for WeightPtr {}
+
+/// bf16 register tiles: 6 input rows × 4 weight rows = 24 zmm accumulators, as the f32 tiles,
+/// each `vdpbf16ps` doing 32 products.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_bf16_dot(
+    out: OutPtr,
+    x: &[u16],
+    w: WeightPtr,
+    rows: usize,
+    n: usize,
+    k: usize,
+    j0: usize,
+    j1: usize,
+) {
+    let xp = x.as_ptr();
+    let xs = |i: usize| xp.add(i * k);
+    // Weight row j0 + c, as bf16 (the bytes may be at an odd address: loads are unaligned).
+    let ws = |c: usize| w.0.add((j0 + c) * k * 2) as *const u16;
+    let store = out.storer(n, j0);
+    walk_tiles(
+        rows,
+        j1 - j0,
+        6,
+        |r, rx, c| {
+            let w4 = [ws(c), ws(c + 1), ws(c + 2), ws(c + 3)];
+            let x = |i: usize| xs(r + i);
+            match rx {
+                6 => emit(
+                    bf16_dot::tile::<6, 4>([x(0), x(1), x(2), x(3), x(4), x(5)], w4, k),
+                    r,
+                    c,
+                    &store,
+                ),
+                5 => emit(
+                    bf16_dot::tile::<5, 4>([x(0), x(1), x(2), x(3), x(4)], w4, k),
+                    r,
+                    c,
+                    &store,
+                ),
+                4 => emit(
+                    bf16_dot::tile::<4, 4>([x(0), x(1), x(2), x(3)], w4, k),
+                    r,
+                    c,
+                    &store,
+                ),
+                3 => emit(
+                    bf16_dot::tile::<3, 4>([x(0), x(1), x(2)], w4, k),
+                    r,
+                    c,
+                    &store,
+                ),
+                2 => emit(bf16_dot::tile::<2, 4>([x(0), x(1)], w4, k), r, c, &store),
+                _ => emit(bf16_dot::tile::<1, 4>([x(0)], w4, k), r, c, &store),
+            }
+        },
+        |r, c| store(r, c, bf16_dot::tile::<1, 1>([xs(r)], [ws(c)], k)[0][0]),
+    );
+}
+
+#[cfg(target_arch = "x86_64")]
+mod bf16_dot {
+    use std::arch::x86_64::*;
+
+    /// Dot products of `A` bf16 input rows with `B` bf16 weight rows of length `k` in zmm
+    /// accumulators (`vdpbf16ps`: pairs of products added into each f32 lane); the tail past
+    /// a multiple of 32 in scalar f32 (bf16 products are exact there).
+    ///
+    /// # Safety
+    /// AVX-512F and AVX-512 BF16 must be available; every pointer must be valid for `k`
+    /// (possibly unaligned) u16 reads.
+    #[inline(always)]
+    pub unsafe fn tile<const A: usize, const B: usize>(
+        x: [*const u16; A],
+        w: [*const u16; B],
+        k: usize,
+    ) -> [[f32; B]; A] {
+        let mut acc = [[_mm512_setzero_ps(); B]; A];
+        let main = k - k % 32;
+        let mut i = 0;
+        while i < main {
+            let mut wv = [_mm512_setzero_si512(); B];
+            for b in 0..B {
+                wv[b] = _mm512_loadu_si512(w[b].add(i) as *const _);
+            }
+            for a in 0..A {
+                let xv: __m512bh = std::mem::transmute(_mm512_loadu_si512(x[a].add(i) as *const _));
+                for b in 0..B {
+                    let wb: __m512bh = std::mem::transmute(wv[b]);
+                    acc[a][b] = _mm512_dpbf16_ps(acc[a][b], xv, wb);
+                }
+            }
+            i += 32;
+        }
+        let widen = |p: *const u16| f32::from_bits((p.read_unaligned() as u32) << 16);
+        let mut out = [[0.0f32; B]; A];
+        for a in 0..A {
+            for b in 0..B {
+                let mut s = _mm512_reduce_add_ps(acc[a][b]);
+                for t in main..k {
+                    s = widen(x[a].add(t)).mul_add(widen(w[b].add(t)), s);
+                }
+                out[a][b] = s;
+            }
+        }
+        out
+    }
 }
 
 /// AVX2 register tiles: 3 input rows × 4 weight rows = 12 ymm accumulators plus 7 loads per
@@ -473,26 +786,48 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
         };
-        for (rows, n, k) in [(1, 37, 19), (5, 16, 64), (3, 70, 129), (13, 40, 300)] {
+        for (rows, n, k) in [
+            (1, 37, 19),
+            (5, 16, 64),
+            (3, 70, 129),
+            (13, 40, 300),
+            (7, 9, 97),
+        ] {
             let x: Vec<f32> = (0..rows * k).map(|_| rnd()).collect();
             let wv: Vec<f32> = (0..n * k).map(|_| rnd()).collect();
+            // What bf16 precision computes with: the activations rounded to bf16.
+            let x_bf16: Vec<f32> = x
+                .iter()
+                .map(|&v| f32::from_bits((dtype::f32_to_bf16_bits(v) as u32) << 16))
+                .collect();
             for dt in [DType::F32, DType::BF16, DType::F16] {
                 let w = HostTensor::from_f32(&wv, vec![n, k], dt);
-                let want = matmul_slow(&x, &w.to_f32(), rows, n, k);
+                let want_f32 = matmul_slow(&x, &w.to_f32(), rows, n, k);
+                let want_bf16 = matmul_slow(&x_bf16, &w.to_f32(), rows, n, k);
                 // Every path this CPU can run, not only the widest (an AVX-512 machine runs
-                // the AVX2 and portable tiles too).
+                // the AVX2 and portable tiles too), in both precisions.
                 for isa in Isa::available() {
-                    let mut got = vec![0.0; rows * n];
-                    matmul_t_isa(isa, &mut got, &x, &w, rows, n, k);
-                    for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                        assert!(
-                            (g - e).abs() <= 1e-5 + 1e-5 * e.abs(),
-                            "{isa:?} {dt} {rows}x{n}x{k} [{i}]: {g} vs {e}"
-                        );
+                    for precision in [Precision::F32, Precision::Bf16, Precision::Auto] {
+                        let bf16 = precision.uses_bf16(dt, isa);
+                        let want = if bf16 { &want_bf16 } else { &want_f32 };
+                        let mut got = vec![f32::NAN; rows * n];
+                        matmul_t_with(isa, precision, &mut got, &x, &w, rows, n, k);
+                        for (i, (g, e)) in got.iter().zip(want).enumerate() {
+                            assert!(
+                                (g - e).abs() <= 1e-5 + 1e-5 * e.abs(),
+                                "{isa:?} {precision:?} {dt} {rows}x{n}x{k} [{i}]: {g} vs {e}"
+                            );
+                        }
                     }
                 }
             }
         }
         assert!(Isa::available().contains(&Isa::Generic));
+        // Only bf16 weights change arithmetic, and `auto` only where the dot product is.
+        assert!(Precision::Bf16.uses_bf16(DType::BF16, Isa::Generic));
+        assert!(!Precision::Bf16.uses_bf16(DType::F16, Isa::Avx512Bf16));
+        assert!(Precision::Auto.uses_bf16(DType::BF16, Isa::Avx512Bf16));
+        assert!(!Precision::Auto.uses_bf16(DType::BF16, Isa::Avx512));
+        assert!(!Precision::F32.uses_bf16(DType::BF16, Isa::Avx512Bf16));
     }
 }

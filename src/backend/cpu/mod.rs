@@ -17,7 +17,7 @@ use crate::model::{dtype, DType, HostTensor, TensorBytes};
 
 pub use attention::attention;
 pub use materialize::materialize;
-pub use matmul::matmul_t;
+pub use matmul::{matmul_t, matmul_t_isa, matmul_t_with, Isa, Precision};
 
 /// The rayon CPU backend (uses the global thread pool).
 #[derive(Clone, Copy, Debug, Default)]
