@@ -63,3 +63,28 @@ fn cpu_bench_reports_every_operation_against_a_measured_ceiling() {
         assert!(rnd <= 1.5 * opt + 1e-6, "randomized {rnd} vs optimal {opt}");
     }
 }
+
+/// The 8B shape needs ~27 GB on the CPU (16 GB of bf16 weights, then the KV cache of 256
+/// sequences): on a machine with less available it is refused up front in one line naming
+/// the need and what is free, rather than killed for memory half-way.
+#[test]
+fn an_8b_cpu_bench_that_does_not_fit_is_refused_in_one_line() {
+    let avail = cycleqd_engine::backend::cpu::available_memory();
+    if avail.is_none_or(|a| a > 26_000_000_000) {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED an_8b_cpu_bench_that_does_not_fit_is_refused_in_one_line: {avail:?} bytes \
+             available, enough that the 8B bench would run"
+        );
+        return;
+    }
+    let out = run(&["bench", "--device", "cpu", "--shape", "llama3-8b"]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("needs about") && err.contains("weights 16.1 GB") && err.contains("available"),
+        "{err}"
+    );
+}

@@ -9,13 +9,13 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use serde_json::{json, Value};
 
-use cycleqd_engine::backend::cpu::CpuBackend;
+use cycleqd_engine::backend::cpu::{CpuBackend, Isa, Precision};
 use cycleqd_engine::backend::cuda::{
     cuda_unavailable_reason, CudaBackend, DeviceChoice, DeviceInfo,
 };
 use cycleqd_engine::backend::Backend;
 use cycleqd_engine::bench::suite::{self, Ceilings, OpResult};
-use cycleqd_engine::bench::{cpu_copy_bandwidth, cpu_peak_flops};
+use cycleqd_engine::bench::{cpu_copy_bandwidth, cpu_peak_bf16_flops, cpu_peak_flops};
 use cycleqd_engine::durable::write_atomic;
 use cycleqd_engine::model::{DType, LlamaConfig};
 use cycleqd_engine::synth::LlamaShape;
@@ -158,13 +158,31 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     let dtype = DType::BF16;
     let report = match choice {
         DeviceChoice::Cpu => {
-            let plan = Plan::new(a.shape.unwrap_or(Shape::Tiny));
+            let shape = a.shape.unwrap_or(Shape::Tiny);
+            let plan = Plan::new(shape);
+            check_cpu_room(shape, &plan.shape.config(dtype)?, dtype, &plan)?;
             let be = CpuBackend;
             progress("measuring ceilings");
+            let isa = Isa::current()?;
             let ceil = Ceilings {
                 copy_bytes_per_s: cpu_copy_bandwidth(512 << 20),
                 flops_per_s: cpu_peak_flops(),
-                flops_kind: "f32 FMA".into(),
+                flops_kind: format!("f32 FMA ({})", isa.name()),
+            };
+            // The Llama matmuls' ceiling is the arithmetic they run: bf16 dot products when
+            // the precision setting computes bf16 weights in bf16 on this CPU (materialise
+            // and factorise stay f32).
+            let matmul_ceil = match Precision::current()
+                .uses_bf16(dtype, isa)
+                .then(cpu_peak_bf16_flops)
+                .flatten()
+            {
+                Some(peak) => Ceilings {
+                    copy_bytes_per_s: ceil.copy_bytes_per_s,
+                    flops_per_s: peak,
+                    flops_kind: format!("bf16 dot product (vdpbf16ps, {})", isa.name()),
+                },
+                None => ceil.clone(),
             };
             let cfg = plan.shape.config(dtype)?;
             let mut ops = vec![];
@@ -179,7 +197,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
             )?);
             progress("factorize");
             ops.push(suite::factorize_cpu(&cfg, plan.rank, &ceil)?);
-            ops.extend(inference(&be, &cfg, dtype, &plan, &ceil)?);
+            ops.extend(inference(&be, &cfg, dtype, &plan, &matmul_ceil)?);
             let device = format!("{} — {}", be.name(), cpu_model());
             report_json(&device, None, &cfg, &plan, &ceil, ops, vec![])
         }
@@ -294,6 +312,56 @@ where
     let (p, len, new) = plan.eval;
     ops.push(suite::evaluation(be, &model, p, len, new)?);
     Ok(ops)
+}
+
+/// What the CPU bench of `plan` holds at its peak: the random model's weights, then the
+/// largest of its workloads' f32 KV caches and logits (the materialise and factorise steps
+/// before them hold one layer's tensors, far less). Refused in one line when the machine has
+/// less available, instead of being killed for memory half-way.
+fn check_cpu_room(
+    shape: Shape,
+    cfg: &LlamaConfig,
+    dtype: DType,
+    plan: &Plan,
+) -> anyhow::Result<()> {
+    let weights = (cfg.num_parameters() * dtype.size()) as f64;
+    let kv_width = cfg.num_key_value_heads * cfg.head_dim;
+    let decode_seq = plan.decode_context + plan.decode_steps;
+    let workloads = [
+        (256, decode_seq),
+        (plan.prefill.0, plan.prefill.1),
+        (plan.eval.0, plan.eval.1 + plan.eval.2),
+    ];
+    let (kv, logits) = workloads
+        .iter()
+        .map(|&(slots, seq)| {
+            let kv = (slots * seq * kv_width * 8 * cfg.num_hidden_layers) as f64;
+            (kv, (slots * cfg.vocab_size * 4) as f64)
+        })
+        .fold((0.0f64, 0.0f64), |(a, b), (kv, lg)| {
+            if kv + lg > a + b {
+                (kv, lg)
+            } else {
+                (a, b)
+            }
+        });
+    let need = weights + kv + logits;
+    if let Some(avail) = cycleqd_engine::backend::cpu::available_memory() {
+        if need > avail as f64 {
+            let name = shape
+                .to_possible_value()
+                .map_or("?".into(), |v| v.get_name().to_string());
+            bail!(
+                "bench --shape {name} on the CPU needs about {:.1} GB (weights {:.1} GB, KV cache \
+                 and logits {:.1} GB) and {:.1} GB of memory is available; try --shape tiny",
+                need / 1e9,
+                weights / 1e9,
+                (kv + logits) / 1e9,
+                avail as f64 / 1e9
+            );
+        }
+    }
+    Ok(())
 }
 
 fn report_json(
