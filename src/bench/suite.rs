@@ -184,20 +184,14 @@ where
     }
     be.synchronize()?;
     let secs = t.elapsed().as_secs_f64();
-    let kv_width = cfg.num_key_value_heads * cfg.head_dim;
-    // Mean context over the timed steps; K and V (f32) of every layer read once per row.
+    // Mean context over the timed steps.
     let mean_ctx = context as f64 + steps as f64 / 2.0 + 1.0;
-    let kv_bytes = 2.0 * 4.0 * (cfg.num_hidden_layers * kv_width) as f64 * mean_ctx * batch as f64;
-    let step_bytes = matrix_bytes(cfg, dtype) as f64 + kv_bytes;
-    // Large batches of a small model are bound by FLOPs, not bytes: take the binding bound.
-    let (h, l) = (
-        cfg.num_attention_heads * cfg.head_dim,
-        cfg.num_hidden_layers,
-    );
-    let step_flops = 2.0 * (matrix_bytes(cfg, DType::F32) / 4) as f64 * batch as f64
-        + 2.0 * 2.0 * (l * h) as f64 * mean_ctx * batch as f64;
-    let step_secs = (step_bytes / ceil.copy_bytes_per_s).max(step_flops / ceil.flops_per_s);
-    let memory_bound = step_bytes / ceil.copy_bytes_per_s >= step_flops / ceil.flops_per_s;
+    let DecodeStepFloor {
+        secs: step_secs,
+        bytes: step_bytes,
+        flops: step_flops,
+        memory_bound,
+    } = decode_step_floor(cfg, dtype, batch, mean_ctx, ceil);
     let tok_s = (batch * steps) as f64 / secs;
     let roofline = batch as f64 / step_secs;
     Ok(OpResult {
@@ -236,17 +230,7 @@ where
         prefill(be, model, &mut cache, &mut st, batch, len, 8192)
     })?;
     let tokens = (batch * len) as f64;
-    let matrix_params = (matrix_bytes(cfg, DType::F32) / 4) as f64;
-    let (h, l) = (
-        cfg.num_attention_heads * cfg.head_dim,
-        cfg.num_hidden_layers,
-    );
-    // 2 FLOPs per weight per token for the linear layers (the lm_head only for the last
-    // token of each sequence), plus QKᵀ and PV over the causal prefix.
-    let vocab_h = (cfg.vocab_size * cfg.hidden_size) as f64;
-    let linear = 2.0 * (matrix_params - vocab_h) * tokens + 2.0 * vocab_h * batch as f64;
-    let attention = 2.0 * 2.0 * (l * h) as f64 * batch as f64 * (len * (len + 1) / 2) as f64;
-    let flops = linear + attention;
+    let flops = prefill_flops(cfg, batch, len);
     let rate = flops / secs;
     Ok(OpResult {
         op: format!("prefill {batch}×{len}"),
@@ -381,9 +365,11 @@ pub fn materialize_result(
 pub fn evaluation<B: Backend>(
     be: &B,
     model: &LlamaModel<B>,
+    dtype: DType,
     prompts: usize,
     prompt_len: usize,
     new_tokens: usize,
+    ceil: &Ceilings,
 ) -> Result<OpResult>
 where
     B::Buf: Default,
@@ -398,15 +384,83 @@ where
         per_prompt: vec![],
     };
     let secs = time_synced(be, 1, || generate(model, be, &ps, &opts).map(|_| ()))?;
+    // The floor: the prompts' prefill at the FLOP peak (it yields the first new token), then
+    // each further token a decode step of every prompt at its own bound.
+    let cfg = &model.config;
+    let prefill_secs = prefill_flops(cfg, prompts, prompt_len) / ceil.flops_per_s;
+    let (mut decode_secs, mut memory_bound_steps) = (0.0, 0);
+    for k in 1..new_tokens {
+        let f = decode_step_floor(cfg, dtype, prompts, (prompt_len + k) as f64, ceil);
+        decode_secs += f.secs;
+        memory_bound_steps += f.memory_bound as usize;
+    }
+    let floor = prefill_secs + decode_secs;
     Ok(OpResult {
         op: format!("evaluate {prompts} prompts × {new_tokens} tokens"),
         seconds: secs,
         rate: (prompts * new_tokens) as f64 / secs,
         unit: "tok/s".into(),
-        fraction_of_ceiling: f64::NAN,
-        bound_by: "end to end (see decode and prefill for the bounds)".into(),
-        detail: json!({"prompts": prompts, "prompt_len": prompt_len, "new_tokens": new_tokens}),
+        fraction_of_ceiling: floor / secs,
+        bound_by: format!(
+            "prefill at peak {} + {} decode steps at their bounds ({memory_bound_steps} by bytes)",
+            ceil.flops_kind,
+            new_tokens.saturating_sub(1)
+        ),
+        detail: json!({"prompts": prompts, "prompt_len": prompt_len, "new_tokens": new_tokens,
+                       "floor_seconds": floor, "prefill_floor_seconds": prefill_secs,
+                       "decode_floor_seconds": decode_secs}),
     })
+}
+
+/// FLOPs of a prefill of `batch` sequences of `len` tokens: 2 per weight per token for the
+/// linear layers (the lm_head only for the last token of each sequence), plus QKᵀ and PV over
+/// the causal prefix.
+fn prefill_flops(cfg: &LlamaConfig, batch: usize, len: usize) -> f64 {
+    let tokens = (batch * len) as f64;
+    let matrix_params = (matrix_bytes(cfg, DType::F32) / 4) as f64;
+    let (h, l) = (
+        cfg.num_attention_heads * cfg.head_dim,
+        cfg.num_hidden_layers,
+    );
+    let vocab_h = (cfg.vocab_size * cfg.hidden_size) as f64;
+    let linear = 2.0 * (matrix_params - vocab_h) * tokens + 2.0 * vocab_h * batch as f64;
+    let attention = 2.0 * 2.0 * (l * h) as f64 * batch as f64 * (len * (len + 1) / 2) as f64;
+    linear + attention
+}
+
+/// The least time one decode step of `batch` rows at context `ctx` can take.
+struct DecodeStepFloor {
+    secs: f64,
+    bytes: f64,
+    flops: f64,
+    memory_bound: bool,
+}
+
+/// Every weight read once, and K and V (f32) of every layer read once per row; large batches
+/// of a small model are bound by FLOPs instead: the binding one of the two.
+fn decode_step_floor(
+    cfg: &LlamaConfig,
+    dtype: DType,
+    batch: usize,
+    ctx: f64,
+    ceil: &Ceilings,
+) -> DecodeStepFloor {
+    let kv_width = cfg.num_key_value_heads * cfg.head_dim;
+    let kv_bytes = 2.0 * 4.0 * (cfg.num_hidden_layers * kv_width) as f64 * ctx * batch as f64;
+    let bytes = matrix_bytes(cfg, dtype) as f64 + kv_bytes;
+    let (h, l) = (
+        cfg.num_attention_heads * cfg.head_dim,
+        cfg.num_hidden_layers,
+    );
+    let flops = 2.0 * (matrix_bytes(cfg, DType::F32) / 4) as f64 * batch as f64
+        + 2.0 * 2.0 * (l * h) as f64 * ctx * batch as f64;
+    let (by_bytes, by_flops) = (bytes / ceil.copy_bytes_per_s, flops / ceil.flops_per_s);
+    DecodeStepFloor {
+        secs: by_bytes.max(by_flops),
+        bytes,
+        flops,
+        memory_bound: by_bytes >= by_flops,
+    }
 }
 
 /// Randomized SVD (rank `rank`, the engine's defaults) of one task vector per 2-D tensor of

@@ -23,6 +23,10 @@ use cycleqd_engine::synth::LlamaShape;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Shape {
     Tiny,
+    /// The ~100M-parameter shape of `cargo bench --bench llama_cpu` (a CPU's evaluation
+    /// workload: 64 prompts × 32 new tokens).
+    #[value(name = "100m")]
+    Small100m,
     #[value(name = "llama3-8b")]
     Llama3_8b,
 }
@@ -128,6 +132,15 @@ impl Plan {
                 decode_steps: 16,
                 prefill: (8, 128),
                 eval: (64, 32, 16),
+            },
+            Shape::Small100m => Plan {
+                shape: LlamaShape::SMALL_100M,
+                rank: 64,
+                experts: 3,
+                decode_context: 32,
+                decode_steps: 16,
+                prefill: (16, 32),
+                eval: (64, 32, 32),
             },
             Shape::Llama3_8b => Plan {
                 shape: LlamaShape::LLAMA3_8B,
@@ -310,7 +323,7 @@ where
     )?);
     progress("evaluation workload");
     let (p, len, new) = plan.eval;
-    ops.push(suite::evaluation(be, &model, p, len, new)?);
+    ops.push(suite::evaluation(be, &model, dtype, p, len, new, ceil)?);
     Ok(ops)
 }
 
