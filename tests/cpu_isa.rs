@@ -37,7 +37,7 @@ fn every_isa_path_in_both_precisions_gives_the_reference_logits() {
         "paths on this CPU: {:?}",
         isas.iter().map(|i| i.name()).collect::<Vec<_>>()
     );
-    assert!(isas.contains(&Isa::Generic) && isas.len() >= 2, "{isas:?}");
+    assert!(isas.contains(&Isa::Generic), "{isas:?}");
     for name in REFERENCE_MODELS {
         let dir = llama_dir(name);
         let f32_ref = read_safetensors_file(&dir.join("expected.safetensors")).unwrap();
