@@ -316,6 +316,25 @@ fn matmul_f32(
     );
 }
 
+/// The `rx × 4` register tile at `(r, c)` for `rx` in 1..=6 through `$tile::<rx, 4>`: one
+/// monomorphised tile per height, since the accumulators are sized at compile time. `$x(i)`
+/// is input row `r + i`; shared by the AVX-512 f32 and bf16 blocks.
+#[cfg(target_arch = "x86_64")]
+macro_rules! tiles_up_to_6_rows {
+    ($($tile:ident)::+, $rx:expr, $x:expr, $w4:expr, $k:expr, $r:expr, $c:expr, $store:expr) => {{
+        let x = $x;
+        let (w4, k, r, c, store) = ($w4, $k, $r, $c, $store);
+        match $rx {
+            6 => emit($($tile)::+::<6, 4>([x(0), x(1), x(2), x(3), x(4), x(5)], w4, k), r, c, store),
+            5 => emit($($tile)::+::<5, 4>([x(0), x(1), x(2), x(3), x(4)], w4, k), r, c, store),
+            4 => emit($($tile)::+::<4, 4>([x(0), x(1), x(2), x(3)], w4, k), r, c, store),
+            3 => emit($($tile)::+::<3, 4>([x(0), x(1), x(2)], w4, k), r, c, store),
+            2 => emit($($tile)::+::<2, 4>([x(0), x(1)], w4, k), r, c, store),
+            _ => emit($($tile)::+::<1, 4>([x(0)], w4, k), r, c, store),
+        }
+    }};
+}
+
 /// bf16 weights straight from their bytes (no upcast buffer: half the bytes through the
 /// caches, and nothing written per block) against bf16-rounded activations.
 #[cfg(target_arch = "x86_64")]
@@ -365,35 +384,16 @@ unsafe fn block_bf16_dot(
         6,
         |r, rx, c| {
             let w4 = [ws(c), ws(c + 1), ws(c + 2), ws(c + 3)];
-            let x = |i: usize| xs(r + i);
-            match rx {
-                6 => emit(
-                    bf16_dot::tile::<6, 4>([x(0), x(1), x(2), x(3), x(4), x(5)], w4, k),
-                    r,
-                    c,
-                    &store,
-                ),
-                5 => emit(
-                    bf16_dot::tile::<5, 4>([x(0), x(1), x(2), x(3), x(4)], w4, k),
-                    r,
-                    c,
-                    &store,
-                ),
-                4 => emit(
-                    bf16_dot::tile::<4, 4>([x(0), x(1), x(2), x(3)], w4, k),
-                    r,
-                    c,
-                    &store,
-                ),
-                3 => emit(
-                    bf16_dot::tile::<3, 4>([x(0), x(1), x(2)], w4, k),
-                    r,
-                    c,
-                    &store,
-                ),
-                2 => emit(bf16_dot::tile::<2, 4>([x(0), x(1)], w4, k), r, c, &store),
-                _ => emit(bf16_dot::tile::<1, 4>([x(0)], w4, k), r, c, &store),
-            }
+            tiles_up_to_6_rows!(
+                bf16_dot::tile,
+                rx,
+                |i: usize| xs(r + i),
+                w4,
+                k,
+                r,
+                c,
+                &store
+            );
         },
         |r, c| store(r, c, bf16_dot::tile::<1, 1>([xs(r)], [ws(c)], k)[0][0]),
     );
@@ -513,35 +513,7 @@ unsafe fn block_avx512(
         6,
         |r, rx, c| {
             let w4 = [ws(c), ws(c + 1), ws(c + 2), ws(c + 3)];
-            let x = |i: usize| xs(r + i);
-            match rx {
-                6 => emit(
-                    avx512::tile::<6, 4>([x(0), x(1), x(2), x(3), x(4), x(5)], w4, k),
-                    r,
-                    c,
-                    &store,
-                ),
-                5 => emit(
-                    avx512::tile::<5, 4>([x(0), x(1), x(2), x(3), x(4)], w4, k),
-                    r,
-                    c,
-                    &store,
-                ),
-                4 => emit(
-                    avx512::tile::<4, 4>([x(0), x(1), x(2), x(3)], w4, k),
-                    r,
-                    c,
-                    &store,
-                ),
-                3 => emit(
-                    avx512::tile::<3, 4>([x(0), x(1), x(2)], w4, k),
-                    r,
-                    c,
-                    &store,
-                ),
-                2 => emit(avx512::tile::<2, 4>([x(0), x(1)], w4, k), r, c, &store),
-                _ => emit(avx512::tile::<1, 4>([x(0)], w4, k), r, c, &store),
-            }
+            tiles_up_to_6_rows!(avx512::tile, rx, |i: usize| xs(r + i), w4, k, r, c, &store);
         },
         |r, c| store(r, c, avx512::tile::<1, 1>([xs(r)], [ws(c)], k)[0][0]),
     );
