@@ -261,13 +261,20 @@ pub fn matmul_t_with(
         "matmul_t: buffers too small"
     );
     if precision.uses_bf16(w.dtype, isa) {
-        let x_bf16: Vec<u16> = x[..rows * k]
-            .iter()
-            .map(|&v| dtype::f32_to_bf16_bits(v))
-            .collect();
+        // The rounded activations live in a buffer this thread keeps between calls (no
+        // allocation per decode step); taken out while in use, so a nested call on the same
+        // thread (rayon may run one while this one waits) gets a fresh one instead.
+        thread_local! {
+            static X_BF16: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
+        }
+        let mut x_bf16 = X_BF16.take();
+        x_bf16.clear();
+        x_bf16.extend(x[..rows * k].iter().map(|&v| dtype::f32_to_bf16_bits(v)));
         #[cfg(target_arch = "x86_64")]
         if isa == Isa::Avx512Bf16 {
-            return matmul_bf16_dot(out, &x_bf16, w.data(), rows, n, k);
+            matmul_bf16_dot(out, &x_bf16, w.data(), rows, n, k);
+            X_BF16.set(x_bf16);
+            return;
         }
         // The same products from the f32 kernels: bf16 × bf16 is exact in f32.
         let x_rounded: Vec<f32> = x_bf16
