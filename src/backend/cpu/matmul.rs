@@ -301,26 +301,42 @@ fn matmul_f32(
     let out_ptr = OutPtr(out.as_mut_ptr());
 
     let block = block_rows(rows, n, k, esize);
-    (0..n.div_ceil(block)).into_par_iter().for_each_init(
-        || vec![0.0f32; block * k],
-        |wbuf, blk| {
-            let j0 = blk * block;
-            let j1 = (j0 + block).min(n);
-            let wb = &mut wbuf[..(j1 - j0) * k];
-            dtype::to_f32(w.dtype, &data[j0 * k * esize..j1 * k * esize], wb);
-            match isa {
-                // SAFETY: `isa` is one this CPU supports (asserted by the caller).
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 | Isa::Avx512Bf16 => unsafe {
-                    block_avx512(out_ptr, x, wb, rows, n, k, j0, j1)
-                },
-                // SAFETY: as above.
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2Fma => unsafe { block_fma(out_ptr, x, wb, rows, n, k, j0, j1) },
-                _ => block_generic(out_ptr, x, wb, rows, n, k, j0, j1),
+    // f32 weights are read where they lie when aligned: their "upcast" would be a plain copy.
+    let direct: Option<&[f32]> = match w.dtype {
+        DType::F32 => bytemuck::try_cast_slice(data).ok(),
+        _ => None,
+    };
+    // The upcast buffer is kept per thread between calls (no allocation, and no zeroing of
+    // it, per step); taken out while in use, so a nested call gets its own.
+    thread_local! {
+        static UPCAST: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    }
+    (0..n.div_ceil(block)).into_par_iter().for_each(|blk| {
+        let j0 = blk * block;
+        let j1 = (j0 + block).min(n);
+        let run = |wb: &[f32]| match isa {
+            // SAFETY: `isa` is one this CPU supports (asserted by the caller).
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 | Isa::Avx512Bf16 => unsafe {
+                block_avx512(out_ptr, x, wb, rows, n, k, j0, j1)
+            },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => unsafe { block_fma(out_ptr, x, wb, rows, n, k, j0, j1) },
+            _ => block_generic(out_ptr, x, wb, rows, n, k, j0, j1),
+        };
+        match direct {
+            Some(all) => run(&all[j0 * k..j1 * k]),
+            None => {
+                let mut buf = UPCAST.take();
+                buf.resize(block * k, 0.0);
+                let wb = &mut buf[..(j1 - j0) * k];
+                dtype::to_f32(w.dtype, &data[j0 * k * esize..j1 * k * esize], wb);
+                run(wb);
+                UPCAST.set(buf);
             }
-        },
-    );
+        }
+    });
 }
 
 /// The `rx × 4` register tile at `(r, c)` for `rx` in 1..=6 through `$tile::<rx, 4>`: one
