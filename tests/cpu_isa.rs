@@ -4,11 +4,11 @@
 //! - f32: every path gives transformers' f32 logits (the shared reference) within 1e-4.
 //! - bf16 (activations rounded to bf16 at each matmul, bf16 weights, f32 accumulation): every
 //!   path gives the same logits as every other to within bf16's rounding (bf16 products are
-//!   exact in f32, so only the summation order differs, which can tip a rounding), and they are as close to transformers' own bf16 logits
-//!   (`tests/data/llama-bf16`, from `scripts/transformers_bf16_reference.py`) as bf16 lets two
-//!   implementations be: within twice the distance between transformers' bf16 and f32 logits
-//!   of the same prompt (3e-2 at most on these prompts). Ours is also no farther from the f32
-//!   truth than transformers' bf16 is, times that same factor of two.
+//!   exact in f32, so only the summation order differs, which can tip a rounding), and they
+//!   are as close to transformers' own bf16 logits (`tests/data/llama-bf16`, written by
+//!   `scripts/transformers_bf16_reference.py`) as bf16 lets two implementations be: within
+//!   twice the distance between transformers' bf16 and f32 logits of the same prompt (3e-2 at
+//!   most on these prompts). Ours is also no farther from the f32 truth than that.
 
 mod common;
 

@@ -3,8 +3,10 @@
 //! Work is split over blocks of weight rows (`block_rows`): each task upcasts its block into an
 //! L1/L2-resident f32 buffer once and reuses it for every input row, so decode (few rows) reads
 //! each weight byte exactly once — the memory-bandwidth roofline — and prefill (many rows) reuses
-//! the upcast block `rows` times. The inner kernel takes 4 weight rows × 1 input row per pass so
-//! every load of `x` feeds 4 FMAs. An AVX2+FMA build of the same kernel is chosen at run time.
+//! the upcast block `rows` times (f32 weights are read in place). Register tiles of up to 6 input
+//! rows × 4 weight rows; AVX-512, AVX2+FMA or portable code is chosen at run time ([`Isa`]).
+//! In bf16 [`Precision`] the activations are rounded to bf16 once per call and, on CPUs with the
+//! bf16 dot product, bf16 weights are read as stored by `vdpbf16ps` tiles (no upcast).
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -215,7 +217,7 @@ impl Precision {
 }
 
 pub fn matmul_t(out: &mut [f32], x: &[f32], w: &HostTensor, rows: usize, n: usize, k: usize) {
-    // An unsupported `$CYCLEQD_CPU_ISA` is reported by `check_isa` before any matmul runs;
+    // An unsupported `$CYCLEQD_CPU_ISA` is reported by the command line as it starts;
     // here it falls back to the detected set rather than panicking mid-model.
     let isa = Isa::current().unwrap_or_else(|_| Isa::detect());
     matmul_t_with(isa, Precision::current(), out, x, w, rows, n, k)
