@@ -183,11 +183,15 @@ impl Precision {
     /// (`auto`, `f32`, `bf16`), else f32 — exact against the f32 reference. The command line
     /// sets it from `--precision`, whose default is `auto`.
     pub fn current() -> Precision {
+        static FROM_ENV: std::sync::OnceLock<Precision> = std::sync::OnceLock::new();
         match PRECISION.load(Ordering::Relaxed) {
-            PRECISION_UNSET => std::env::var("CYCLEQD_PRECISION")
-                .ok()
-                .and_then(|v| Precision::parse(&v))
-                .unwrap_or(Precision::F32),
+            // Read once: this is asked on every matmul.
+            PRECISION_UNSET => *FROM_ENV.get_or_init(|| {
+                std::env::var("CYCLEQD_PRECISION")
+                    .ok()
+                    .and_then(|v| Precision::parse(&v))
+                    .unwrap_or(Precision::F32)
+            }),
             p => [Precision::Auto, Precision::F32, Precision::Bf16][p as usize],
         }
     }
