@@ -14,7 +14,11 @@ case "$mode" in
     rm -rf "$dir" && mkdir -p "$dir"
     # Every cargo call below sees the same nvcc: a build without it would replace the embedded
     # kernel images with none (build.rs reruns when NVCC changes).
-    venv_nvcc=$(ls .ci-cache/cuda-venv/lib/python3*/site-packages/nvidia/cu13/bin/nvcc .cuda-venv/lib/python3*/site-packages/nvidia/cu13/bin/nvcc 2>/dev/null | head -1 || true)
+    venv_nvcc=
+    for candidate in .ci-cache/cuda-venv/lib/python3*/site-packages/nvidia/cu13/bin/nvcc \
+                     .cuda-venv/lib/python3*/site-packages/nvidia/cu13/bin/nvcc; do
+      if [ -z "$venv_nvcc" ] && [ -x "$candidate" ]; then venv_nvcc=$candidate; fi
+    done
     export NVCC=${NVCC:-$venv_nvcc} CYCLEQD_REQUIRE_KERNELS=1
     [ -n "$NVCC" ] || { echo "gpu_checks: no nvcc (set NVCC, or run .ci/run once to install one)" >&2; exit 1; }
     cargo build --release
