@@ -173,7 +173,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         DeviceChoice::Cpu => {
             let shape = a.shape.unwrap_or(Shape::Tiny);
             let plan = Plan::new(shape);
-            check_cpu_room(shape, &plan.shape.config(dtype)?, dtype, &plan)?;
+            let cfg = plan.shape.config(dtype)?;
+            check_cpu_room(shape, &cfg, dtype, &plan)?;
             let be = CpuBackend;
             progress("measuring ceilings");
             let isa = Isa::current()?;
@@ -197,7 +198,6 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
                 },
                 None => ceil.clone(),
             };
-            let cfg = plan.shape.config(dtype)?;
             let mut ops = vec![];
             progress("materialize");
             ops.push(suite::materialize_host(

@@ -232,25 +232,6 @@ fn householder_qr(x: &mut [f32], p: usize, l: usize) -> Vec<f64> {
     out
 }
 
-/// Rank-`rank` randomized SVD of each row-major `[m, n]` matrix in `mats`, batched on
-/// `ops`' device. Member `i` draws its sketch from `opts.seed ^ seeds[i]`.
-pub fn randomized_svd_batch<O: BatchedLinalg>(
-    ops: &O,
-    mats: &[&[f32]],
-    m: usize,
-    n: usize,
-    rank: usize,
-    opts: RandomizedSvd,
-    seeds: &[u64],
-) -> Result<Vec<Factors>> {
-    if mats.iter().any(|a| a.len() != m * n) {
-        return Err(Error::invalid(
-            "factorize: matrices do not match the batch's shape",
-        ));
-    }
-    randomized_svd_members(ops, mats, m, n, rank, opts, seeds)
-}
-
 /// [`randomized_svd_batch`] of `seeds.len()` row-major `[m, n]` matrices stored one after
 /// another in `concat` (the expert set writes task vectors straight into such a buffer).
 pub fn randomized_svd_concat<O: BatchedLinalg>(
@@ -269,11 +250,12 @@ pub fn randomized_svd_concat<O: BatchedLinalg>(
     }
     check_rank(m, n, rank)?; // before chunking: m·n ≥ 1
     let members: Vec<&[f32]> = concat.chunks_exact(m * n).collect();
-    randomized_svd_members(ops, &members, m, n, rank, opts, seeds)
+    randomized_svd_batch(ops, &members, m, n, rank, opts, seeds)
 }
 
-/// The algorithm, on members already checked to be `m × n` each.
-fn randomized_svd_members<O: BatchedLinalg>(
+/// Rank-`rank` randomized SVD of each row-major `[m, n]` matrix in `mats`, batched on
+/// `ops`' device. Member `i` draws its sketch from `opts.seed ^ seeds[i]`.
+pub fn randomized_svd_batch<O: BatchedLinalg>(
     ops: &O,
     mats: &[&[f32]],
     m: usize,
@@ -288,6 +270,11 @@ fn randomized_svd_members<O: BatchedLinalg>(
     if mats.len() != nb {
         return Err(Error::invalid(
             "factorize: matrices or seeds do not match the batch",
+        ));
+    }
+    if mats.iter().any(|a| a.len() != m * n) {
+        return Err(Error::invalid(
+            "factorize: matrices do not match the batch's shape",
         ));
     }
     if nb == 0 {

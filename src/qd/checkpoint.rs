@@ -152,62 +152,73 @@ pub fn read_state(path: &Path) -> Result<(Population, u64)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let header = parse_header(&bytes, path)?;
     let md = &header.metadata;
-    let coverage = if md.get("version").map(String::as_str) == Some("1") {
+    durable::verify(&bytes, &header, path, "checkpoint", coverage(md))?;
+    let state = State::of(path, md)?;
+    Ok((state.pop, state.events_len))
+}
+
+/// Version 1's checksum covers only the data; later ones cover the metadata too.
+fn coverage(md: &BTreeMap<String, String>) -> Coverage {
+    if md.get("version").map(String::as_str) == Some("1") {
         Coverage::DataOnly
     } else {
         Coverage::DataAndMetadata
-    };
-    durable::verify(&bytes, &header, path, "checkpoint", coverage)?;
-    let get = |k: &str| {
-        md.get(k)
-            .ok_or_else(|| Error::format(path, format!("checkpoint metadata has no `{k}`")))
-    };
-    if get("format")? != FORMAT {
-        return Err(Error::format(path, "not a cycleqd-engine checkpoint"));
     }
-    let pop: Population = serde_json::from_str(get("state")?)
-        .map_err(|e| Error::format(path, format!("invalid state: {e}")))?;
-    let events_len = get("events_len")?
+}
+
+/// What a checkpoint's metadata records beside its genomes, once it is known to be one of ours
+/// of a version this build reads.
+struct State<'a> {
+    pop: Population,
+    events_len: u64,
+    version: &'a str,
+}
+
+impl<'a> State<'a> {
+    fn of(path: &Path, md: &'a BTreeMap<String, String>) -> Result<State<'a>> {
+        let version = metadata(path, md, "version")?.as_str();
+        if metadata(path, md, "format")? != FORMAT || !matches!(version, "1" | "2") {
+            return Err(Error::format(
+                path,
+                "not a cycleqd-engine checkpoint of a version this build reads",
+            ));
+        }
+        let pop: Population = serde_json::from_str(metadata(path, md, "state")?)
+            .map_err(|e| Error::format(path, format!("invalid state: {e}")))?;
+        Ok(State {
+            pop,
+            events_len: metadata_number(path, md, "events_len")?,
+            version,
+        })
+    }
+}
+
+fn metadata<'a>(path: &Path, md: &'a BTreeMap<String, String>, k: &str) -> Result<&'a String> {
+    md.get(k)
+        .ok_or_else(|| Error::format(path, format!("checkpoint metadata has no `{k}`")))
+}
+
+fn metadata_number(path: &Path, md: &BTreeMap<String, String>, k: &str) -> Result<u64> {
+    metadata(path, md, k)?
         .parse()
-        .map_err(|_| Error::format(path, "`events_len` is not an integer"))?;
-    Ok((pop, events_len))
+        .map_err(|_| Error::format(path, format!("`{k}` is not an integer")))
 }
 
 /// Loads a checkpoint written by [`save`] (or by version 1, whose checksum covers only the
 /// data and which has nothing in flight) for the expert set `set`.
 pub fn load(path: &Path, set: &ExpertSet) -> Result<(Population, CheckpointMeta)> {
-    let (mut genomes, md) = read_genomes_covered(path, set, |md| {
-        if md.get("version").map(String::as_str) == Some("1") {
-            Coverage::DataOnly
-        } else {
-            Coverage::DataAndMetadata
-        }
-    })?;
-    let get = |k: &str| {
-        md.get(k)
-            .ok_or_else(|| Error::format(path, format!("checkpoint metadata has no `{k}`")))
-    };
-    let version = get("version")?.as_str();
-    if get("format")? != FORMAT || !matches!(version, "1" | "2") {
-        return Err(Error::format(
-            path,
-            "not a cycleqd-engine checkpoint of a version this build reads",
-        ));
-    }
-    let mut pop: Population = serde_json::from_str(get("state")?)
-        .map_err(|e| Error::format(path, format!("invalid state: {e}")))?;
-    let number = |k: &str| -> Result<u64> {
-        get(k)?
-            .parse()
-            .map_err(|_| Error::format(path, format!("`{k}` is not an integer")))
-    };
-    let events_len = number("events_len")?;
+    let (mut genomes, md) = read_genomes_covered(path, set, coverage)?;
+    let State {
+        mut pop,
+        events_len,
+        version,
+    } = State::of(path, &md)?;
     let (next_child, mut in_flight) = if version == "1" {
         (pop.children_done + 1, vec![])
     } else {
-        let specs: Vec<ChildSpec> = serde_json::from_str(get("in_flight")?)
+        let specs: Vec<ChildSpec> = serde_json::from_str(metadata(path, &md, "in_flight")?)
             .map_err(|e| Error::format(path, format!("invalid `in_flight`: {e}")))?;
-        (number("next_child")?, specs)
+        (metadata_number(path, &md, "next_child")?, specs)
     };
     for spec in &mut in_flight {
         let g = genomes
@@ -247,7 +258,7 @@ pub fn load(path: &Path, set: &ExpertSet) -> Result<(Population, CheckpointMeta)
         pop,
         CheckpointMeta {
             events_len,
-            config: get("config")?.clone(),
+            config: metadata(path, &md, "config")?.clone(),
             next_child,
             in_flight,
         },

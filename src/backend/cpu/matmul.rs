@@ -109,7 +109,7 @@ impl Isa {
                             "CYCLEQD_CPU_ISA={name}: not one of avx512bf16, avx512, avx2, generic"
                         )
                     })?;
-                    if Isa::available().contains(&isa) {
+                    if isa.is_supported() {
                         Ok(isa)
                     } else {
                         Err(format!(
@@ -128,24 +128,25 @@ impl Isa {
     /// Process-wide: tests that force a set run in a test binary of their own.
     pub fn force(isa: Option<Isa>) {
         if let Some(isa) = isa {
-            assert!(
-                Isa::available().contains(&isa),
-                "{isa:?} is not supported by this CPU"
-            );
+            assert!(isa.is_supported(), "{isa:?} is not supported by this CPU");
         }
-        let index = isa.map_or(NO_ISA, |i| {
-            ALL_ISAS.iter().position(|&a| a == i).unwrap() as u8
-        });
+        let index = isa.map_or(NO_ISA, |i| i.rank() as u8);
         FORCED_ISA.store(index, Ordering::Relaxed);
     }
 
     /// This ISA and every weaker one, for tests that cover all paths the CPU can run.
     pub fn available() -> Vec<Isa> {
-        let best = ALL_ISAS
-            .iter()
-            .position(|&i| i == Isa::detect())
-            .unwrap_or(3);
-        ALL_ISAS[best..].to_vec()
+        ALL_ISAS[Isa::detect().rank()..].to_vec()
+    }
+
+    /// Whether this CPU can run `self` (checked on every matmul: no allocation).
+    pub fn is_supported(self) -> bool {
+        self.rank() >= Isa::detect().rank()
+    }
+
+    /// Position in `ALL_ISAS`, widest first.
+    fn rank(self) -> usize {
+        self as usize
     }
 
     pub fn name(self) -> &'static str {
@@ -252,10 +253,7 @@ pub fn matmul_t_with(
     n: usize,
     k: usize,
 ) {
-    assert!(
-        Isa::available().contains(&isa),
-        "{isa:?} is not supported by this CPU"
-    );
+    assert!(isa.is_supported(), "{isa:?} is not supported by this CPU");
     assert_eq!(
         w.numel(),
         n * k,
