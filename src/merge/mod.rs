@@ -139,9 +139,11 @@ pub fn run_merge<B: Backend>(
         .out_dtype
         .or(cfg.dtype)
         .unwrap_or_else(|| donor.dominant_dtype());
+    // Laid out in the order they are merged: the writer's partial blocks at tensor boundaries
+    // then complete as soon as the next tensor is written.
     let specs: Vec<TensorSpec> = plan
-        .tensors
-        .iter()
+        .merge_order()
+        .into_iter()
         .map(|t| {
             let mut shape = t.shape.clone();
             if let Some(v) = vocab.as_ref().filter(|_| vocab::is_vocab_tensor(&t.name)) {

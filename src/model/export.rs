@@ -9,14 +9,14 @@
 //! tensor as soon as it exists, with `pwrite`, and never holds more than it is working on.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, File};
-use std::os::unix::fs::FileExt;
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::Value;
 
-use super::safetensors::{build_header, TensorSpec};
+use super::direct::{DirectFiles, DIRECT_ALIGN};
+use super::safetensors::{build_header_aligned, TensorSpec};
 use super::store::{HostTensor, INDEX_FILE, SINGLE_FILE};
 use crate::durable::{sync_dir, write_synced};
 use crate::error::{Error, Result};
@@ -41,17 +41,14 @@ struct Slot {
     written_bytes: AtomicUsize,
 }
 
-struct ShardFile {
-    name: String,
-    file: File,
-}
-
 /// A checkpoint being written. Dropping it before [`CheckpointWriter::finish`] removes the
 /// temporary directory.
 pub struct CheckpointWriter {
     final_dir: PathBuf,
     tmp_dir: PathBuf,
-    shards: Vec<ShardFile>,
+    /// The shard files' names, and the files being written (taken by `finish`).
+    shards: Vec<String>,
+    files: Option<DirectFiles>,
     slots: HashMap<String, Slot>,
     order: Vec<String>,
     finished: bool,
@@ -72,6 +69,7 @@ impl CheckpointWriter {
             final_dir: out_dir.to_path_buf(),
             tmp_dir,
             shards: vec![],
+            files: None,
             slots: HashMap::new(),
             order: vec![],
             finished: false,
@@ -105,19 +103,19 @@ impl CheckpointWriter {
 
         let count = groups.len();
         let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        let mut headers = vec![];
+        let mut files = vec![];
         for (i, group) in groups.into_iter().enumerate() {
             let name = if count == 1 {
                 SINGLE_FILE.to_string()
             } else {
                 format!("model-{:05}-of-{count:05}.safetensors", i + 1)
             };
-            let path = w.tmp_dir.join(&name);
-            let (header, offsets) = build_header(&group, &metadata);
+            // Data from a block boundary: tensors whose sizes are whole blocks are then written
+            // without partial blocks.
+            let (header, offsets) = build_header_aligned(&group, &metadata, DIRECT_ALIGN);
             let total = header.len() as u64 + group.iter().map(|s| s.nbytes() as u64).sum::<u64>();
-            let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
-            file.set_len(total).map_err(|e| Error::io(&path, e))?;
-            file.write_all_at(&header, 0)
-                .map_err(|e| Error::io(&path, e))?;
+            files.push((w.tmp_dir.join(&name), total));
             for (spec, off) in group.into_iter().zip(offsets) {
                 w.slots.insert(
                     spec.name.clone(),
@@ -129,8 +127,14 @@ impl CheckpointWriter {
                     },
                 );
             }
-            w.shards.push(ShardFile { name, file });
+            w.shards.push(name);
+            headers.push(header);
         }
+        let direct = DirectFiles::create(&files)?;
+        for (i, header) in headers.iter().enumerate() {
+            direct.write(i, 0, header)?;
+        }
+        w.files = Some(direct);
         Ok(w)
     }
 
@@ -158,11 +162,8 @@ impl CheckpointWriter {
         if slot.written_bytes.fetch_add(bytes.len(), Ordering::AcqRel) + bytes.len() > need {
             return Err(Error::tensor(name, "written twice during export"));
         }
-        let shard = &self.shards[slot.shard];
-        shard
-            .file
-            .write_all_at(bytes, slot.offset + offset as u64)
-            .map_err(|e| Error::io(self.tmp_dir.join(&shard.name), e))
+        let files = self.files.as_ref().expect("open until finish");
+        files.write(slot.shard, slot.offset + offset as u64, bytes)
     }
 
     /// Adds a small file (e.g. the merge recipe) to the checkpoint being written.
@@ -195,11 +196,7 @@ impl CheckpointWriter {
                 ));
             }
         }
-        for s in &self.shards {
-            s.file
-                .sync_all()
-                .map_err(|e| Error::io(self.tmp_dir.join(&s.name), e))?;
-        }
+        self.files.take().expect("open until finish").finish()?;
         if self.shards.len() > 1 {
             let weight_map: serde_json::Map<String, Value> = self
                 .order
@@ -207,7 +204,7 @@ impl CheckpointWriter {
                 .map(|n| {
                     (
                         n.clone(),
-                        Value::String(self.shards[self.slots[n].shard].name.clone()),
+                        Value::String(self.shards[self.slots[n].shard].clone()),
                     )
                 })
                 .collect();
@@ -258,6 +255,7 @@ impl CheckpointWriter {
 impl Drop for CheckpointWriter {
     fn drop(&mut self) {
         if !self.finished {
+            self.files = None; // its writer threads stop before the files go
             let _ = fs::remove_dir_all(&self.tmp_dir);
         }
     }

@@ -3,6 +3,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod direct;
 pub mod dtype;
 pub mod export;
 pub mod hub;

@@ -221,6 +221,16 @@ pub fn build_header(
     specs: &[TensorSpec],
     metadata: &BTreeMap<String, String>,
 ) -> (Vec<u8>, Vec<usize>) {
+    build_header_aligned(specs, metadata, 8)
+}
+
+/// [`build_header`] with the JSON padded (with spaces, as the format allows) so that the data
+/// starts at a multiple of `align` bytes (a power of two, at least 8).
+pub fn build_header_aligned(
+    specs: &[TensorSpec],
+    metadata: &BTreeMap<String, String>,
+    align: usize,
+) -> (Vec<u8>, Vec<usize>) {
     let mut obj = Map::new();
     if !metadata.is_empty() {
         let m: Map<String, Value> = metadata
@@ -245,9 +255,7 @@ pub fn build_header(
         at = end;
     }
     let mut json = serde_json::to_vec(&Value::Object(obj)).expect("a JSON map serialises");
-    while !(8 + json.len()).is_multiple_of(8) {
-        json.push(b' ');
-    }
+    json.resize((8 + json.len()).next_multiple_of(align) - 8, b' ');
     let mut out = Vec::with_capacity(8 + json.len());
     out.extend_from_slice(&(json.len() as u64).to_le_bytes());
     out.extend_from_slice(&json);
