@@ -17,6 +17,7 @@ pub mod qd;
 pub mod report;
 pub mod run;
 pub mod serve;
+mod simd;
 
 pub use error::{Error, Result};
 pub mod bench;

@@ -19,6 +19,7 @@ use super::select::{magnitude_scores, rank_window_mask, top_k_mask};
 use super::tiles::{self, upcast_range};
 use crate::error::{Error, Result};
 use crate::model::{DType, HostTensor};
+use crate::simd::widest_simd;
 
 /// How each task vector is thinned before the merge.
 #[derive(Clone, Debug, PartialEq)]
@@ -87,16 +88,10 @@ pub fn merge(
             &inputs,
             || vec![0.0f64; 2 * m],
             |acc, lo, xs| {
-                let b = xs[0];
+                // Tiles start on mask words (TILE is a multiple of 64).
                 for i in 0..m {
-                    let (mut all, mut kept) = (0.0f64, 0.0f64);
-                    for (j, (&x, &b)) in xs[i + 1].iter().zip(b).enumerate() {
-                        let a = (x - b).abs() as f64;
-                        all += a;
-                        if masks[i].as_ref().is_none_or(|mk| bit(mk, lo + j)) {
-                            kept += a;
-                        }
-                    }
+                    let words = masks[i].as_deref().map(|mk| &mk[lo / 64..]);
+                    let (all, kept) = abs_sums(xs[i + 1], xs[0], words);
                     acc[2 * i] += all;
                     acc[2 * i + 1] += kept;
                 }
@@ -121,23 +116,60 @@ pub fn merge(
     let sum_w: f32 = g.weights.iter().sum();
     let flat_divisor = if sum_w.abs() < 1e-8 { 1.0 } else { sum_w };
     tiles::output(n, &inputs, out_dtype, sink, |lo, xs, out| {
+        WD.with_borrow_mut(|wd| mix_tile(g, &scale, &masks, flat_divisor, lo, xs, out, wd))
+    })
+}
+
+widest_simd! {
+    /// One output tile: the weighted, sparsified task vectors of `xs[1..]` over the base
+    /// `xs[0]`, sign consensus when the method elects one, added to the base. `wd` holds the
+    /// task vectors (m × tile), reused between tiles.
+    #[allow(clippy::too_many_arguments)]
+    fn mix_tile(
+        g: &Gta,
+        scale: &[f32],
+        masks: &[Option<Vec<u64>>],
+        flat_divisor: f32,
+        lo: usize,
+        xs: &[&[f32]],
+        out: &mut [f32],
+        wd: &mut Vec<f32>,
+    ) {
+        let m = xs.len() - 1;
         let b = xs[0];
         let len = out.len();
-        WD.with_borrow_mut(|wd| {
-            // Weighted, sparsified task vectors, model by model (loops that vectorise).
-            wd.resize(m * len, 0.0);
+        // Weighted, sparsified task vectors, model by model (loops that vectorise).
+        wd.resize(m * len, 0.0);
+        for i in 0..m {
+            let (w, s, d) = (g.weights[i], scale[i], &mut wd[i * len..(i + 1) * len]);
+            d.iter_mut()
+                .zip(xs[i + 1])
+                .zip(b)
+                .for_each(|((d, &x), &b)| *d = (x - b) * s * w);
+            if let Some(mk) = &masks[i] {
+                zero_dropped(d, &mk[lo / 64..]);
+            }
+        }
+        out.fill(0.0);
+        for i in 0..m {
+            out.iter_mut()
+                .zip(&wd[i * len..(i + 1) * len])
+                .for_each(|(o, &d)| *o += d);
+        }
+        if g.consensus {
+            // `out` holds Σ w_i τ'_i: its sign is elected; keep the agreeing entries.
+            let mut div = vec![0.0f32; len];
             for i in 0..m {
-                let (w, s, d) = (g.weights[i], scale[i], &mut wd[i * len..(i + 1) * len]);
-                d.iter_mut()
-                    .zip(xs[i + 1])
-                    .zip(b)
-                    .for_each(|((d, &x), &b)| *d = (x - b) * s * w);
-                if let Some(mk) = &masks[i] {
-                    for (j, d) in d.iter_mut().enumerate() {
-                        if !bit(mk, lo + j) {
-                            *d = 0.0;
-                        }
-                    }
+                let w = g.weights[i];
+                for ((s, dv), d) in out
+                    .iter()
+                    .zip(div.iter_mut())
+                    .zip(wd[i * len..(i + 1) * len].iter_mut())
+                {
+                    let elected = if *s >= 0.0 { 1.0f32 } else { -1.0 };
+                    let agrees = *d * elected > 0.0;
+                    *d = if agrees { *d } else { 0.0 };
+                    *dv += if agrees { w } else { 0.0 };
                 }
             }
             out.fill(0.0);
@@ -146,38 +178,59 @@ pub fn merge(
                     .zip(&wd[i * len..(i + 1) * len])
                     .for_each(|(o, &d)| *o += d);
             }
-            if g.consensus {
-                // `out` holds Σ w_i τ'_i: its sign is elected; keep the agreeing entries.
-                let mut div = vec![0.0f32; len];
-                for i in 0..m {
-                    let w = g.weights[i];
-                    for ((s, dv), d) in out
-                        .iter()
-                        .zip(div.iter_mut())
-                        .zip(wd[i * len..(i + 1) * len].iter_mut())
-                    {
-                        let elected = if *s >= 0.0 { 1.0f32 } else { -1.0 };
-                        let agrees = *d * elected > 0.0;
-                        *d = if agrees { *d } else { 0.0 };
-                        *dv += if agrees { w } else { 0.0 };
+            for ((o, &dv), &b) in out.iter_mut().zip(&div).zip(b) {
+                *o = finish(*o, if dv == 0.0 { 1.0 } else { dv }, g, b);
+            }
+        } else {
+            for (o, &b) in out.iter_mut().zip(b) {
+                *o = finish(*o, flat_divisor, g, b);
+            }
+        }
+    }
+}
+
+widest_simd! {
+    /// `(Σ|x − b|, Σ|x − b| over the kept elements)`, elements `j` kept when bit `j` of `words`
+    /// is set (all kept without `words`). Eight f64 lanes: the sums vectorise and keep f64.
+    fn abs_sums(x: &[f32], b: &[f32], words: Option<&[u64]>) -> (f64, f64) {
+        let (mut all, mut kept) = ([0.0f64; 8], [0.0f64; 8]);
+        let mut add = |lane: usize, x: f32, b: f32, keep: bool| {
+            let a = f64::from((x - b).abs());
+            all[lane] += a;
+            kept[lane] += if keep { a } else { 0.0 };
+        };
+        for (c, (x, b)) in x.chunks(64).zip(b.chunks(64)).enumerate() {
+            let w = words.map_or(u64::MAX, |ws| ws[c]);
+            match (<&[f32; 64]>::try_from(x), <&[f32; 64]>::try_from(b)) {
+                // Whole words: fixed trip counts, so each group of 8 becomes vector code.
+                (Ok(x), Ok(b)) => {
+                    for g in 0..8 {
+                        for l in 0..8 {
+                            let k = g * 8 + l;
+                            add(l, x[k], b[k], w >> k & 1 == 1);
+                        }
                     }
                 }
-                out.fill(0.0);
-                for i in 0..m {
-                    out.iter_mut()
-                        .zip(&wd[i * len..(i + 1) * len])
-                        .for_each(|(o, &d)| *o += d);
-                }
-                for ((o, &dv), &b) in out.iter_mut().zip(&div).zip(b) {
-                    *o = finish(*o, if dv == 0.0 { 1.0 } else { dv }, g, b);
-                }
-            } else {
-                for (o, &b) in out.iter_mut().zip(b) {
-                    *o = finish(*o, flat_divisor, g, b);
+                _ => {
+                    for (k, (&x, &b)) in x.iter().zip(b).enumerate() {
+                        add(k % 8, x, b, w >> k & 1 == 1);
+                    }
                 }
             }
-        })
-    })
+        }
+        (all.iter().sum(), kept.iter().sum())
+    }
+}
+
+widest_simd! {
+    /// Zeroes the elements of `d` whose bit in `words` is clear.
+    fn zero_dropped(d: &mut [f32], words: &[u64]) {
+        for (c, &w) in d.chunks_mut(64).zip(words) {
+            for (k, x) in c.iter_mut().enumerate() {
+                *x = if w >> k & 1 == 1 { *x } else { 0.0 };
+            }
+        }
+    }
 }
 
 #[inline]
@@ -223,10 +276,7 @@ fn mask(
             // [n − bottom − target, n − bottom).
             rank_window_mask(n, n - bottom - target, n - bottom, &scores)
         }
-        Sparsify::Random(stream) => {
-            let p = density as f32;
-            stream.bernoulli(n, |_| p)
-        }
+        Sparsify::Random(stream) => stream.bernoulli(n, density as f32),
         Sparsify::Della(stream, epsilons) => {
             della_mask(name, stream, base, x, density, epsilons[i])?
         }
@@ -278,7 +328,7 @@ fn della_mask(
                 p[j as usize] = low + (rank_norm * 2.0) * eps;
             }
         });
-        let drawn = stream.bernoulli(rows * cols, |j| block[j]);
+        let drawn = stream.bernoulli_each(block);
         // Copy the block's bits to their place (blocks start on row boundaries, not words).
         let start = first * cols;
         for j in 0..rows * cols {

@@ -226,6 +226,9 @@ pub fn merge_tensor(
         }
         MergeOp::Passthrough { scale } => {
             count(1, "passthrough")?;
+            if scale.is_none() && models[0].dtype == out_dtype {
+                return tiles::copy(models[0], sink);
+            }
             tiles::output(n, models, out_dtype, sink, |_, xs, out| match scale {
                 None => out.copy_from_slice(xs[0]),
                 Some(s) => out.iter_mut().zip(xs[0]).for_each(|(o, &x)| *o = x * s),

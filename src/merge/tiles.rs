@@ -60,6 +60,17 @@ pub fn output(
     )
 }
 
+/// Sinks `input`'s bytes as they are (a merge that changes nothing), in the chunks of
+/// [`output`].
+pub fn copy(input: &HostTensor, sink: &Sink) -> Result<()> {
+    let chunk = TILE * TILES_PER_CHUNK * input.dtype.size();
+    let bytes = input.data();
+    bytes
+        .par_chunks(chunk)
+        .enumerate()
+        .try_for_each(|(c, part)| sink(c * chunk, part))
+}
+
 /// Folds every tile of `inputs` into an accumulator per thread (`fold(acc, first element,
 /// input tiles)`) and combines them. Floating-point sums should accumulate in f64: the order
 /// of the tiles differs from run to run.

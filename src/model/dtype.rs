@@ -6,6 +6,8 @@
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 use serde::{Deserialize, Serialize};
 
+use crate::simd::widest_simd;
+
 /// A floating-point storage dtype the engine reads and writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum DType {
@@ -84,11 +86,7 @@ pub fn to_f32(dtype: DType, src: &[u8], dst: &mut [f32]) {
             }
         },
         DType::BF16 => match bytemuck::try_cast_slice::<u8, u16>(src) {
-            // A bf16 is the upper half of an f32: the shift vectorises (half's loop does not).
-            Ok(s) => dst
-                .iter_mut()
-                .zip(s)
-                .for_each(|(d, &b)| *d = f32::from_bits((b as u32) << 16)),
+            Ok(s) => bf16_to_f32_slice(s, dst),
             Err(_) => {
                 for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
                     *d = bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
@@ -106,22 +104,35 @@ pub fn to_f32(dtype: DType, src: &[u8], dst: &mut [f32]) {
     }
 }
 
-/// Upcasts a whole tensor's bytes into a new f32 vector.
 /// The index of the first NaN or ±Inf among `bytes` of `dtype` (bit tests, no conversion).
 pub fn first_non_finite(dtype: DType, bytes: &[u8]) -> Option<usize> {
     match dtype {
-        DType::F32 => bytes.chunks_exact(4).position(|c| {
-            u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 == 0x7f80_0000
-        }),
-        DType::F16 => bytes
-            .chunks_exact(2)
-            .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00),
-        DType::BF16 => bytes
-            .chunks_exact(2)
-            .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80),
+        DType::F32 => first_all_ones(bytes, 0x7f80_0000u32, u32::from_le_bytes),
+        DType::F16 => first_all_ones(bytes, 0x7c00u16, u16::from_le_bytes),
+        DType::BF16 => first_all_ones(bytes, 0x7f80u16, u16::from_le_bytes),
     }
 }
 
+/// The index of the first element (little-endian, `N` bytes) whose `exponent` bits are all
+/// set. Blocks are scanned without an early exit, which vectorises; only a block with a hit is
+/// searched element by element.
+fn first_all_ones<T, const N: usize>(
+    bytes: &[u8],
+    exponent: T,
+    read: impl Fn([u8; N]) -> T + Copy,
+) -> Option<usize>
+where
+    T: Copy + PartialEq + std::ops::BitAnd<Output = T>,
+{
+    const BLOCK: usize = 256;
+    let hit = |c: &[u8]| read(c.try_into().expect("N bytes")) & exponent == exponent;
+    bytes.chunks(BLOCK * N).enumerate().find_map(|(b, block)| {
+        let any = block.chunks_exact(N).fold(false, |acc, c| acc | hit(c));
+        any.then(|| b * BLOCK + block.chunks_exact(N).position(hit).expect("a hit"))
+    })
+}
+
+/// Upcasts a whole tensor's bytes into a new f32 vector.
 pub fn to_f32_vec(dtype: DType, src: &[u8]) -> Vec<f32> {
     let mut out = vec![0.0f32; src.len() / dtype.size()];
     to_f32(dtype, src, &mut out);
@@ -141,11 +152,14 @@ pub fn from_f32_slice(dtype: DType, src: &[f32], dst: &mut [u8]) {
     debug_assert_eq!(dst.len(), src.len() * dtype.size());
     match dtype {
         DType::F32 => dst.copy_from_slice(bytemuck::cast_slice(src)),
-        DType::BF16 => {
-            for (d, &x) in dst.chunks_exact_mut(2).zip(src) {
-                d.copy_from_slice(&f32_to_bf16_bits(x).to_le_bytes());
+        DType::BF16 => match bytemuck::try_cast_slice_mut::<u8, u16>(dst) {
+            Ok(d) => f32_to_bf16_slice(src, d),
+            Err(_) => {
+                for (d, &x) in dst.chunks_exact_mut(2).zip(src) {
+                    d.copy_from_slice(&f32_to_bf16_bits(x).to_le_bytes());
+                }
             }
-        }
+        },
         DType::F16 => match bytemuck::try_cast_slice_mut::<u8, f16>(dst) {
             // half's slice conversion uses F16C where the CPU has it.
             Ok(d) => d.convert_from_f32_slice(src),
@@ -158,13 +172,32 @@ pub fn from_f32_slice(dtype: DType, src: &[f32], dst: &mut [u8]) {
     }
 }
 
+widest_simd! {
+    /// A bf16 is the upper half of an f32.
+    fn bf16_to_f32_slice(src: &[u16], dst: &mut [f32]) {
+        dst.iter_mut()
+            .zip(src)
+            .for_each(|(d, &b)| *d = f32::from_bits((u16::from_le(b) as u32) << 16))
+    }
+}
+
+widest_simd! {
+    fn f32_to_bf16_slice(src: &[f32], dst: &mut [u16]) {
+        dst.iter_mut()
+            .zip(src)
+            .for_each(|(d, &x)| *d = f32_to_bf16_bits(x).to_le())
+    }
+}
+
 /// f32 → bf16 bits, round to nearest even (torch's rounding); NaN stays a quiet NaN.
 #[inline(always)]
 pub fn f32_to_bf16_bits(x: f32) -> u16 {
     let b = x.to_bits();
     let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
-    if x.is_nan() {
-        ((b >> 16) as u16) | 0x0040
+    let quiet_nan = ((b >> 16) as u16) | 0x0040;
+    // A select on integer bits, no branch: the slice loops over this vectorise.
+    if b & 0x7fff_ffff > 0x7f80_0000 {
+        quiet_nan
     } else {
         rounded
     }
@@ -190,6 +223,37 @@ mod tests {
             let back = to_f32_vec(dt, &bytes);
             assert_eq!(back, vals, "{dt}");
         }
+    }
+
+    #[test]
+    fn first_non_finite_finds_the_first_nan_or_inf_at_any_position() {
+        for dt in [DType::F16, DType::BF16, DType::F32] {
+            let n = 1000;
+            assert_eq!(first_non_finite(dt, &from_f32(dt, &vec![1.5; n])), None);
+            for at in [0, 255, 256, 257, 999] {
+                for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                    let mut v = vec![-2.0f32; n];
+                    v[at] = bad;
+                    if at + 300 < n {
+                        v[at + 300] = f32::NAN; // a later one is not reported
+                    }
+                    assert_eq!(
+                        first_non_finite(dt, &from_f32(dt, &v)),
+                        Some(at),
+                        "{dt} {at}"
+                    );
+                }
+            }
+        }
+        // The largest finite values are not flagged.
+        assert_eq!(
+            first_non_finite(DType::F16, &from_f32(DType::F16, &[65504.0])),
+            None
+        );
+        assert_eq!(
+            first_non_finite(DType::F32, &from_f32(DType::F32, &[f32::MAX])),
+            None
+        );
     }
 
     #[test]
