@@ -12,6 +12,62 @@ use super::methods::Sink;
 use super::tiles::{self, add_vecs};
 use crate::error::{Error, Result};
 use crate::model::{DType, HostTensor};
+use crate::simd::widest_simd;
+
+/// Sums of per-element terms in eight f64 lanes: whole groups of eight have fixed trip counts,
+/// which the compiler turns into vector code (a single running f64 sum is one add per cycle).
+#[inline(always)]
+fn lane_sums<const S: usize>(n: usize, term: impl Fn(usize) -> [f64; S]) -> [f64; S] {
+    let mut lanes = [[0.0f64; 8]; S];
+    let whole = n / 8 * 8;
+    for g in (0..whole).step_by(8) {
+        for l in 0..8 {
+            let t = term(g + l);
+            for s in 0..S {
+                lanes[s][l] += t[s];
+            }
+        }
+    }
+    for j in whole..n {
+        let t = term(j);
+        for s in 0..S {
+            lanes[s][0] += t[s];
+        }
+    }
+    lanes.map(|l| l.iter().sum())
+}
+
+widest_simd! {
+    /// `Σ (x − m)·(y − m)` (`m` = 0 without `minus`) in f64.
+    fn dot_minus(x: &[f32], y: &[f32], minus: Option<&[f32]>) -> f64 {
+        let n = x.len().min(y.len());
+        let (x, y) = (&x[..n], &y[..n]);
+        let [s] = match minus {
+            Some(m) => {
+                let m = &m[..n];
+                lane_sums(n, |j| [f64::from(x[j] - m[j]) * f64::from(y[j] - m[j])])
+            }
+            None => lane_sums(n, |j| [f64::from(x[j]) * f64::from(y[j])]),
+        };
+        s
+    }
+}
+
+widest_simd! {
+    /// `[|a|², |c|², a·c]` for `a = x0 − b`, `c = x1 − b` (`b` = 0 without a base), in f64.
+    fn sphere_sums(x0: &[f32], x1: &[f32], b: Option<&[f32]>) -> [f64; 3] {
+        let n = x0.len().min(x1.len());
+        let (x0, x1) = (&x0[..n], &x1[..n]);
+        let terms = |a: f64, c: f64| [a * a, c * c, a * c];
+        match b {
+            Some(b) => {
+                let b = &b[..n];
+                lane_sums(n, |j| terms(f64::from(x0[j] - b[j]), f64::from(x1[j] - b[j])))
+            }
+            None => lane_sums(n, |j| terms(f64::from(x0[j]), f64::from(x1[j]))),
+        }
+    }
+}
 
 /// `[Σ v_i·v_j]` over the whole tensors (upper triangle mirrored), in f64.
 fn gram(n: usize, vs: &[&HostTensor], minus: Option<&HostTensor>) -> Vec<Vec<f64>> {
@@ -23,21 +79,10 @@ fn gram(n: usize, vs: &[&HostTensor], minus: Option<&HostTensor>) -> Vec<Vec<f64
         &inputs,
         || vec![0.0f64; k * k],
         |acc, _, xs| {
-            let len = xs[0].len();
-            let mut d = vec![0.0f32; k * len];
-            for i in 0..k {
-                for j in 0..len {
-                    d[i * len + j] = xs[i][j] - minus.map_or(0.0, |_| xs[k][j]);
-                }
-            }
+            let m = minus.map(|_| xs[k]);
             for a in 0..k {
                 for b in a..k {
-                    let s: f64 = d[a * len..(a + 1) * len]
-                        .iter()
-                        .zip(&d[b * len..(b + 1) * len])
-                        .map(|(&x, &y)| x as f64 * y as f64)
-                        .sum();
-                    acc[a * k + b] += s;
+                    acc[a * k + b] += dot_minus(xs[a], xs[b], m);
                 }
             }
         },
@@ -179,13 +224,22 @@ pub fn nuslerp(
         &inputs,
         || vec![0.0f64; 3 * count],
         |acc, lo, xs| {
-            for j in 0..xs[0].len() {
-                let b = if base.is_some() { xs[2][j] } else { 0.0 };
-                let (a, c) = ((xs[0][j] - b) as f64, (xs[1][j] - b) as f64);
+            let len = xs[0].len();
+            let b = base.map(|_| xs[2]);
+            // Runs of elements in one vector: the whole tile, or up to a row's end.
+            let mut j = 0;
+            while j < len {
+                let end = match vectors {
+                    Vectors::Flat => len,
+                    Vectors::Rows => len.min((lo + j) / cols * cols + cols - lo),
+                    Vectors::Columns => j + 1,
+                };
                 let g = 3 * group(lo + j);
-                acc[g] += a * a;
-                acc[g + 1] += c * c;
-                acc[g + 2] += a * c;
+                let sums = sphere_sums(&xs[0][j..end], &xs[1][j..end], b.map(|b| &b[j..end]));
+                for (a, s) in acc[g..g + 3].iter_mut().zip(sums) {
+                    *a += s;
+                }
+                j = end;
             }
         },
         add_vecs,
