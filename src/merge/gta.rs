@@ -191,7 +191,8 @@ widest_simd! {
 
 widest_simd! {
     /// `(Σ|x − b|, Σ|x − b| over the kept elements)`, elements `j` kept when bit `j` of `words`
-    /// is set (all kept without `words`). Eight f64 lanes: the sums vectorise and keep f64.
+    /// is set (all kept without `words`). Eight f64 lanes: the sums vectorise and keep f64 (not
+    /// `simd::lane_sums`: the mask word per 64 elements needs its own loop shape to vectorise).
     fn abs_sums(x: &[f32], b: &[f32], words: Option<&[u64]>) -> (f64, f64) {
         let (mut all, mut kept) = ([0.0f64; 8], [0.0f64; 8]);
         let mut add = |lane: usize, x: f32, b: f32, keep: bool| {

@@ -12,30 +12,7 @@ use super::methods::Sink;
 use super::tiles::{self, add_vecs};
 use crate::error::{Error, Result};
 use crate::model::{DType, HostTensor};
-use crate::simd::widest_simd;
-
-/// Sums of per-element terms in eight f64 lanes: whole groups of eight have fixed trip counts,
-/// which the compiler turns into vector code (a single running f64 sum is one add per cycle).
-#[inline(always)]
-fn lane_sums<const S: usize>(n: usize, term: impl Fn(usize) -> [f64; S]) -> [f64; S] {
-    let mut lanes = [[0.0f64; 8]; S];
-    let whole = n / 8 * 8;
-    for g in (0..whole).step_by(8) {
-        for l in 0..8 {
-            let t = term(g + l);
-            for s in 0..S {
-                lanes[s][l] += t[s];
-            }
-        }
-    }
-    for j in whole..n {
-        let t = term(j);
-        for s in 0..S {
-            lanes[s][0] += t[s];
-        }
-    }
-    lanes.map(|l| l.iter().sum())
-}
+use crate::simd::{lane_sums, widest_simd};
 
 widest_simd! {
     /// `Σ (x − m)·(y − m)` (`m` = 0 without `minus`) in f64.
@@ -226,13 +203,24 @@ pub fn nuslerp(
         |acc, lo, xs| {
             let len = xs[0].len();
             let b = base.map(|_| xs[2]);
+            if vectors == Vectors::Columns {
+                // Every element is in another vector: no runs to sum.
+                for j in 0..len {
+                    let bj = b.map_or(0.0, |b| b[j]);
+                    let (a, c) = (f64::from(xs[0][j] - bj), f64::from(xs[1][j] - bj));
+                    let g = 3 * group(lo + j);
+                    acc[g] += a * a;
+                    acc[g + 1] += c * c;
+                    acc[g + 2] += a * c;
+                }
+                return;
+            }
             // Runs of elements in one vector: the whole tile, or up to a row's end.
             let mut j = 0;
             while j < len {
                 let end = match vectors {
-                    Vectors::Flat => len,
                     Vectors::Rows => len.min((lo + j) / cols * cols + cols - lo),
-                    Vectors::Columns => j + 1,
+                    _ => len,
                 };
                 let g = 3 * group(lo + j);
                 let sums = sphere_sums(&xs[0][j..end], &xs[1][j..end], b.map(|b| &b[j..end]));

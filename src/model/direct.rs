@@ -57,7 +57,8 @@ fn pages(n: usize) -> Vec<Page> {
 struct Target {
     path: PathBuf,
     len: u64,
-    direct: File,
+    /// Opened with `O_DIRECT`, where the filesystem allows it.
+    direct: Option<File>,
     buffered: File,
     /// Cleared when the filesystem refuses a direct write; later writes go buffered.
     use_direct: AtomicBool,
@@ -65,8 +66,12 @@ struct Target {
 
 impl Target {
     fn write(&self, offset: u64, bytes: &[u8]) -> Result<()> {
-        if self.use_direct.load(Ordering::Relaxed) {
-            match self.direct.write_all_at(bytes, offset) {
+        if let Some(direct) = self
+            .direct
+            .as_ref()
+            .filter(|_| self.use_direct.load(Ordering::Relaxed))
+        {
+            match direct.write_all_at(bytes, offset) {
                 Ok(()) => return Ok(()),
                 // EINVAL: this filesystem takes no direct writes of this alignment.
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
@@ -318,15 +323,11 @@ impl Drop for DirectFiles {
 fn open_target(path: &Path, len: u64, want_direct: bool) -> Result<Target> {
     let buffered = File::create(path).map_err(|e| Error::io(path, e))?;
     buffered.set_len(len).map_err(|e| Error::io(path, e))?;
-    let direct = if want_direct { open_direct(path) } else { None };
     Ok(Target {
         path: path.to_path_buf(),
         len,
-        use_direct: AtomicBool::new(direct.is_some()),
-        direct: match direct {
-            Some(f) => f,
-            None => buffered.try_clone().map_err(|e| Error::io(path, e))?,
-        },
+        direct: if want_direct { open_direct(path) } else { None },
+        use_direct: AtomicBool::new(true),
         buffered,
     })
 }
