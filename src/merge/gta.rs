@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::methods::Sink;
 use super::mt::{bit, MaskStream};
-use super::select::{magnitude_scores, rank_window_mask, top_k_mask};
+use super::select::{magnitude_scores, Ranked};
 use super::tiles::{self, upcast_range};
 use crate::error::{Error, Result};
 use crate::model::{DType, HostTensor};
@@ -225,7 +225,7 @@ widest_simd! {
 
 widest_simd! {
     /// Zeroes the elements of `d` whose bit in `words` is clear.
-    fn zero_dropped(d: &mut [f32], words: &[u64]) {
+    pub(super) fn zero_dropped(d: &mut [f32], words: &[u64]) {
         for (c, &w) in d.chunks_mut(64).zip(words) {
             for (k, x) in c.iter_mut().enumerate() {
                 *x = if w >> k & 1 == 1 { *x } else { 0.0 };
@@ -268,14 +268,16 @@ fn mask(
     let scores = magnitude_scores(base, x);
     Ok(Some(match &g.sparsify {
         Sparsify::None => return Ok(None),
-        Sparsify::Magnitude => top_k_mask(n, ((density * n as f64) as usize).max(1), &scores),
+        Sparsify::Magnitude => {
+            Ranked::new(n, &scores).top_k(((density * n as f64) as usize).max(1))
+        }
         Sparsify::Outliers(gammas) => {
             let target = (density * n as f64) as usize;
             let top = (gammas[i] * n as f64) as usize;
             let bottom = n.saturating_sub(target + top);
             // Ascending positions [bottom, bottom + target) = descending ranks
             // [n − bottom − target, n − bottom).
-            rank_window_mask(n, n - bottom - target, n - bottom, &scores)
+            Ranked::new(n, &scores).window(n - bottom - target, n - bottom)
         }
         Sparsify::Random(stream) => stream.bernoulli(n, density as f32),
         Sparsify::Della(stream, epsilons) => {

@@ -15,22 +15,6 @@ use crate::model::{DType, HostTensor};
 use crate::simd::{lane_sums, widest_simd};
 
 widest_simd! {
-    /// `Σ (x − m)·(y − m)` (`m` = 0 without `minus`) in f64.
-    fn dot_minus(x: &[f32], y: &[f32], minus: Option<&[f32]>) -> f64 {
-        let n = x.len().min(y.len());
-        let (x, y) = (&x[..n], &y[..n]);
-        let [s] = match minus {
-            Some(m) => {
-                let m = &m[..n];
-                lane_sums(n, |j| [f64::from(x[j] - m[j]) * f64::from(y[j] - m[j])])
-            }
-            None => lane_sums(n, |j| [f64::from(x[j]) * f64::from(y[j])]),
-        };
-        s
-    }
-}
-
-widest_simd! {
     /// `[|a|², |c|², a·c]` for `a = x0 − b`, `c = x1 − b` (`b` = 0 without a base), in f64.
     fn sphere_sums(x0: &[f32], x1: &[f32], b: Option<&[f32]>) -> [f64; 3] {
         let n = x0.len().min(x1.len());
@@ -46,32 +30,214 @@ widest_simd! {
     }
 }
 
+widest_simd! {
+    /// Adds `a², c², a·c` of each element (`a = x0 − b`, `c = x1 − b`) to its own slot of
+    /// `sums` (per-column sums over a row).
+    fn column_sums(sums: [&mut [f64]; 3], x0: &[f32], x1: &[f32], b: Option<&[f32]>) {
+        let [aa, cc, ac] = sums;
+        let n = x0.len().min(x1.len()).min(aa.len()).min(cc.len()).min(ac.len());
+        let mut add = |j: usize, a: f64, c: f64| {
+            aa[j] += a * a;
+            cc[j] += c * c;
+            ac[j] += a * c;
+        };
+        match b {
+            Some(b) => {
+                let b = &b[..n];
+                for j in 0..n {
+                    add(j, f64::from(x0[j] - b[j]), f64::from(x1[j] - b[j]));
+                }
+            }
+            None => (0..n).for_each(|j| add(j, f64::from(x0[j]), f64::from(x1[j]))),
+        }
+    }
+}
+
 /// `[Σ v_i·v_j]` over the whole tensors (upper triangle mirrored), in f64.
 fn gram(n: usize, vs: &[&HostTensor], minus: Option<&HostTensor>) -> Vec<Vec<f64>> {
+    gram_per_group(n, vs, minus, Groups::One).remove(0)
+}
+
+/// `[Σ (v_i − m)·(v_j − m)]` per group of elements (the whole tensor or each row), upper
+/// triangle mirrored, in f64.
+pub(super) fn gram_per_group(
+    n: usize,
+    vs: &[&HostTensor],
+    minus: Option<&HostTensor>,
+    groups: Groups,
+) -> Vec<Vec<Vec<f64>>> {
     let k = vs.len();
+    let count = match groups {
+        Groups::One => 1,
+        Groups::Rows(cols) => n / cols.max(1),
+        Groups::Columns(_) => unreachable!("a Gram matrix per column is not needed"),
+    };
     let mut inputs: Vec<&HostTensor> = vs.to_vec();
     inputs.extend(minus);
     let flat = tiles::reduce(
         n,
         &inputs,
-        || vec![0.0f64; k * k],
-        |acc, _, xs| {
-            let m = minus.map(|_| xs[k]);
-            for a in 0..k {
-                for b in a..k {
-                    acc[a * k + b] += dot_minus(xs[a], xs[b], m);
-                }
+        || vec![0.0f64; count * k * k],
+        |acc, lo, xs| {
+            for (j, end, g) in runs(groups, lo, xs[0].len()) {
+                let vs: Vec<&[f32]> = xs[..k].iter().map(|x| &x[j..end]).collect();
+                let m = minus.map(|_| &xs[k][j..end]);
+                GRAM_SCRATCH.with_borrow_mut(|scratch| {
+                    gram_run(&vs, m, &mut acc[g * k * k..(g + 1) * k * k], scratch)
+                });
             }
         },
         add_vecs,
     );
-    (0..k)
-        .map(|a| (0..k).map(|b| flat[a.min(b) * k + a.max(b)]).collect())
+    flat.chunks(k * k)
+        .map(|f| {
+            (0..k)
+                .map(|a| (0..k).map(|b| f[a.min(b) * k + a.max(b)]).collect())
+                .collect()
+        })
         .collect()
 }
 
-/// Writes `Σ c_i (x_i − base) [+ base]` for per-element coefficient groups: element `j` uses
-/// `coefs[group(j)]`.
+thread_local! {
+    /// Per-thread copies of a block of each (centred) vector.
+    static GRAM_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Elements per block of [`gram_run`]: short enough that each f32 lane sums 16 products
+/// (relative error ≤ 16·2⁻²⁴ of the block's magnitude) before the block's sum joins an f64
+/// total, and that the block's vectors stay in L1.
+const GRAM_BLOCK: usize = 256;
+
+widest_simd! {
+    /// Adds `(v_a − m)·(v_b − m)` for `a ≤ b` to `acc[a·k + b]`: each block of every vector is
+    /// centred once, then every pair's products are summed in sixteen f32 lanes per block and
+    /// the blocks' sums in f64 (one pass over the run for all pairs; f32 products run twice
+    /// as wide as f64 ones).
+    fn gram_run(vs: &[&[f32]], m: Option<&[f32]>, acc: &mut [f64], scratch: &mut Vec<f32>) {
+        let k = vs.len();
+        let n = vs.iter().map(|v| v.len()).min().unwrap_or(0);
+        scratch.resize(k * GRAM_BLOCK, 0.0);
+        for lo in (0..n).step_by(GRAM_BLOCK) {
+            let len = GRAM_BLOCK.min(n - lo);
+            for (v, d) in vs.iter().zip(scratch.chunks_mut(GRAM_BLOCK)) {
+                let (v, d) = (&v[lo..lo + len], &mut d[..len]);
+                match m {
+                    Some(m) => {
+                        let m = &m[lo..lo + len];
+                        for j in 0..len {
+                            d[j] = v[j] - m[j];
+                        }
+                    }
+                    None => d.copy_from_slice(v),
+                }
+            }
+            for a in 0..k {
+                let da = &scratch[a * GRAM_BLOCK..a * GRAM_BLOCK + len];
+                for b in a..k {
+                    let db = &scratch[b * GRAM_BLOCK..b * GRAM_BLOCK + len];
+                    let mut lane = [0.0f32; 16];
+                    let (xs, ys) = (da.chunks_exact(16), db.chunks_exact(16));
+                    let tail = xs.remainder().iter().zip(ys.remainder());
+                    for (x, y) in xs.zip(ys) {
+                        for l in 0..16 {
+                            lane[l] += x[l] * y[l];
+                        }
+                    }
+                    for (x, y) in tail {
+                        lane[0] += x * y;
+                    }
+                    acc[a * k + b] += lane.iter().map(|&s| f64::from(s)).sum::<f64>();
+                }
+            }
+        }
+    }
+}
+
+/// Which coefficients each element of a tensor uses.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) enum Groups {
+    /// One set for the whole tensor.
+    One,
+    /// A set per row of this many columns.
+    Rows(usize),
+    /// A set per column, rows of this many columns.
+    Columns(usize),
+}
+
+/// The coefficients of one run of elements.
+#[derive(Clone, Copy)]
+enum RunCoefs<'a> {
+    /// `c[i]` for every element.
+    Same(&'a [f32]),
+    /// `c[i][j]` for element `j` of the run.
+    PerElement(&'a [&'a [f32]]),
+}
+
+widest_simd! {
+    /// `out = Σ c_i (x_i − b) [+ b]` over one run, model by model (loops that vectorise; the
+    /// terms are added in the same order as a per-element loop would).
+    fn mix_run(out: &mut [f32], xs: &[&[f32]], b: Option<&[f32]>, add_base: bool, c: RunCoefs<'_>) {
+        let len = out.len();
+        out.fill(0.0);
+        for (i, x) in xs.iter().enumerate() {
+            let x = &x[..len];
+            match (b, c) {
+                (Some(b), RunCoefs::Same(c)) => {
+                    let (c, b) = (c[i], &b[..len]);
+                    for j in 0..len {
+                        out[j] += c * (x[j] - b[j]);
+                    }
+                }
+                (None, RunCoefs::Same(c)) => {
+                    let c = c[i];
+                    for j in 0..len {
+                        out[j] += c * x[j];
+                    }
+                }
+                (Some(b), RunCoefs::PerElement(cs)) => {
+                    let (c, b) = (&cs[i][..len], &b[..len]);
+                    for j in 0..len {
+                        out[j] += c[j] * (x[j] - b[j]);
+                    }
+                }
+                (None, RunCoefs::PerElement(cs)) => {
+                    let c = &cs[i][..len];
+                    for j in 0..len {
+                        out[j] += c[j] * x[j];
+                    }
+                }
+            }
+        }
+        if let (Some(b), true) = (b, add_base) {
+            out.iter_mut().zip(b).for_each(|(o, &b)| *o += b);
+        }
+    }
+}
+
+/// The runs of a tile that start at element `lo` and are `len` long: `(start, end, group)`,
+/// where a run never crosses a row when the groups are per row or per column.
+pub(super) fn runs(
+    groups: Groups,
+    lo: usize,
+    len: usize,
+) -> impl Iterator<Item = (usize, usize, usize)> {
+    let mut j = 0;
+    std::iter::from_fn(move || {
+        if j >= len {
+            return None;
+        }
+        let (end, g) = match groups {
+            Groups::One => (len, 0),
+            Groups::Rows(cols) => (len.min((lo + j) / cols * cols + cols - lo), (lo + j) / cols),
+            Groups::Columns(cols) => (len.min((lo + j) / cols * cols + cols - lo), (lo + j) % cols),
+        };
+        let run = (j, end, g);
+        j = end;
+        Some(run)
+    })
+}
+
+/// Writes `Σ c_i (x_i − base) [+ base]` with `coefs[g]` the coefficients of group `g`.
 #[allow(clippy::too_many_arguments)]
 fn combine(
     n: usize,
@@ -79,22 +245,33 @@ fn combine(
     base: Option<&HostTensor>,
     add_base: bool,
     coefs: &[Vec<f32>],
-    group: impl Fn(usize) -> usize + Sync,
+    groups: Groups,
     out_dtype: DType,
     sink: &Sink,
 ) -> Result<()> {
     let k = xs.len();
     let mut inputs: Vec<&HostTensor> = xs.to_vec();
     inputs.extend(base);
+    // Per column, each model's coefficients side by side, so a row's run reads them in order.
+    let by_model: Vec<Vec<f32>> = match groups {
+        Groups::Columns(_) => (0..k)
+            .map(|i| coefs.iter().map(|c| c[i]).collect())
+            .collect(),
+        _ => vec![],
+    };
     tiles::output(n, &inputs, out_dtype, sink, |lo, t, out| {
-        for (j, o) in out.iter_mut().enumerate() {
-            let c = &coefs[group(lo + j)];
-            let b = if base.is_some() { t[k][j] } else { 0.0 };
-            let mut acc = 0.0f32;
-            for i in 0..k {
-                acc += c[i] * (t[i][j] - b);
+        let b = base.map(|_| t[k]);
+        for (j, end, g) in runs(groups, lo, out.len()) {
+            let x: Vec<&[f32]> = t[..k].iter().map(|x| &x[j..end]).collect();
+            let b = b.map(|b| &b[j..end]);
+            let o = &mut out[j..end];
+            match groups {
+                Groups::Columns(_) => {
+                    let c: Vec<&[f32]> = by_model.iter().map(|c| &c[g..g + end - j]).collect();
+                    mix_run(o, &x, b, add_base, RunCoefs::PerElement(&c));
+                }
+                _ => mix_run(o, &x, b, add_base, RunCoefs::Same(&coefs[g])),
             }
-            *o = if add_base { acc + b } else { acc };
         }
     })
 }
@@ -136,7 +313,7 @@ pub fn slerp(
         None,
         false,
         &[vec![s0 as f32, s1 as f32]],
-        |_| 0,
+        Groups::One,
         out_dtype,
         sink,
     )
@@ -188,46 +365,39 @@ pub fn nuslerp(
             "nuslerp per row or column takes 1-D or 2-D tensors",
         ));
     }
-    let group = move |j: usize| match vectors {
-        Vectors::Flat => 0,
-        Vectors::Rows => j / cols,
-        Vectors::Columns => j % cols,
+    let groups = match vectors {
+        Vectors::Flat => Groups::One,
+        Vectors::Rows => Groups::Rows(cols),
+        Vectors::Columns => Groups::Columns(cols),
     };
     let mut inputs: Vec<&HostTensor> = vec![x0, x1];
     inputs.extend(base);
-    // Per vector: |v0|², |v1|², v0·v1.
+    // Per vector: |v0|², |v1|², v0·v1, as three arrays of `count` sums.
     let sums = tiles::reduce(
         n,
         &inputs,
         || vec![0.0f64; 3 * count],
         |acc, lo, xs| {
-            let len = xs[0].len();
             let b = base.map(|_| xs[2]);
-            if vectors == Vectors::Columns {
-                // Every element is in another vector: no runs to sum.
-                for j in 0..len {
-                    let bj = b.map_or(0.0, |b| b[j]);
-                    let (a, c) = (f64::from(xs[0][j] - bj), f64::from(xs[1][j] - bj));
-                    let g = 3 * group(lo + j);
-                    acc[g] += a * a;
-                    acc[g + 1] += c * c;
-                    acc[g + 2] += a * c;
+            let (aa, rest) = acc.split_at_mut(count);
+            let (cc, ac) = rest.split_at_mut(count);
+            for (j, end, g) in runs(groups, lo, xs[0].len()) {
+                let (x0, x1, b) = (&xs[0][j..end], &xs[1][j..end], b.map(|b| &b[j..end]));
+                if let Groups::Columns(_) = groups {
+                    // Every element is in another vector: sums per column.
+                    let g = g..g + end - j;
+                    column_sums(
+                        [&mut aa[g.clone()], &mut cc[g.clone()], &mut ac[g]],
+                        x0,
+                        x1,
+                        b,
+                    );
+                } else {
+                    let [s0, s1, s2] = sphere_sums(x0, x1, b);
+                    aa[g] += s0;
+                    cc[g] += s1;
+                    ac[g] += s2;
                 }
-                return;
-            }
-            // Runs of elements in one vector: the whole tile, or up to a row's end.
-            let mut j = 0;
-            while j < len {
-                let end = match vectors {
-                    Vectors::Rows => len.min((lo + j) / cols * cols + cols - lo),
-                    _ => len,
-                };
-                let g = 3 * group(lo + j);
-                let sums = sphere_sums(&xs[0][j..end], &xs[1][j..end], b.map(|b| &b[j..end]));
-                for (a, s) in acc[g..g + 3].iter_mut().zip(sums) {
-                    *a += s;
-                }
-                j = end;
             }
         },
         add_vecs,
@@ -235,9 +405,9 @@ pub fn nuslerp(
     let t64 = t as f64;
     let coefs: Vec<Vec<f32>> = (0..count)
         .map(|g| {
-            let n0 = sums[3 * g].sqrt().max(1e-7);
-            let n1 = sums[3 * g + 1].sqrt().max(1e-7);
-            let cos = (sums[3 * g + 2] / (n0 * n1)).clamp(-1.0, 1.0);
+            let n0 = sums[g].sqrt().max(1e-7);
+            let n1 = sums[count + g].sqrt().max(1e-7);
+            let cos = (sums[2 * count + g] / (n0 * n1)).clamp(-1.0, 1.0);
             if 1.0 - cos * cos <= 1e-16 {
                 vec![(1.0 - t64) as f32, t]
             } else {
@@ -256,7 +426,7 @@ pub fn nuslerp(
         base,
         base.is_some(),
         &coefs,
-        group,
+        groups,
         out_dtype,
         sink,
     )
@@ -280,7 +450,16 @@ pub fn multislerp(
     let k = xs.len();
     if k == 1 {
         // mergekit returns the one model as it is, base or not.
-        return combine(n, xs, None, false, &[vec![1.0]], |_| 0, out_dtype, sink);
+        return combine(
+            n,
+            xs,
+            None,
+            false,
+            &[vec![1.0]],
+            Groups::One,
+            out_dtype,
+            sink,
+        );
     }
     let mut w: Vec<f64> = weights.iter().map(|&w| w as f64).collect();
     if normalize_weights {
@@ -322,7 +501,7 @@ pub fn multislerp(
         base,
         base.is_some(),
         &[coefs],
-        |_| 0,
+        Groups::One,
         out_dtype,
         sink,
     )
@@ -339,7 +518,16 @@ pub fn karcher(
     let n = xs[0].numel();
     let k = xs.len();
     if k == 1 {
-        return combine(n, xs, None, false, &[vec![1.0]], |_| 0, out_dtype, sink);
+        return combine(
+            n,
+            xs,
+            None,
+            false,
+            &[vec![1.0]],
+            Groups::One,
+            out_dtype,
+            sink,
+        );
     }
     let raw = gram(n, xs, None);
     let norms: Vec<f64> = (0..k).map(|i| raw[i][i].sqrt()).collect();
@@ -347,7 +535,16 @@ pub fn karcher(
     let scale: f64 = norms.iter().map(|n| alpha * n).sum();
     let valid: Vec<usize> = (0..k).filter(|&i| norms[i] > tol).collect();
     if valid.is_empty() {
-        return combine(n, xs, None, false, &[vec![0.0; k]], |_| 0, out_dtype, sink);
+        return combine(
+            n,
+            xs,
+            None,
+            false,
+            &[vec![0.0; k]],
+            Groups::One,
+            out_dtype,
+            sink,
+        );
     }
     // Gram matrix of the unit vectors u_i = x_i / |x_i|; the mean is Σ c_i u_i.
     let g: Vec<Vec<f64>> = (0..k)
@@ -418,5 +615,68 @@ pub fn karcher(
             }
         })
         .collect();
-    combine(n, xs, None, false, &[coefs], |_| 0, out_dtype, sink)
+    combine(n, xs, None, false, &[coefs], Groups::One, out_dtype, sink)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::merge::tiles::TILE;
+    use crate::model::dtype;
+
+    /// nuslerp of one pair of vectors in f64, straight from the formula.
+    fn slerp_f64(a: &[f64], c: &[f64], t: f64) -> Vec<f64> {
+        let dot = |x: &[f64], y: &[f64]| x.iter().zip(y).map(|(x, y)| x * y).sum::<f64>();
+        let (na, nc) = (dot(a, a).sqrt(), dot(c, c).sqrt());
+        let th = (dot(a, c) / (na * nc)).clamp(-1.0, 1.0).acos();
+        let (s0, s1) = (((1.0 - t) * th).sin() / th.sin(), (t * th).sin() / th.sin());
+        a.iter().zip(c).map(|(x, y)| s0 * x + s1 * y).collect()
+    }
+
+    #[test]
+    fn nuslerp_per_row_and_per_column_match_the_formula_across_tiles() {
+        // Rows that straddle tile boundaries, so runs and per-column sums cross tiles.
+        let (rows, cols) = (5, TILE / 2 + 37);
+        let n = rows * cols;
+        let mut s = 7u64;
+        let mut draw = || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        let (v0, v1, vb): (Vec<f32>, Vec<f32>, Vec<f32>) =
+            (0..n).map(|_| (draw(), draw(), draw())).collect();
+        let tensor = |v: &[f32]| HostTensor::from_f32(v, vec![rows, cols], DType::F32);
+        let (x0, x1, base) = (tensor(&v0), tensor(&v1), tensor(&vb));
+        let t = 0.3f32;
+        for vectors in [Vectors::Rows, Vectors::Columns] {
+            let out = Mutex::new(vec![0u8; n * 4]);
+            let sink = |off: usize, b: &[u8]| {
+                out.lock().unwrap()[off..off + b.len()].copy_from_slice(b);
+                Ok(())
+            };
+            nuslerp("t", &x0, &x1, Some(&base), t, vectors, DType::F32, &sink).unwrap();
+            let got = dtype::to_f32_vec(DType::F32, &out.into_inner().unwrap());
+            let (count, index): (usize, Box<dyn Fn(usize, usize) -> usize>) = match vectors {
+                Vectors::Rows => (rows, Box::new(move |g, i| g * cols + i)),
+                _ => (cols, Box::new(move |g, i| i * cols + g)),
+            };
+            let len = n / count;
+            let mut worst = 0.0f64;
+            for g in 0..count {
+                let idx: Vec<usize> = (0..len).map(|i| index(g, i)).collect();
+                let tau = |v: &[f32]| -> Vec<f64> {
+                    idx.iter().map(|&j| f64::from(v[j] - vb[j])).collect()
+                };
+                let want = slerp_f64(&tau(&v0), &tau(&v1), f64::from(t));
+                for (w, &j) in want.iter().zip(&idx) {
+                    worst = worst.max((w + f64::from(vb[j]) - f64::from(got[j])).abs());
+                }
+            }
+            assert!(worst < 1e-5, "{vectors:?}: max |Δ| {worst}");
+        }
+    }
 }

@@ -6,12 +6,14 @@
 // Element loops index several parallel tiles (one per model) at once.
 #![allow(clippy::needless_range_loop)]
 
+use super::gta::zero_dropped;
 use super::methods::Sink;
-use super::mt::bit;
-use super::select::top_k_mask;
-use super::tiles::{self, add_vecs, range, upcast_range, TILE};
+use super::select::Ranked;
+use super::sphere::{gram_per_group, runs, Groups};
+use super::tiles::{self, add_vecs, range, upcast_range};
 use crate::error::{Error, Result};
 use crate::model::{DType, HostTensor};
+use crate::simd::{lane_sums, widest_simd};
 
 /// model_stock: `t·avg + (1 − t)·base`, `t = N·cos / (1 + (N − 1)·cos)` (0 where the
 /// denominator is below 1e-6), `cos` the mean cosine over pairs of task vectors, taken over
@@ -37,41 +39,23 @@ pub fn model_stock(
     } else {
         n
     };
-    let groups = n / cols.max(1);
+    let groups = if cols == n {
+        Groups::One
+    } else {
+        Groups::Rows(cols)
+    };
     let pairs: Vec<(usize, usize)> = (0..k)
         .flat_map(|a| (a + 1..k).map(move |b| (a, b)))
         .collect();
-    let mut inputs: Vec<&HostTensor> = vec![base];
-    inputs.extend(xs);
-    // Per group: |τ_i|² for each model, then τ_a·τ_b for each pair.
-    let width = k + pairs.len();
-    let sums = tiles::reduce(
-        n,
-        &inputs,
-        || vec![0.0f64; width * groups],
-        |acc, lo, t| {
-            for j in 0..t[0].len() {
-                let g = (lo + j) / cols * width;
-                let b = t[0][j];
-                for i in 0..k {
-                    let d = (t[i + 1][j] - b) as f64;
-                    acc[g + i] += d * d;
-                }
-                for (p, &(a, c)) in pairs.iter().enumerate() {
-                    acc[g + k + p] += (t[a + 1][j] - b) as f64 * (t[c + 1][j] - b) as f64;
-                }
-            }
-        },
-        add_vecs,
-    );
-    let ratios: Vec<f32> = (0..groups)
+    // Per group: the Gram matrix of the task vectors.
+    let grams = gram_per_group(n, xs, Some(base), groups);
+    let ratios: Vec<f32> = grams
+        .iter()
         .map(|g| {
-            let s = &sums[g * width..(g + 1) * width];
             let cos: f64 = pairs
                 .iter()
-                .enumerate()
-                .map(|(p, &(a, c))| {
-                    (s[k + p] / (s[a].sqrt() * s[c].sqrt()).max(1e-6)).clamp(-1.0, 1.0)
+                .map(|&(a, c)| {
+                    (g[a][c] / (g[a][a].sqrt() * g[c][c].sqrt()).max(1e-6)).clamp(-1.0, 1.0)
                 })
                 .sum::<f64>()
                 / pairs.len() as f64;
@@ -83,16 +67,30 @@ pub fn model_stock(
             }
         })
         .collect();
+    let mut inputs: Vec<&HostTensor> = vec![base];
+    inputs.extend(xs);
     tiles::output(n, &inputs, out_dtype, sink, |lo, t, out| {
-        for (j, o) in out.iter_mut().enumerate() {
-            let r = ratios[(lo + j) / cols];
-            let mut sum = 0.0f32;
-            for x in &t[1..] {
-                sum += x[j];
-            }
-            *o = r * (sum / k as f32) + (1.0 - r) * t[0][j];
+        for (j, end, g) in runs(groups, lo, out.len()) {
+            let x: Vec<&[f32]> = t[1..].iter().map(|x| &x[j..end]).collect();
+            stock_run(&mut out[j..end], &x, &t[0][j..end], ratios[g]);
         }
     })
+}
+
+widest_simd! {
+    /// `out = r·mean(xs) + (1 − r)·b` over one run, model by model (loops that vectorise,
+    /// the sum in the models' order).
+    fn stock_run(out: &mut [f32], xs: &[&[f32]], b: &[f32], r: f32) {
+        let len = out.len();
+        out.fill(0.0);
+        for x in xs {
+            out.iter_mut().zip(&x[..len]).for_each(|(o, &x)| *o += x);
+        }
+        let k = xs.len() as f32;
+        out.iter_mut()
+            .zip(&b[..len])
+            .for_each(|(o, &b)| *o = r * (*o / k) + (1.0 - r) * b);
+    }
 }
 
 /// sce. `select_topk < 1` keeps, for every model, only the `⌊nonzero·select_topk⌋` entries of
@@ -112,52 +110,37 @@ pub fn sce(
     let variance = |tile: usize, bits: &mut Vec<u32>| {
         let (lo, hi) = range(n, tile);
         let len = hi - lo;
-        let mut buf = vec![0.0f32; (k + 1) * len];
-        for (i, t) in inputs.iter().enumerate() {
-            upcast_range(t, lo, hi, &mut buf[i * len..(i + 1) * len]);
-        }
-        bits.clear();
-        bits.extend((0..len).map(|j| {
-            let b = buf[j];
-            let mean = (1..=k).map(|i| buf[i * len + j] - b).sum::<f32>() / k as f32;
-            let var = (1..=k)
-                .map(|i| {
-                    let d = buf[i * len + j] - b - mean;
-                    d * d
-                })
-                .sum::<f32>()
-                / k as f32;
-            var.abs().to_bits()
-        }));
+        SCRATCH.with_borrow_mut(|buf| {
+            buf.resize((k + 3) * len, 0.0);
+            let (ins, stats) = buf.split_at_mut((k + 1) * len);
+            for (i, t) in inputs.iter().enumerate() {
+                upcast_range(t, lo, hi, &mut ins[i * len..(i + 1) * len]);
+            }
+            let xs: Vec<&[f32]> = ins.chunks(len).collect();
+            bits.resize(len, 0);
+            variance_bits(&xs, stats, bits);
+        });
     };
     let mask: Option<Vec<u64>> = if select_topk < 1.0 {
-        let nonzero: usize = (0..n.div_ceil(TILE))
-            .map(|tile| {
-                let mut bits = vec![];
-                variance(tile, &mut bits);
-                bits.iter().filter(|&&b| b != 0).count()
-            })
-            .sum();
-        let keep = (nonzero as f32 * select_topk as f32) as usize;
-        Some(top_k_mask(n, keep, &variance))
+        let ranked = Ranked::new(n, &variance);
+        let keep = (ranked.nonzero() as f32 * select_topk as f32) as usize;
+        Some(ranked.top_k(keep))
     } else {
         None
     };
-    let kept = |j: usize| mask.as_ref().is_none_or(|m| bit(m, j));
     // Each model's weight: its mean squared (selected) task vector, normalised to sum to 1.
     let sq = tiles::reduce(
         n,
         &inputs,
         || vec![0.0f64; k],
         |acc, lo, t| {
-            for j in 0..t[0].len() {
-                if kept(lo + j) {
-                    for i in 0..k {
-                        let d = (t[i + 1][j] - t[0][j]) as f64;
-                        acc[i] += d * d;
-                    }
+            SCRATCH.with_borrow_mut(|d| {
+                d.resize(t[0].len(), 0.0);
+                for i in 0..k {
+                    acc[i] +=
+                        masked_square_sum(t[i + 1], t[0], mask.as_ref().map(|m| &m[lo / 64..]), d);
                 }
-            }
+            })
         },
         add_vecs,
     );
@@ -169,21 +152,101 @@ pub fn sce(
         means.iter().map(|m| (m / total) as f32).collect()
     };
     tiles::output(n, &inputs, out_dtype, sink, |lo, t, out| {
-        for (j, o) in out.iter_mut().enumerate() {
-            let b = t[0][j];
-            let keep = kept(lo + j);
-            let tau = |i: usize| if keep { t[i + 1][j] - b } else { 0.0 };
-            let s: f32 = (0..k).map(tau).sum();
-            let elected = if s >= 0.0 { 1.0f32 } else { -1.0 };
-            let (mut num, mut den) = (0.0f32, 0.0f32);
-            for (i, &w) in weights.iter().enumerate() {
-                let d = tau(i);
-                if d * elected > 0.0 {
-                    num += d * w;
-                    den += w;
-                }
-            }
-            *o = b + num / den.max(1e-6);
-        }
+        SCRATCH.with_borrow_mut(|wd| {
+            sce_tile(t, mask.as_ref().map(|m| &m[lo / 64..]), &weights, out, wd)
+        })
     })
+}
+
+thread_local! {
+    /// Per-thread scratch of a tile (task vectors, statistics), reused between tiles.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+widest_simd! {
+    /// The bit patterns of `|var|`, the population variance across the models of each
+    /// element's task vector (`xs[0]` the base, `xs[1..]` the models); `stats` is scratch of
+    /// twice the length.
+    fn variance_bits(xs: &[&[f32]], stats: &mut [f32], bits: &mut [u32]) {
+        let len = bits.len();
+        let k = (xs.len() - 1) as f32;
+        let b = &xs[0][..len];
+        let (mean, var) = stats.split_at_mut(len);
+        let var = &mut var[..len];
+        mean.fill(0.0);
+        for x in &xs[1..] {
+            let x = &x[..len];
+            for j in 0..len {
+                mean[j] += x[j] - b[j];
+            }
+        }
+        mean.iter_mut().for_each(|m| *m /= k);
+        var.fill(0.0);
+        for x in &xs[1..] {
+            let x = &x[..len];
+            for j in 0..len {
+                let d = x[j] - b[j] - mean[j];
+                var[j] += d * d;
+            }
+        }
+        for j in 0..len {
+            bits[j] = (var[j] / k).abs().to_bits();
+        }
+    }
+}
+
+widest_simd! {
+    /// `Σ (x − b)²` over the elements that `mask` keeps (all without one), in f64; `d` is
+    /// scratch of the tile's length.
+    fn masked_square_sum(x: &[f32], b: &[f32], mask: Option<&[u64]>, d: &mut [f32]) -> f64 {
+        let len = d.len();
+        d.iter_mut().zip(&x[..len]).zip(&b[..len]).for_each(|((d, &x), &b)| *d = x - b);
+        if let Some(m) = mask {
+            zero_dropped(d, m);
+        }
+        let [s] = lane_sums(len, |j| [f64::from(d[j]) * f64::from(d[j])]);
+        s
+    }
+}
+
+widest_simd! {
+    /// One SCE output tile: the selected task vectors, the sign of their sum elected, the
+    /// agreeing ones averaged with the models' weights, added to the base `t[0]`.
+    fn sce_tile(t: &[&[f32]], mask: Option<&[u64]>, weights: &[f32], out: &mut [f32], wd: &mut Vec<f32>) {
+        let k = t.len() - 1;
+        let len = out.len();
+        let b = &t[0][..len];
+        wd.resize((k + 2) * len, 0.0);
+        let (taus, rest) = wd.split_at_mut(k * len);
+        let (sign, den) = rest.split_at_mut(len);
+        for i in 0..k {
+            let d = &mut taus[i * len..(i + 1) * len];
+            d.iter_mut().zip(&t[i + 1][..len]).zip(b).for_each(|((d, &x), &b)| *d = x - b);
+            if let Some(m) = mask {
+                zero_dropped(d, m);
+            }
+        }
+        // `out` first holds the sum that elects the sign, then the weighted numerator.
+        out.fill(0.0);
+        for d in taus.chunks(len) {
+            out.iter_mut().zip(d).for_each(|(o, &d)| *o += d);
+        }
+        for (s, o) in sign.iter_mut().zip(out.iter_mut()) {
+            *s = if *o >= 0.0 { 1.0 } else { -1.0 };
+            *o = 0.0;
+        }
+        den.fill(0.0);
+        for (d, &w) in taus.chunks(len).zip(weights) {
+            // Branch-free, so that it vectorises: a disagreeing entry adds +0, which leaves
+            // the sums as they are (they are never −0).
+            for (((o, dn), &d), &s) in out.iter_mut().zip(den.iter_mut()).zip(d).zip(&*sign) {
+                let agrees = d * s > 0.0;
+                *o += if agrees { d * w } else { 0.0 };
+                *dn += if agrees { w } else { 0.0 };
+            }
+        }
+        for ((o, &dn), &b) in out.iter_mut().zip(&*den).zip(b) {
+            *o = b + *o / dn.max(1e-6);
+        }
+    }
 }
