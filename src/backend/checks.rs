@@ -31,6 +31,16 @@ pub fn rms_norm(weight_len: usize, dim: usize) -> Result<()> {
     Ok(())
 }
 
+/// A group of products sharing one input names one output and one width per weight.
+pub fn shared_products(outs: usize, weights: usize, widths: usize) -> Result<()> {
+    if outs != weights || widths != weights {
+        return Err(Error::invalid(format!(
+            "matmul_t_shared: {outs} outputs, {weights} weights and {widths} widths"
+        )));
+    }
+    Ok(())
+}
+
 /// One inverse frequency per rotated pair.
 pub fn rope(inv_freq_len: usize, head_dim: usize) -> Result<()> {
     if inv_freq_len < head_dim / 2 {

@@ -99,6 +99,25 @@ pub trait Backend: Send + Sync {
         n: usize,
         k: usize,
     ) -> Result<()>;
+    /// Several [`Backend::matmul_t`]s of one input (q/k/v, gate/up): `outs[i][rows, ns[i]] =
+    /// x · ws[i]ᵀ`. Backends that can run them as one parallel region or launch override this;
+    /// the results are those of the single products.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_t_shared(
+        &self,
+        outs: &mut [&mut Self::Buf],
+        x: &Self::Buf,
+        ws: &[&Self::Weight],
+        ns: &[usize],
+        rows: usize,
+        k: usize,
+    ) -> Result<()> {
+        checks::shared_products(outs.len(), ws.len(), ns.len())?;
+        for ((out, w), &n) in outs.iter_mut().zip(ws).zip(ns) {
+            self.matmul_t(out, x, w, rows, n, k)?;
+        }
+        Ok(())
+    }
     /// Rotary embedding in place (rotate-half convention) on `x` `[positions.len(), heads, head_dim]`.
     fn rope(
         &self,

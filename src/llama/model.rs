@@ -5,7 +5,7 @@
 //! many sequences are the same call, with no padding. Per layer:
 //! `h = x + o(attn(rope(q(n₁(x))), rope(k(n₁(x))), v(n₁(x))))`, `x' = h + down(silu(gate(n₂(h))) ⊙ up(n₂(h)))`.
 
-use crate::backend::{AttentionGeometry, Backend};
+use crate::backend::{on_compute_threads, AttentionGeometry, Backend};
 use crate::error::{Error, Result};
 use crate::model::config::rope_inv_freq;
 use crate::model::{HostTensor, LlamaConfig, ModelStore};
@@ -338,16 +338,21 @@ impl<B: Backend> LlamaModel<B> {
         logits: &mut Vec<f32>,
         probe: Option<&mut Probe>,
     ) -> Result<()> {
-        self.forward_into_state(backend, step, cache, st, probe)?;
-        let n = step.logit_rows.len() * self.config.vocab_size;
-        logits.resize(n, 0.0);
-        if n == 0 {
-            return Ok(());
-        }
-        backend.download(logits, &st.logits)
+        on_compute_threads::<B, _>(|| {
+            self.forward_into_state(backend, step, cache, st, probe)?;
+            let n = step.logit_rows.len() * self.config.vocab_size;
+            logits.resize(n, 0.0);
+            if n == 0 {
+                return Ok(());
+            }
+            backend.download(logits, &st.logits)
+        })
     }
 
     /// The forward pass, leaving the logit rows in `st.logits` where the backend computes.
+    /// Callers run it through [`on_compute_threads`]: on the CPU, its ~15 parallel loops a
+    /// layer then split on the pool's threads instead of each being injected into the pool
+    /// from outside and waited for.
     fn forward_into_state(
         &self,
         backend: &B,
@@ -410,9 +415,14 @@ impl<B: Backend> LlamaModel<B> {
         backend.embedding(&mut st.x, &self.embed, &step.tokens, h)?;
         for (l, layer) in self.layers.iter().enumerate() {
             backend.rms_norm(&mut st.xb, &st.x, &layer.input_norm, rows, h, eps)?;
-            backend.matmul_t(&mut st.q, &st.xb, &layer.q, rows, qw, h)?;
-            backend.matmul_t(&mut st.k, &st.xb, &layer.k, rows, kvw, h)?;
-            backend.matmul_t(&mut st.v, &st.xb, &layer.v, rows, kvw, h)?;
+            backend.matmul_t_shared(
+                &mut [&mut st.q, &mut st.k, &mut st.v],
+                &st.xb,
+                &[&layer.q, &layer.k, &layer.v],
+                &[qw, kvw, kvw],
+                rows,
+                h,
+            )?;
             backend.rope(&mut st.q, &step.positions, nh, hd, &self.inv_freq)?;
             backend.rope(&mut st.k, &step.positions, nkv, hd, &self.inv_freq)?;
             backend.kv_store(
@@ -444,8 +454,14 @@ impl<B: Backend> LlamaModel<B> {
             backend.add_assign(&mut st.x, &st.xb, rows * h)?;
 
             backend.rms_norm(&mut st.xb, &st.x, &layer.post_norm, rows, h, eps)?;
-            backend.matmul_t(&mut st.gate, &st.xb, &layer.gate, rows, inter, h)?;
-            backend.matmul_t(&mut st.up, &st.xb, &layer.up, rows, inter, h)?;
+            backend.matmul_t_shared(
+                &mut [&mut st.gate, &mut st.up],
+                &st.xb,
+                &[&layer.gate, &layer.up],
+                &[inter, inter],
+                rows,
+                h,
+            )?;
             backend.swiglu(&mut st.gate, &st.up, rows * inter)?;
             if let (Some(p), true) = (probe.as_deref_mut(), l + 1 == self.layers.len()) {
                 // `up` is dead after SwiGLU: reuse it for the gathered rows.
@@ -481,13 +497,15 @@ impl<B: Backend> LlamaModel<B> {
         st: &mut RunState<B>,
         next: &mut Vec<u32>,
     ) -> Result<()> {
-        self.forward_into_state(backend, step, cache, st, None)?;
-        next.resize(step.logit_rows.len(), 0);
-        backend.argmax_rows(
-            next,
-            &st.logits,
-            step.logit_rows.len(),
-            self.config.vocab_size,
-        )
+        on_compute_threads::<B, _>(|| {
+            self.forward_into_state(backend, step, cache, st, None)?;
+            next.resize(step.logit_rows.len(), 0);
+            backend.argmax_rows(
+                next,
+                &st.logits,
+                step.logit_rows.len(),
+                self.config.vocab_size,
+            )
+        })
     }
 }

@@ -7,6 +7,8 @@
 //! rows × 4 weight rows; AVX-512, AVX2+FMA or portable code is chosen at run time ([`Isa`]).
 //! In bf16 [`Precision`] the activations are rounded to bf16 once per call and, on CPUs with the
 //! bf16 dot product, bf16 weights are read as stored by `vdpbf16ps` tiles (no upcast).
+//! Products that share their input (q/k/v, gate/up) run as one group: one parallel loop over
+//! all their weight blocks, one rounding of the activations.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -253,94 +255,194 @@ pub fn matmul_t_with(
     n: usize,
     k: usize,
 ) {
-    assert!(isa.is_supported(), "{isa:?} is not supported by this CPU");
-    assert_eq!(
-        w.numel(),
-        n * k,
-        "matmul_t: weight has {} elements, expected {n}×{k}",
-        w.numel()
-    );
-    assert!(
-        x.len() >= rows * k && out.len() >= rows * n,
-        "matmul_t: buffers too small"
-    );
-    if precision.uses_bf16(w.dtype, isa) {
-        // The rounded activations live in a buffer this thread keeps between calls (no
-        // allocation per decode step); taken out while in use, so a nested call on the same
-        // thread (rayon may run one while this one waits) gets a fresh one instead.
-        thread_local! {
-            static X_BF16: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
-        }
-        let mut x_bf16 = X_BF16.take();
-        x_bf16.clear();
-        x_bf16.extend(x[..rows * k].iter().map(|&v| dtype::f32_to_bf16_bits(v)));
-        #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx512Bf16 {
-            matmul_bf16_dot(out, &x_bf16, w.data(), rows, n, k);
-            X_BF16.set(x_bf16);
-            return;
-        }
-        // The same products from the f32 kernels: bf16 × bf16 is exact in f32.
-        let x_rounded: Vec<f32> = x_bf16
-            .iter()
-            .map(|&b| f32::from_bits((b as u32) << 16))
-            .collect();
-        return matmul_f32(isa, out, &x_rounded, w, rows, n, k);
-    }
-    matmul_f32(isa, out, x, w, rows, n, k)
+    matmul_t_group_with(isa, precision, &mut [Product { out, w, n }], x, rows, k)
 }
 
-/// Weights upcast block by block into an f32 buffer, f32 register tiles.
-fn matmul_f32(
+/// One product of a group that shares its input: `out[rows, n] = x · wᵀ`, `w` `[n, k]`.
+pub struct Product<'a> {
+    pub out: &'a mut [f32],
+    pub w: &'a HostTensor,
+    pub n: usize,
+}
+
+/// Most products in one group (q/k/v is three).
+pub const MAX_GROUP: usize = 4;
+
+/// Several products of one input (q/k/v, gate/up) as one parallel region: their weight blocks
+/// are the tasks of one loop, so a decode step pays one fork/join for them instead of one
+/// each, and the activations are rounded to bf16 once.
+pub fn matmul_t_group(products: &mut [Product], x: &[f32], rows: usize, k: usize) {
+    let isa = Isa::current().unwrap_or_else(|_| Isa::detect());
+    matmul_t_group_with(isa, Precision::current(), products, x, rows, k)
+}
+
+/// [`matmul_t_group`] with a chosen instruction set and precision.
+pub fn matmul_t_group_with(
     isa: Isa,
-    out: &mut [f32],
+    precision: Precision,
+    products: &mut [Product],
     x: &[f32],
-    w: &HostTensor,
     rows: usize,
-    n: usize,
     k: usize,
 ) {
-    let data = w.data();
-    let esize = w.dtype.size();
-    let out_ptr = OutPtr(out.as_mut_ptr());
-
-    let block = block_rows(rows, n, k, esize);
-    // f32 weights are read where they lie when aligned: their "upcast" would be a plain copy.
-    let direct: Option<&[f32]> = match w.dtype {
-        DType::F32 => bytemuck::try_cast_slice(data).ok(),
-        _ => None,
-    };
-    // The upcast buffer is kept per thread between calls (no allocation, and no zeroing of
-    // it, per step); taken out while in use, so a nested call gets its own.
-    thread_local! {
-        static UPCAST: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    assert!(isa.is_supported(), "{isa:?} is not supported by this CPU");
+    assert!(
+        products.len() <= MAX_GROUP,
+        "matmul_t_group: at most {MAX_GROUP} products"
+    );
+    assert!(x.len() >= rows * k, "matmul_t: input too small");
+    for p in products.iter() {
+        assert_eq!(
+            p.w.numel(),
+            p.n * k,
+            "matmul_t: weight has {} elements, expected {}×{k}",
+            p.w.numel(),
+            p.n
+        );
+        assert!(p.out.len() >= rows * p.n, "matmul_t: output too small");
     }
-    (0..n.div_ceil(block)).into_par_iter().for_each(|blk| {
-        let j0 = blk * block;
-        let j1 = (j0 + block).min(n);
-        let run = |wb: &[f32]| match isa {
-            // SAFETY: `isa` is one this CPU supports (asserted by the caller).
+    let bf16 = |p: &Product| precision.uses_bf16(p.w.dtype, isa);
+    // The rounded activations live in a buffer this thread keeps between calls (no
+    // allocation per decode step); taken out while in use, so a nested call on the same
+    // thread (rayon may run one while this one waits) gets a fresh one instead.
+    thread_local! {
+        static X_BF16: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
+    }
+    let mut x_bf16 = X_BF16.take();
+    x_bf16.clear();
+    if products.iter().any(bf16) {
+        x_bf16.extend(x[..rows * k].iter().map(|&v| dtype::f32_to_bf16_bits(v)));
+    }
+    // Without the bf16 dot product, the same products from the f32 kernels: bf16 × bf16 is
+    // exact in f32.
+    let x_rounded: Vec<f32> = if isa != Isa::Avx512Bf16 && !x_bf16.is_empty() {
+        x_bf16
+            .iter()
+            .map(|&b| f32::from_bits((b as u32) << 16))
+            .collect()
+    } else {
+        vec![]
+    };
+    let mut parts = [None; MAX_GROUP];
+    for (slot, p) in parts.iter_mut().zip(products.iter_mut()) {
+        let kernel = match (bf16(p), isa) {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 | Isa::Avx512Bf16 => unsafe {
-                block_avx512(out_ptr, x, wb, rows, n, k, j0, j1)
+            (true, Isa::Avx512Bf16) => Kernel::Bf16Dot {
+                x: &x_bf16,
+                w: WeightPtr(p.w.data().as_ptr()),
             },
-            // SAFETY: as above.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2Fma => unsafe { block_fma(out_ptr, x, wb, rows, n, k, j0, j1) },
-            _ => block_generic(out_ptr, x, wb, rows, n, k, j0, j1),
+            (true, _) => Kernel::F32 {
+                isa,
+                x: &x_rounded,
+                w: p.w,
+            },
+            (false, _) => Kernel::F32 { isa, x, w: p.w },
         };
-        match direct {
-            Some(all) => run(&all[j0 * k..j1 * k]),
-            None => {
-                let mut buf = UPCAST.take();
-                buf.resize(block * k, 0.0);
-                let wb = &mut buf[..(j1 - j0) * k];
-                dtype::to_f32(w.dtype, &data[j0 * k * esize..j1 * k * esize], wb);
-                run(wb);
-                UPCAST.set(buf);
+        let esize = match kernel {
+            Kernel::F32 { .. } => p.w.dtype.size(),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Bf16Dot { .. } => 2,
+        };
+        *slot = Some(Part {
+            kernel,
+            out: OutPtr(p.out.as_mut_ptr()),
+            n: p.n,
+            block: block_rows(rows, p.n, k, esize),
+        });
+    }
+    let parts = &parts[..products.len()];
+    // Task t is block t − first[i] of part i.
+    let mut first = [0usize; MAX_GROUP + 1];
+    for (i, p) in parts.iter().enumerate() {
+        let p = p.as_ref().expect("filled above");
+        first[i + 1] = first[i] + p.n.div_ceil(p.block);
+    }
+    (0..first[parts.len()]).into_par_iter().for_each(|t| {
+        let i = first[1..=parts.len()].partition_point(|&f| f <= t);
+        let part = parts[i].as_ref().expect("filled above");
+        part.run(t - first[i], rows, k);
+    });
+    drop(x_rounded);
+    X_BF16.set(x_bf16);
+}
+
+/// One product of a group, as its tasks see it.
+#[derive(Clone, Copy)]
+struct Part<'a> {
+    kernel: Kernel<'a>,
+    out: OutPtr,
+    n: usize,
+    /// Weight rows per task.
+    block: usize,
+}
+
+/// How a part's blocks are computed.
+#[derive(Clone, Copy)]
+enum Kernel<'a> {
+    /// Weights upcast block by block into an f32 buffer (read in place when f32 and
+    /// aligned), f32 register tiles.
+    F32 {
+        isa: Isa,
+        x: &'a [f32],
+        w: &'a HostTensor,
+    },
+    /// bf16 weights straight from their bytes (no upcast buffer: half the bytes through the
+    /// caches, and nothing written per block) against bf16-rounded activations.
+    #[cfg(target_arch = "x86_64")]
+    Bf16Dot { x: &'a [u16], w: WeightPtr },
+}
+
+impl Part<'_> {
+    /// Computes the output columns of weight block `blk`.
+    fn run(&self, blk: usize, rows: usize, k: usize) {
+        let (n, out) = (self.n, self.out);
+        let j0 = blk * self.block;
+        let j1 = (j0 + self.block).min(n);
+        match self.kernel {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: this kernel is only chosen on CPUs with AVX-512 BF16 (Isa::Avx512Bf16
+            // is only available then), and the weight holds n·k bf16 values.
+            Kernel::Bf16Dot { x, w } => unsafe { block_bf16_dot(out, x, w, rows, n, k, j0, j1) },
+            Kernel::F32 { isa, x, w } => {
+                let run = |wb: &[f32]| match isa {
+                    // SAFETY: `isa` is one this CPU supports (asserted by the caller).
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512 | Isa::Avx512Bf16 => unsafe {
+                        block_avx512(out, x, wb, rows, n, k, j0, j1)
+                    },
+                    // SAFETY: as above.
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2Fma => unsafe { block_fma(out, x, wb, rows, n, k, j0, j1) },
+                    _ => block_generic(out, x, wb, rows, n, k, j0, j1),
+                };
+                let data = w.data();
+                // f32 weights are read where they lie when aligned: their "upcast" would be a
+                // plain copy.
+                let direct: Option<&[f32]> = match w.dtype {
+                    DType::F32 => bytemuck::try_cast_slice(data).ok(),
+                    _ => None,
+                };
+                match direct {
+                    Some(all) => run(&all[j0 * k..j1 * k]),
+                    None => {
+                        // The upcast buffer is kept per thread between calls (no allocation,
+                        // and no zeroing of it, per step); taken out while in use, so a
+                        // nested call gets its own.
+                        thread_local! {
+                            static UPCAST: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+                        }
+                        let esize = w.dtype.size();
+                        let mut buf = UPCAST.take();
+                        buf.resize(self.block * k, 0.0);
+                        let wb = &mut buf[..(j1 - j0) * k];
+                        dtype::to_f32(w.dtype, &data[j0 * k * esize..j1 * k * esize], wb);
+                        run(wb);
+                        UPCAST.set(buf);
+                    }
+                }
             }
         }
-    });
+    }
 }
 
 /// The `rx × 4` register tile at `(r, c)` for `rx` in 1..=6 through `$tile::<rx, 4>`: one
@@ -360,22 +462,6 @@ macro_rules! tiles_up_to_6_rows {
             _ => emit($($tile)::+::<1, 4>([x(0)], w4, k), r, c, store),
         }
     }};
-}
-
-/// bf16 weights straight from their bytes (no upcast buffer: half the bytes through the
-/// caches, and nothing written per block) against bf16-rounded activations.
-#[cfg(target_arch = "x86_64")]
-fn matmul_bf16_dot(out: &mut [f32], x: &[u16], w: &[u8], rows: usize, n: usize, k: usize) {
-    let out_ptr = OutPtr(out.as_mut_ptr());
-    let block = block_rows(rows, n, k, 2);
-    let w_ptr = WeightPtr(w.as_ptr());
-    (0..n.div_ceil(block)).into_par_iter().for_each(|blk| {
-        let j0 = blk * block;
-        let j1 = (j0 + block).min(n);
-        // SAFETY: the caller checked the CPU has AVX-512 BF16 (Isa::Avx512Bf16 is only
-        // available then), and `w` holds n·k bf16 values.
-        unsafe { block_bf16_dot(out_ptr, x, w_ptr, rows, n, k, j0, j1) }
-    });
 }
 
 /// The weights' bytes, shared by the tasks (read only).
@@ -828,5 +914,62 @@ mod tests {
         assert!(Precision::Auto.uses_bf16(DType::BF16, Isa::Avx512Bf16));
         assert!(!Precision::Auto.uses_bf16(DType::BF16, Isa::Avx512));
         assert!(!Precision::F32.uses_bf16(DType::BF16, Isa::Avx512Bf16));
+    }
+
+    #[test]
+    fn a_group_gives_each_products_own_result() {
+        let mut seed = 3u64;
+        let mut rnd = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        let k = 67;
+        for rows in [1, 7] {
+            let x: Vec<f32> = (0..rows * k).map(|_| rnd()).collect();
+            // Widths and dtypes that differ within the group, as q/k/v's widths do.
+            let shapes = [
+                (96, DType::BF16),
+                (20, DType::BF16),
+                (33, DType::F16),
+                (8, DType::F32),
+            ];
+            let ws: Vec<HostTensor> = shapes
+                .iter()
+                .map(|&(n, dt)| {
+                    let v: Vec<f32> = (0..n * k).map(|_| rnd()).collect();
+                    HostTensor::from_f32(&v, vec![n, k], dt)
+                })
+                .collect();
+            for isa in Isa::available() {
+                for precision in [Precision::F32, Precision::Bf16] {
+                    let want: Vec<Vec<f32>> = ws
+                        .iter()
+                        .map(|w| {
+                            let n = w.shape[0];
+                            let mut out = vec![f32::NAN; rows * n];
+                            matmul_t_with(isa, precision, &mut out, &x, w, rows, n, k);
+                            out
+                        })
+                        .collect();
+                    let mut got: Vec<Vec<f32>> = ws
+                        .iter()
+                        .map(|w| vec![f32::NAN; rows * w.shape[0]])
+                        .collect();
+                    let mut products: Vec<Product> = got
+                        .iter_mut()
+                        .zip(&ws)
+                        .map(|(out, w)| Product {
+                            out,
+                            w,
+                            n: w.shape[0],
+                        })
+                        .collect();
+                    matmul_t_group_with(isa, precision, &mut products, &x, rows, k);
+                    assert_eq!(got, want, "{isa:?} {precision:?} rows {rows}");
+                }
+            }
+        }
     }
 }

@@ -17,7 +17,10 @@ use crate::model::{dtype, DType, HostTensor, TensorBytes};
 
 pub use attention::attention;
 pub use materialize::materialize;
-pub use matmul::{matmul_t, matmul_t_isa, matmul_t_with, Isa, Precision};
+pub use matmul::{
+    matmul_t, matmul_t_group, matmul_t_group_with, matmul_t_isa, matmul_t_with, Isa, Precision,
+    Product,
+};
 
 /// The rayon CPU backend (uses the global thread pool).
 #[derive(Clone, Copy, Debug, Default)]
@@ -156,6 +159,60 @@ impl Backend for CpuBackend {
             )));
         }
         matmul_t(out, x, w, rows, n, k);
+        Ok(())
+    }
+
+    fn matmul_t_shared(
+        &self,
+        outs: &mut [&mut Vec<f32>],
+        x: &Vec<f32>,
+        ws: &[&HostTensor],
+        ns: &[usize],
+        rows: usize,
+        k: usize,
+    ) -> Result<()> {
+        checks::shared_products(outs.len(), ws.len(), ns.len())?;
+        check_len("matmul_t x", x.len(), rows * k)?;
+        for ((out, w), &n) in outs.iter().zip(ws).zip(ns) {
+            check_len("matmul_t out", out.len(), rows * n)?;
+            if w.numel() != n * k {
+                return Err(Error::invalid(format!(
+                    "matmul_t: weight of shape {:?} used as [{n}, {k}]",
+                    w.shape
+                )));
+            }
+        }
+        fn p<'a>(
+            out: &'a mut Vec<f32>,
+            ws: &[&'a HostTensor],
+            ns: &[usize],
+            i: usize,
+        ) -> Product<'a> {
+            Product {
+                out: out.as_mut_slice(),
+                w: ws[i],
+                n: ns[i],
+            }
+        }
+        // The group on the stack: no allocation per step.
+        match outs {
+            [a] => matmul_t_group(&mut [p(a, ws, ns, 0)], x, rows, k),
+            [a, b] => matmul_t_group(&mut [p(a, ws, ns, 0), p(b, ws, ns, 1)], x, rows, k),
+            [a, b, c] => {
+                let group = &mut [p(a, ws, ns, 0), p(b, ws, ns, 1), p(c, ws, ns, 2)];
+                matmul_t_group(group, x, rows, k)
+            }
+            [a, b, c, d] => {
+                let (a, b) = (p(a, ws, ns, 0), p(b, ws, ns, 1));
+                let (c, d) = (p(c, ws, ns, 2), p(d, ws, ns, 3));
+                matmul_t_group(&mut [a, b, c, d], x, rows, k)
+            }
+            _ => {
+                for ((out, w), &n) in outs.iter_mut().zip(ws).zip(ns) {
+                    matmul_t(out, x, w, rows, n, k);
+                }
+            }
+        }
         Ok(())
     }
 
