@@ -1,7 +1,8 @@
 //! CPU Llama throughput on a ~100M-parameter random Llama (bf16, generated here): decode and
 //! prefill tokens/s at batch 1 and 16, then each as a fraction of this machine's measured
 //! ceilings. Napkin math: a decode step reads every weight byte once (memory-bound: achieved
-//! bytes/s ÷ copy bandwidth); a prefill costs 2·params FLOPs per token (compute-bound: achieved
+//! bytes/s ÷ copy bandwidth, and ÷ read bandwidth: on some machines reads stream well above
+//! the copy rate); a prefill costs 2·params FLOPs per token (compute-bound: achieved
 //! FLOP/s ÷ measured FMA peak).
 //!
 //! Run: `cargo bench --bench llama_cpu` (the criterion part in the process default, f32 unless
@@ -12,7 +13,9 @@ use std::time::Duration;
 use criterion::{criterion_group, Criterion, Throughput};
 
 use cycleqd_engine::backend::cpu::{CpuBackend, Isa, Precision};
-use cycleqd_engine::bench::{cpu_copy_bandwidth, cpu_peak_bf16_flops, cpu_peak_flops, time_median};
+use cycleqd_engine::bench::{
+    cpu_copy_bandwidth, cpu_peak_bf16_flops, cpu_peak_flops, cpu_read_bandwidth, time_median,
+};
 use cycleqd_engine::llama::{KvCache, LlamaModel, RunState, Step};
 use cycleqd_engine::model::DType;
 use cycleqd_engine::synth::{random_llama, LlamaShape};
@@ -115,11 +118,13 @@ fn bench(cr: &mut Criterion) {
 /// the CPU has the bf16 dot product.
 fn roofline(f: &Fixture) {
     let bw = cpu_copy_bandwidth(512 << 20);
+    let read_bw = cpu_read_bandwidth(512 << 20);
     let peak = cpu_peak_flops();
     let peak_bf16 = cpu_peak_bf16_flops();
     println!(
-        "\nceilings: copy bandwidth {:.1} GB/s, f32 FMA peak {:.1} GFLOP/s, bf16 dot peak {} ({} threads, {})",
+        "\nceilings: copy bandwidth {:.1} GB/s, read bandwidth {:.1} GB/s, f32 FMA peak {:.1} GFLOP/s, bf16 dot peak {} ({} threads, {})",
         bw / 1e9,
+        read_bw / 1e9,
         peak / 1e9,
         peak_bf16.map_or("none".into(), |p| format!("{:.1} GFLOP/s", p / 1e9)),
         rayon::current_num_threads(),
@@ -141,11 +146,12 @@ fn roofline(f: &Fixture) {
             let t = time_median(10, || run(f, &mut c, &decode)).as_secs_f64();
             let gbs = f.weight_bytes as f64 / t;
             println!(
-                "{:<22} {:>12.1} {:>9.1} GB/s {:>9.1}%",
+                "{:<22} {:>12.1} {:>9.1} GB/s {:>9.1}% of copy, {:.1}% of read",
                 format!("decode/batch{batch}"),
                 batch as f64 / t,
                 gbs / 1e9,
-                100.0 * gbs / bw
+                100.0 * gbs / bw,
+                100.0 * gbs / read_bw
             );
             let prefill = step(batch, 0, PROMPT);
             let t = time_median(3, || run(f, &mut c, &prefill)).as_secs_f64();

@@ -80,6 +80,7 @@ fn main() {
         .collect();
     for method in methods {
         let out = dir.join(format!("out-engine-{method}"));
+        read_inputs(&dir);
         let o = Command::new(&engine)
             .current_dir(&dir)
             .args([
@@ -110,6 +111,7 @@ fn main() {
         let _ = std::fs::remove_dir_all(&out);
         if let Some(mk) = &mergekit {
             let out = dir.join(format!("out-mergekit-{method}"));
+            read_inputs(&dir);
             let t = Instant::now();
             // No model card, offline: writing the card asks the Hub whether local paths are repos.
             let o = Command::new("python3")
@@ -267,10 +269,20 @@ fn write_configs(dir: &Path) {
     }
 }
 
-/// Reads every input once so that both tools start from the same (warm) page cache, then
-/// times a second read of them (`pread` into a reused 64 MiB buffer per thread, files in
-/// parallel): the bandwidth of reading the inputs from the page cache, in bytes/s.
+/// Reads every input once, then times a second read of them: the bandwidth of reading the
+/// inputs from the page cache, in bytes/s.
 fn warm_page_cache(dir: &Path) -> f64 {
+    read_inputs(dir);
+    let t = Instant::now();
+    let bytes = read_inputs(dir);
+    bytes as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Reads every input file once (pread into a reused 64 MiB buffer per thread, files in
+/// parallel), returning the bytes read. Run before each timed merge, so that neither tool
+/// starts with inputs the other's run (outputs, mergekit's ~8 GB resident) pushed out of the
+/// page cache.
+fn read_inputs(dir: &Path) -> u64 {
     use std::os::unix::fs::FileExt;
     let files: Vec<PathBuf> = MODELS
         .iter()
@@ -278,26 +290,20 @@ fn warm_page_cache(dir: &Path) -> f64 {
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
         .collect();
-    let read_all = || -> u64 {
-        files
-            .par_iter()
-            .map(|p| {
-                let f = std::fs::File::open(p).unwrap();
-                let mut buf = vec![0u8; 64 << 20];
-                let mut off = 0u64;
-                loop {
-                    let n = f.read_at(&mut buf, off).unwrap();
-                    if n == 0 {
-                        break off;
-                    }
-                    std::hint::black_box(&buf[..n]);
-                    off += n as u64;
+    files
+        .par_iter()
+        .map(|p| {
+            let f = std::fs::File::open(p).unwrap();
+            let mut buf = vec![0u8; 64 << 20];
+            let mut off = 0u64;
+            loop {
+                let n = f.read_at(&mut buf, off).unwrap();
+                if n == 0 {
+                    break off;
                 }
-            })
-            .sum()
-    };
-    read_all();
-    let t = Instant::now();
-    let bytes = read_all();
-    bytes as f64 / t.elapsed().as_secs_f64()
+                std::hint::black_box(&buf[..n]);
+                off += n as u64;
+            }
+        })
+        .sum()
 }

@@ -1,10 +1,13 @@
-//! Measured CPU ceilings: memory copy bandwidth (bytes read + written per second, all threads)
+//! Measured CPU ceilings: memory copy bandwidth (bytes read + written per second, all threads),
+//! read bandwidth,
 //! and peak f32 FMA throughput (independent register-resident FMA chains, all threads).
 //! Roofline fractions divide an operation's achieved rate by these, not by datasheet numbers.
 
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
+
+use crate::simd::widest_simd;
 
 /// Median wall time of `iters` runs of `f` after one warm-up run.
 pub fn time_median(iters: usize, f: impl FnMut()) -> Duration {
@@ -45,6 +48,37 @@ pub fn cpu_copy_bandwidth(bytes: usize) -> f64 {
     });
     std::hint::black_box(&dst);
     (2 * n * 4) as f64 / t.as_secs_f64()
+}
+
+/// Read bandwidth in bytes/s over a `bytes`-sized buffer (well past the last-level cache):
+/// every thread sums its share in sixteen-lane vectors. The ceiling of an operation that only
+/// streams its inputs (a decode step reads its weights and writes almost nothing); on some
+/// machines it is well above the copy bandwidth, whose writes cost more than reads.
+pub fn cpu_read_bandwidth(bytes: usize) -> f64 {
+    let n = bytes / 4;
+    let src = vec![1.0f32; n];
+    let chunk = n.div_ceil(rayon::current_num_threads() * 4).max(1 << 16);
+    let t = time_best(7, || {
+        let s: f32 = src.par_chunks(chunk).map(lane_sum).sum();
+        std::hint::black_box(s);
+    });
+    (n * 4) as f64 / t.as_secs_f64()
+}
+
+widest_simd! {
+    /// The sum of `x` in sixteen lanes (vectorised; a single running sum is one add a cycle).
+    #[allow(clippy::needless_range_loop)]
+    fn lane_sum(x: &[f32]) -> f32 {
+        let mut lanes = [0.0f32; 16];
+        let chunks = x.chunks_exact(16);
+        let tail: f32 = chunks.remainder().iter().sum();
+        for c in chunks {
+            for l in 0..16 {
+                lanes[l] += c[l];
+            }
+        }
+        lanes.iter().sum::<f32>() + tail
+    }
 }
 
 /// Peak f32 FLOP/s (an FMA counts 2) with every rayon thread running independent FMA chains

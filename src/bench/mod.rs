@@ -9,7 +9,9 @@ pub mod scheduler;
 pub mod serve;
 pub mod suite;
 
-pub use ceilings::{cpu_copy_bandwidth, cpu_peak_bf16_flops, cpu_peak_flops, time_median};
+pub use ceilings::{
+    cpu_copy_bandwidth, cpu_peak_bf16_flops, cpu_peak_flops, cpu_read_bandwidth, time_median,
+};
 
 /// Peak resident set size of this process so far (`VmHWM`), in bytes; `None` off Linux.
 pub fn peak_rss_bytes() -> Option<u64> {
