@@ -12,23 +12,7 @@ use super::methods::Sink;
 use super::tiles::{self, add_vecs};
 use crate::error::{Error, Result};
 use crate::model::{DType, HostTensor};
-use crate::simd::{lane_sums, widest_simd};
-
-widest_simd! {
-    /// `[|a|², |c|², a·c]` for `a = x0 − b`, `c = x1 − b` (`b` = 0 without a base), in f64.
-    fn sphere_sums(x0: &[f32], x1: &[f32], b: Option<&[f32]>) -> [f64; 3] {
-        let n = x0.len().min(x1.len());
-        let (x0, x1) = (&x0[..n], &x1[..n]);
-        let terms = |a: f64, c: f64| [a * a, c * c, a * c];
-        match b {
-            Some(b) => {
-                let b = &b[..n];
-                lane_sums(n, |j| terms(f64::from(x0[j] - b[j]), f64::from(x1[j] - b[j])))
-            }
-            None => lane_sums(n, |j| terms(f64::from(x0[j]), f64::from(x1[j]))),
-        }
-    }
-}
+use crate::simd::widest_simd;
 
 widest_simd! {
     /// Adds `a², c², a·c` of each element (`a = x0 − b`, `c = x1 − b`) to its own slot of
@@ -393,10 +377,11 @@ pub fn nuslerp(
                         b,
                     );
                 } else {
-                    let [s0, s1, s2] = sphere_sums(x0, x1, b);
-                    aa[g] += s0;
-                    cc[g] += s1;
-                    ac[g] += s2;
+                    let mut sums = [0.0f64; 4];
+                    GRAM_SCRATCH.with_borrow_mut(|s| gram_run(&[x0, x1], b, &mut sums, s));
+                    aa[g] += sums[0];
+                    ac[g] += sums[1];
+                    cc[g] += sums[3];
                 }
             }
         },
