@@ -260,6 +260,20 @@ fn combine(
     })
 }
 
+/// A mean of one model: the model, in the output dtype.
+fn the_one_model(x: &HostTensor, out_dtype: DType, sink: &Sink) -> Result<()> {
+    combine(
+        x.numel(),
+        &[x],
+        None,
+        false,
+        &[vec![1.0]],
+        Groups::One,
+        out_dtype,
+        sink,
+    )
+}
+
 /// SLERP's two coefficients for the whole tensor: `(s0, s1)` with `out = s0·v0 + s1·v1`;
 /// vectors whose norm is ≤ 1e-8 are left unnormalised, and nearly colinear ones
 /// (|cos| > 0.9995) interpolated linearly, as in mergekit.
@@ -435,16 +449,7 @@ pub fn multislerp(
     let k = xs.len();
     if k == 1 {
         // mergekit returns the one model as it is, base or not.
-        return combine(
-            n,
-            xs,
-            None,
-            false,
-            &[vec![1.0]],
-            Groups::One,
-            out_dtype,
-            sink,
-        );
+        return the_one_model(xs[0], out_dtype, sink);
     }
     let mut w: Vec<f64> = weights.iter().map(|&w| w as f64).collect();
     if normalize_weights {
@@ -503,16 +508,7 @@ pub fn karcher(
     let n = xs[0].numel();
     let k = xs.len();
     if k == 1 {
-        return combine(
-            n,
-            xs,
-            None,
-            false,
-            &[vec![1.0]],
-            Groups::One,
-            out_dtype,
-            sink,
-        );
+        return the_one_model(xs[0], out_dtype, sink);
     }
     let raw = gram(n, xs, None);
     let norms: Vec<f64> = (0..k).map(|i| raw[i][i].sqrt()).collect();
