@@ -277,6 +277,7 @@ impl<'s, 'a> Ranked<'s, 'a> {
         }
     }
 }
+/// Adds the scores' upper 16 bits to the histogram `h` and counts the zero scores.
 fn upper_histogram(bits: &[u32], (h, zeros): &mut (Vec<u32>, usize)) {
     h.resize(1 << 16, 0);
     for &v in bits {
