@@ -18,6 +18,8 @@ pub mod report;
 pub mod run;
 pub mod serve;
 mod simd;
+#[cfg(test)]
+mod test_rng;
 
 pub use error::{Error, Result};
 pub mod bench;

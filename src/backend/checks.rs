@@ -31,6 +31,16 @@ pub fn rms_norm(weight_len: usize, dim: usize) -> Result<()> {
     Ok(())
 }
 
+/// A `matmul_t` weight holds exactly `[n, k]`.
+pub fn matmul_weight(shape: &[usize], numel: usize, n: usize, k: usize) -> Result<()> {
+    if numel != n * k {
+        return Err(Error::invalid(format!(
+            "matmul_t: weight of shape {shape:?} used as [{n}, {k}]"
+        )));
+    }
+    Ok(())
+}
+
 /// A group of products sharing one input names one output and one width per weight.
 pub fn shared_products(outs: usize, weights: usize, widths: usize) -> Result<()> {
     if outs != weights || widths != weights {

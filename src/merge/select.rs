@@ -35,11 +35,19 @@ pub fn magnitude_scores<'a>(
 
 /// A mask of `n` bits, all set or none.
 pub fn full_mask(n: usize, set: bool) -> Vec<u64> {
-    let mut m = vec![if set { u64::MAX } else { 0 }; n.div_ceil(64)];
-    if set && !n.is_multiple_of(64) {
-        *m.last_mut().expect("n > 0") = (1u64 << (n % 64)) - 1;
+    let mut m = vec![0u64; n.div_ceil(64)];
+    if set {
+        set_all(&mut m, n);
     }
     m
+}
+
+/// Sets the first `n` bits of `words` (the words of `n` entries) and clears the rest.
+fn set_all(words: &mut [u64], n: usize) {
+    words.fill(u64::MAX);
+    if let (Some(last), tail @ 1..) = (words.last_mut(), n % 64) {
+        *last = (1u64 << tail) - 1;
+    }
 }
 
 /// A tensor's scores, ranked once for one or several top-k selections: the scores (kept in
@@ -290,10 +298,7 @@ fn upper_histogram(bits: &[u32], (h, zeros): &mut (Vec<u32>, usize)) {
 fn keep_bits(cut: &Cut, tile: usize, scores: &[u32], words: &mut [u64], eq: &mut Vec<u64>) {
     match cut {
         Cut::Nothing => words.fill(0),
-        Cut::All => {
-            let mask = full_mask(scores.len(), true);
-            words.copy_from_slice(&mask);
-        }
+        Cut::All => set_all(words, scores.len()),
         Cut::At { value, quota } => {
             eq.resize(words.len(), 0);
             compare_bits(scores, *value, words, eq);

@@ -621,13 +621,7 @@ mod tests {
         // Rows that straddle tile boundaries, so runs and per-column sums cross tiles.
         let (rows, cols) = (5, TILE / 2 + 37);
         let n = rows * cols;
-        let mut s = 7u64;
-        let mut draw = || {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-        };
+        let mut draw = crate::test_rng::uniform(7);
         let (v0, v1, vb): (Vec<f32>, Vec<f32>, Vec<f32>) =
             (0..n).map(|_| (draw(), draw(), draw())).collect();
         let tensor = |v: &[f32]| HostTensor::from_f32(v, vec![rows, cols], DType::F32);

@@ -864,13 +864,7 @@ mod tests {
 
     #[test]
     fn matches_slow_reference_for_every_dtype_and_ragged_shape() {
-        let mut seed = 7u64;
-        let mut rnd = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-        };
+        let mut rnd = crate::test_rng::uniform(7);
         for (rows, n, k) in [
             (1, 37, 19),
             (5, 16, 64),
@@ -918,13 +912,7 @@ mod tests {
 
     #[test]
     fn a_group_gives_each_products_own_result() {
-        let mut seed = 3u64;
-        let mut rnd = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-        };
+        let mut rnd = crate::test_rng::uniform(3);
         let k = 67;
         for rows in [1, 7] {
             let x: Vec<f32> = (0..rows * k).map(|_| rnd()).collect();

@@ -150,14 +150,7 @@ impl Backend for CpuBackend {
         n: usize,
         k: usize,
     ) -> Result<()> {
-        check_len("matmul_t out", out.len(), rows * n)?;
-        check_len("matmul_t x", x.len(), rows * k)?;
-        if w.numel() != n * k {
-            return Err(Error::invalid(format!(
-                "matmul_t: weight of shape {:?} used as [{n}, {k}]",
-                w.shape
-            )));
-        }
+        check_product(out, x, w, rows, n, k)?;
         matmul_t(out, x, w, rows, n, k);
         Ok(())
     }
@@ -172,15 +165,8 @@ impl Backend for CpuBackend {
         k: usize,
     ) -> Result<()> {
         checks::shared_products(outs.len(), ws.len(), ns.len())?;
-        check_len("matmul_t x", x.len(), rows * k)?;
         for ((out, w), &n) in outs.iter().zip(ws).zip(ns) {
-            check_len("matmul_t out", out.len(), rows * n)?;
-            if w.numel() != n * k {
-                return Err(Error::invalid(format!(
-                    "matmul_t: weight of shape {:?} used as [{n}, {k}]",
-                    w.shape
-                )));
-            }
+            check_product(out, x, w, rows, n, k)?;
         }
         fn p<'a>(
             out: &'a mut Vec<f32>,
@@ -501,6 +487,20 @@ pub fn rms_norm_row(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
     for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
         *o = g * (v * inv);
     }
+}
+
+/// The buffers and weight of one `matmul_t` fit `[rows, k] · [n, k]ᵀ`.
+fn check_product(
+    out: &[f32],
+    x: &[f32],
+    w: &HostTensor,
+    rows: usize,
+    n: usize,
+    k: usize,
+) -> Result<()> {
+    check_len("matmul_t out", out.len(), rows * n)?;
+    check_len("matmul_t x", x.len(), rows * k)?;
+    checks::matmul_weight(&w.shape, w.numel(), n, k)
 }
 
 fn check_len(op: &str, have: usize, need: usize) -> Result<()> {

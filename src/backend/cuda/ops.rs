@@ -8,7 +8,7 @@ use cudarc::driver::{DevicePtr, DevicePtrMut};
 use super::launch::{self, MATVEC_MAX_ROWS};
 use super::{cuda_err, CudaBackend, CudaBuf, CudaSources, CudaWeight};
 use crate::backend::materialize::{Placement, TensorCoefficients, TensorSources};
-use crate::backend::{AttentionGeometry, Backend};
+use crate::backend::{checks, AttentionGeometry, Backend};
 use crate::error::{Error, Result};
 use crate::merge::methods::{merge_tensor, MergeOp, Sink};
 use crate::model::{DType, HostTensor, TensorBytes};
@@ -176,12 +176,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         buf(out, "matmul_t out", rows * n)?;
         buf(x, "matmul_t x", rows * k)?;
-        if w.numel() != n * k {
-            return Err(Error::invalid(format!(
-                "matmul_t: weight of shape {:?} used as [{n}, {k}]",
-                w.shape
-            )));
-        }
+        checks::matmul_weight(&w.shape, w.numel(), n, k)?;
         if rows == 0 || n == 0 || k == 0 {
             return Ok(());
         }
