@@ -20,7 +20,7 @@ const TILES_PER_CHUNK: usize = 64;
 
 pub fn upcast_range(t: &HostTensor, lo: usize, hi: usize, dst: &mut [f32]) {
     let s = t.dtype.size();
-    dtype::to_f32(t.dtype, &t.data()[lo * s..hi * s], dst);
+    t.with_stream_bytes(lo * s, hi * s, |bytes| dtype::to_f32(t.dtype, bytes, dst));
 }
 
 /// Tile `tile`'s element range.
@@ -64,11 +64,11 @@ pub fn output(
 /// [`output`].
 pub fn copy(input: &HostTensor, sink: &Sink) -> Result<()> {
     let chunk = TILE * TILES_PER_CHUNK * input.dtype.size();
-    let bytes = input.data();
-    bytes
-        .par_chunks(chunk)
-        .enumerate()
-        .try_for_each(|(c, part)| sink(c * chunk, part))
+    let len = input.data().len();
+    (0..len.div_ceil(chunk)).into_par_iter().try_for_each(|c| {
+        let (lo, hi) = (c * chunk, ((c + 1) * chunk).min(len));
+        input.with_stream_bytes(lo, hi, |part| sink(lo, part))
+    })
 }
 
 /// Folds every tile of `inputs` into an accumulator per thread (`fold(acc, first element,

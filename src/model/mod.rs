@@ -10,6 +10,7 @@ pub mod hub;
 pub mod safetensors;
 pub mod store;
 pub mod tokenizer;
+pub mod window;
 
 pub use chat::ChatTemplate;
 pub use config::{LlamaConfig, RopeScaling};

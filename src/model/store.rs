@@ -13,6 +13,7 @@ use serde_json::Value;
 use super::config::LlamaConfig;
 use super::dtype::{self, DType};
 use super::safetensors::{parse_header, TensorEntry};
+use super::window::MappedFile;
 use crate::error::{Error, Result};
 
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -22,7 +23,10 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 /// (a merged or materialised tensor). Cloning is cheap either way.
 #[derive(Clone, Debug)]
 pub enum TensorBytes {
-    Mapped { map: Arc<Mmap>, range: Range<usize> },
+    Mapped {
+        map: Arc<MappedFile>,
+        range: Range<usize>,
+    },
     Owned(Arc<Vec<u8>>),
 }
 
@@ -48,7 +52,7 @@ impl HostTensor {
     /// The raw little-endian bytes.
     pub fn data(&self) -> &[u8] {
         match &self.bytes {
-            TensorBytes::Mapped { map, range } => &map[range.clone()],
+            TensorBytes::Mapped { map, range } => &map.map[range.clone()],
             TensorBytes::Owned(v) => v,
         }
     }
@@ -65,12 +69,24 @@ impl HostTensor {
             // SAFETY: the map is a read-only private file mapping: MADV_DONTNEED only drops the
             // mapped pages, and any later access reads the same bytes back from the file.
             let _ = unsafe {
-                map.unchecked_advise_range(
+                map.map.unchecked_advise_range(
                     memmap2::UncheckedAdvice::DontNeed,
                     range.start,
                     range.len(),
                 )
             };
+        }
+    }
+
+    /// Calls `f` with bytes `lo..hi` of the data, for a stream that reads each byte once in
+    /// order (a merge's tiles): a mapped tensor's bytes come from positioned reads into this
+    /// thread's windows (`window`), which cost less than faulting the pages into the map.
+    pub fn with_stream_bytes<R>(&self, lo: usize, hi: usize, f: impl FnOnce(&[u8]) -> R) -> R {
+        match &self.bytes {
+            TensorBytes::Mapped { map, range } => {
+                map.with_range(range.start + lo, range.start + hi, range.end, f)
+            }
+            TensorBytes::Owned(v) => f(&v[lo..hi]),
         }
     }
 
@@ -98,7 +114,7 @@ impl HostTensor {
 
 struct Shard {
     path: PathBuf,
-    map: Arc<Mmap>,
+    map: Arc<MappedFile>,
 }
 
 /// Where a tensor lives: which shard, and its header entry.
@@ -150,7 +166,7 @@ impl ModelStore {
         for (i, file) in files.iter().enumerate() {
             let path = dir.join(file);
             let map = map_file(&path)?;
-            let header = parse_header(&map, &path)?;
+            let header = parse_header(&map.map, &path)?;
             for (name, entry) in header.tensors {
                 // With an index, the index decides what the checkpoint holds (as transformers'
                 // loader does): tensors it does not list, or lists in another shard, are skipped.
@@ -307,7 +323,7 @@ impl ModelStore {
 }
 
 /// Memory-maps a whole file read-only.
-fn map_file(path: &Path) -> Result<Mmap> {
+fn map_file(path: &Path) -> Result<MappedFile> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     if len < 8 {
@@ -318,7 +334,8 @@ fn map_file(path: &Path) -> Result<Mmap> {
     }
     // SAFETY: the map is read-only and lives as long as the store's Arc; like every mmap-based
     // loader (safetensors, candle) we rely on checkpoint files not being truncated while open.
-    unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    Ok(MappedFile::new(map, file))
 }
 
 /// `weight_map` of `model.safetensors.index.json`: tensor name → shard file name.
@@ -357,7 +374,7 @@ fn read_index(path: &Path) -> Result<BTreeMap<String, String>> {
 /// anything that is not a checkpoint directory).
 pub fn read_safetensors_file(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
     let map = Arc::new(map_file(path)?);
-    let header = parse_header(&map, path)?;
+    let header = parse_header(&map.map, path)?;
     Ok(header
         .tensors
         .into_iter()
