@@ -14,6 +14,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::{DType, HostTensor};
+use crate::simd::widest_simd;
 
 pub use super::gta::{Gta, Sparsify};
 pub use super::sphere::Vectors;
@@ -160,15 +161,9 @@ pub fn merge_tensor(
                     "linear merge weights sum to zero; cannot normalise",
                 ));
             }
+            let divisor = normalize.then_some(total);
             tiles::output(n, models, out_dtype, sink, |_, xs, out| {
-                // Model-outer loops vectorise; the sum order per element is mergekit's.
-                out.fill(0.0);
-                for (x, &w) in xs.iter().zip(weights) {
-                    out.iter_mut().zip(*x).for_each(|(o, &x)| *o += w * x);
-                }
-                if *normalize {
-                    out.iter_mut().for_each(|o| *o /= total);
-                }
+                linear_tile(xs, weights, divisor, out)
             })
         }
         MergeOp::Gta(g) => {
@@ -233,6 +228,28 @@ pub fn merge_tensor(
                 None => out.copy_from_slice(xs[0]),
                 Some(s) => out.iter_mut().zip(xs[0]).for_each(|(o, &x)| *o = x * s),
             })
+        }
+    }
+}
+
+widest_simd! {
+    /// One linear output tile: `Σ w_i x_i`, divided by `divisor` when the weights are
+    /// normalised. Model-outer loops vectorise; the sum order per element is mergekit's (and
+    /// no fused multiply-add: torch rounds the product before the sum).
+    fn linear_tile(xs: &[&[f32]], weights: &[f32], divisor: Option<f32>, out: &mut [f32]) {
+        // The first product added to zero as it is written: the same sums (signed zeros
+        // included) without a pass that clears the tile.
+        let mut terms = xs.iter().zip(weights);
+        if let Some((x, &w)) = terms.next() {
+            out.iter_mut().zip(*x).for_each(|(o, &x)| *o = 0.0 + w * x);
+        } else {
+            out.fill(0.0);
+        }
+        for (x, &w) in terms {
+            out.iter_mut().zip(*x).for_each(|(o, &x)| *o += w * x);
+        }
+        if let Some(d) = divisor {
+            out.iter_mut().for_each(|o| *o /= d);
         }
     }
 }
