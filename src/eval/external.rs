@@ -110,13 +110,26 @@ impl ExternalEvaluator {
         // would otherwise hold the pipes open).
         #[cfg(unix)]
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let mut child = cmd
-            .args(rest)
+        cmd.args(rest)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| ExternalFailure(format!("cannot start `{program}`: {e}")))?;
+            .stderr(Stdio::piped());
+        // A script written just before (by a setup step, or a test) can still be open for
+        // writing in a process another thread is forking, and exec then fails with ETXTBSY
+        // until that child execs: a short wait, not a failed evaluation.
+        let mut tries = 0;
+        let mut child = loop {
+            match cmd.spawn() {
+                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 20 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                r => {
+                    break r
+                        .map_err(|e| ExternalFailure(format!("cannot start `{program}`: {e}")))?
+                }
+            }
+        };
         // Drain both pipes on threads so a chatty evaluator cannot block on a full pipe. The
         // output is complete only when every process holding the pipes let go: that wait is
         // inside the timeout too.
