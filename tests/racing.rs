@@ -58,6 +58,11 @@ fn stopped_children_entered_nothing_and_entering_ones_were_scored_whole() {
                 "{e}"
             );
             assert!(scored.iter().sum::<u64>() < 288, "{e}");
+            // Rounds of 8, 16, 32 (`racing_growth` 2 by default): it stopped at a round's end.
+            assert!(
+                scored.iter().all(|s| [8, 24, 56].contains(s)),
+                "stopped off a round's end: {e}"
+            );
         }
         if !e["entered"].as_object().unwrap().is_empty() {
             assert_eq!(scored, full, "a child entered an archive on estimates: {e}");

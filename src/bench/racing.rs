@@ -20,12 +20,17 @@ fn one(
     out: &Path,
     evaluation: EvaluationKind,
     children: Option<u64>,
+    growth: Option<f64>,
 ) -> Result<Value> {
     let mut cfg = RunConfig::load(cfg_path)?;
     cfg.evolution.evaluation = evaluation;
+    if let Some(g) = growth {
+        cfg.evolution.racing_growth = g;
+    }
     if let Some(c) = children {
         cfg.evolution.generations = c;
     }
+    let cfg_growth = cfg.evolution.racing_growth;
     let devices = plan_workers(Some(1), Some(crate::backend::cuda::DeviceChoice::Cpu))?;
     let t = Instant::now();
     let mut run = Run::open(cfg, out, devices, &mut Quiet)?;
@@ -44,6 +49,7 @@ fn one(
         .find(|r| r.model == summary.chosen)
         .expect("the chosen model has a row");
     Ok(json!({
+        "racing_growth": cfg_growth,
         "examples_scored": doc["examples_scored"],
         "examples_full": doc["examples_full"],
         "stopped_early": doc["stopped_early"],
@@ -56,12 +62,13 @@ fn one(
 }
 
 /// Full against racing on the demo of each seed (`fitness_per_subject` fitness prompts per
-/// subject), in `scratch`.
+/// subject), in `scratch`; racing's rounds grow by `growth` (default: the config's).
 pub fn compare(
     scratch: &Path,
     seeds: &[u64],
     fitness_per_subject: usize,
     children: Option<u64>,
+    growth: Option<f64>,
 ) -> Result<Value> {
     let mut rows = vec![];
     for &seed in seeds {
@@ -85,7 +92,7 @@ pub fn compare(
         ] {
             let out = dir.join(format!("run-{name}"));
             let _ = std::fs::remove_dir_all(&out);
-            modes.push(one(&cfg, &out, kind, children)?);
+            modes.push(one(&cfg, &out, kind, children, growth)?);
             let _ = std::fs::remove_dir_all(&out);
         }
         let (full, racing) = (&modes[0], &modes[1]);

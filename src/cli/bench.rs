@@ -93,6 +93,9 @@ pub struct BenchArgs {
     /// `racing`: fitness prompts per subject of the synthesised demo (8 subjects a task).
     #[arg(long, default_value_t = 12)]
     fitness_per_subject: usize,
+    /// `racing`: the rounds' growth (`evolution.racing_growth`; default: the config's).
+    #[arg(long)]
+    racing_growth: Option<f64>,
     /// `scheduler`: worker processes through this Redis instead of threads in this process.
     #[arg(long)]
     broker: Option<cycleqd_engine::broker::BrokerUrl>,
@@ -628,6 +631,7 @@ fn racing(a: &BenchArgs) -> anyhow::Result<ExitCode> {
         &a.seeds,
         a.fitness_per_subject,
         a.children,
+        a.racing_growth,
     )?;
     report["machine"] = json!(cpu_model());
     emit(a, &report, |r| {

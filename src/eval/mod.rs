@@ -17,5 +17,5 @@ pub use score::{
     evaluate, evaluate_some, evaluate_with, score_completions, PreparedTask, TaskResult,
 };
 pub use settings::{Scoring, Shot, TaskSettings};
-pub use suite::{Evaluation, Racing, Scored, TaskScorer, TaskSuite};
+pub use suite::{Evaluation, RaceDecision, Racing, Scored, TaskScorer, TaskSuite};
 pub use task::{Example, Input, Metric, Target, TaskFile};

@@ -29,6 +29,31 @@ pub fn order(examples: usize, seed: u64, task: usize) -> Vec<usize> {
     idx
 }
 
+/// Round `r` scores `first · growth^r` of a task's examples (rounded up). With growth 2 (the
+/// default) a task of `total` examples takes about log₂(total ÷ first) rounds rather than
+/// total ÷ first: a child is looked at as early as with equal rounds, the later rounds are
+/// batched about as well as a full evaluation (small rounds are generation passes of mostly
+/// padding and per-step overhead), and the confidence is split over fewer looks. Growth 1 is
+/// equal rounds, which look more often late, where a task's remaining examples are few.
+pub fn round_size(first: usize, growth: f64, round: usize) -> usize {
+    let size = first.max(1) as f64 * growth.max(1.0).powi(round.min(i32::MAX as usize) as i32);
+    if size >= usize::MAX as f64 {
+        usize::MAX
+    } else {
+        size.ceil() as usize
+    }
+}
+
+/// How many rounds a task of `total` examples takes (see [`round_size`]).
+pub fn rounds(total: usize, first: usize, growth: f64) -> usize {
+    let (mut done, mut r) = (0usize, 0);
+    while done < total {
+        done = done.saturating_add(round_size(first, growth, r));
+        r += 1;
+    }
+    r
+}
+
 /// ln(k!) for k = 0..=n.
 fn ln_factorials(n: usize) -> Vec<f64> {
     let mut out = Vec::with_capacity(n + 1);
@@ -109,6 +134,21 @@ mod tests {
         assert_eq!(a, order(50, 7, 1));
         assert_ne!(a, order(50, 7, 2));
         assert_ne!(a, order(50, 8, 1));
+    }
+
+    #[test]
+    fn rounds_grow_and_cover_the_task() {
+        let sizes = |g: f64| (0..4).map(|r| round_size(16, g, r)).collect::<Vec<_>>();
+        assert_eq!(sizes(2.0), [16, 32, 64, 128]);
+        assert_eq!(sizes(1.0), [16, 16, 16, 16]);
+        assert_eq!(sizes(1.5), [16, 24, 36, 54]);
+        // 16 + 32 + 48 of 96; 16 + 32 + 64 + 128 + 144 of 384; a task within one round.
+        assert_eq!(rounds(96, 16, 2.0), 3);
+        assert_eq!(rounds(384, 16, 2.0), 5);
+        assert_eq!(rounds(384, 16, 1.0), 24);
+        assert_eq!(rounds(10, 16, 2.0), 1);
+        assert_eq!(rounds(0, 16, 2.0), 0);
+        assert_eq!(round_size(16, 2.0, 2000), usize::MAX);
     }
 
     #[test]

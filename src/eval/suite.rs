@@ -71,8 +71,10 @@ pub type Scored = std::result::Result<Evaluation, String>;
 
 /// How to race an evaluation (see [`super::racing`]).
 pub struct Racing<'a> {
-    /// Examples per raced task per round.
+    /// Examples per raced task in the first round.
     pub batch: usize,
+    /// How much each round grows over the one before (see [`racing::round_size`]).
+    pub growth: f64,
     /// Seed of the examples' order.
     pub seed: u64,
     /// Miscoverage of each task's interval (the caller's confidence, split over the tasks and
@@ -80,12 +82,24 @@ pub struct Racing<'a> {
     pub delta: f64,
     /// Per task: raced, or scored whole in the first round.
     pub raced: Vec<bool>,
-    /// Whether final scores within these intervals (one per task) could still matter.
-    pub could_matter: &'a CouldMatter<'a>,
+    /// What to do given final scores within these intervals (one per task).
+    pub decide: &'a Decide<'a>,
 }
 
-/// Whether final scores within intervals (one per task) could still change a decision.
-pub type CouldMatter<'a> = dyn Fn(&[(f64, f64)]) -> bool + 'a;
+/// What racing does after a round, given intervals of the final scores (one per task).
+pub type Decide<'a> = dyn Fn(&[(f64, f64)]) -> RaceDecision + 'a;
+
+/// The next step of a raced evaluation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RaceDecision {
+    /// The final scores cannot matter: stop here.
+    Stop,
+    /// They may or may not: score the next round.
+    Continue,
+    /// They will matter (the model will be scored whole): every remaining example in one
+    /// round.
+    Finish,
+}
 
 /// How one task is scored.
 pub enum TaskScorer {
@@ -169,8 +183,8 @@ impl TaskSuite {
             for (i, t) in &builtin {
                 ev.examples[*i] = vec![None; t.len()];
             }
-            // Each built-in task's examples in rounds: a raced task `batch` at a time in its
-            // seeded order, the others whole in the first round.
+            // Each built-in task's examples in rounds: a raced task's in its seeded order, in
+            // rounds that grow from `batch`, the others whole in the first round.
             let orders: Vec<Vec<usize>> = builtin
                 .iter()
                 .map(|(i, t)| match racing {
@@ -178,20 +192,21 @@ impl TaskSuite {
                     _ => (0..t.len()).collect(),
                 })
                 .collect();
-            let step: Vec<usize> = builtin
+            let mut step: Vec<usize> = builtin
                 .iter()
                 .map(|(i, t)| match racing {
-                    Some(r) if r.raced[*i] => r.batch.max(1),
+                    Some(r) if r.raced[*i] => racing::round_size(r.batch, r.growth, 0),
                     _ => t.len(),
                 })
                 .collect();
             let mut done = vec![0usize; builtin.len()];
+            let mut round = 0;
             loop {
                 let mut include: Vec<Vec<bool>> =
                     tasks.iter().map(|t| vec![false; t.len()]).collect();
                 let mut any = false;
                 for b in 0..builtin.len() {
-                    let next = (done[b] + step[b]).min(orders[b].len());
+                    let next = done[b].saturating_add(step[b]).min(orders[b].len());
                     for &e in &orders[b][done[b]..next] {
                         include[b][e] = true;
                         any = true;
@@ -237,9 +252,20 @@ impl TaskSuite {
                         None => (f64::NEG_INFINITY, f64::INFINITY),
                     })
                     .collect();
-                if !(race.could_matter)(&intervals) {
-                    ev.stopped_early = true;
-                    break;
+                round += 1;
+                match (race.decide)(&intervals) {
+                    RaceDecision::Stop => {
+                        ev.stopped_early = true;
+                        break;
+                    }
+                    RaceDecision::Finish => step.iter_mut().for_each(|s| *s = usize::MAX),
+                    RaceDecision::Continue => {
+                        for (b, (i, _)) in builtin.iter().enumerate() {
+                            if race.raced[*i] {
+                                step[b] = racing::round_size(race.batch, race.growth, round);
+                            }
+                        }
+                    }
                 }
             }
             for (i, _) in &builtin {

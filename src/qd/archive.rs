@@ -129,11 +129,7 @@ impl<S: Clone> GridArchive<S> {
     /// `measures[d]` could be added: some cell those measures may fall in is empty, or holds
     /// an elite below `upper`.
     pub fn could_improve(&self, upper: f64, measures: &[(f64, f64)]) -> bool {
-        let span: Vec<(usize, usize)> = measures
-            .iter()
-            .enumerate()
-            .map(|(d, &(lo, hi))| (self.bin(d, lo), self.bin(d, hi)))
-            .collect();
+        let span = self.span(measures);
         let cells: u128 = span.iter().map(|&(l, h)| (h - l + 1) as u128).product();
         let mut held = 0u128;
         for e in self.cells.values() {
@@ -149,6 +145,30 @@ impl<S: Clone> GridArchive<S> {
             }
         }
         held < cells
+    }
+
+    /// Whether a solution with objective at least `lower` and each measure `d` within
+    /// `measures[d]` would be added wherever in that box it lands: every cell of the box is
+    /// empty or holds an elite below `lower`.
+    pub fn surely_improves(&self, lower: f64, measures: &[(f64, f64)]) -> bool {
+        let span = self.span(measures);
+        self.cells.values().all(|e| {
+            let inside = e
+                .cell
+                .iter()
+                .zip(&span)
+                .all(|(c, &(l, h))| *c >= l && *c <= h);
+            !inside || lower > e.objective
+        })
+    }
+
+    /// The bins each measure's interval covers.
+    fn span(&self, measures: &[(f64, f64)]) -> Vec<(usize, usize)> {
+        measures
+            .iter()
+            .enumerate()
+            .map(|(d, &(lo, hi))| (self.bin(d, lo), self.bin(d, hi)))
+            .collect()
     }
 
     pub fn paper_range(expert_scores: &[f64]) -> (f64, f64) {
@@ -406,6 +426,25 @@ mod tests {
         let o = a.objectives();
         assert_eq!(o.len(), 2);
         assert!(!o.could_improve(0.3, &[(0.1, 0.4)]));
+    }
+
+    #[test]
+    fn surely_improves_needs_every_cell_of_the_box_beaten_or_empty() {
+        let mut a = GridArchive::new(4, vec![(0.0, 1.0)], 0.0).unwrap();
+        a.add(1u8, 0.6, &[0.1]).unwrap();
+        a.add(2u8, 0.3, &[0.4]).unwrap();
+        // Cells 2 and 3 are empty: anything lands in an empty cell.
+        assert!(a.surely_improves(0.0, &[(0.6, 0.9)]));
+        // Cells 1 and 2: beats 0.3 only above it (equal is not better).
+        assert!(a.surely_improves(0.31, &[(0.3, 0.6)]));
+        assert!(!a.surely_improves(0.3, &[(0.3, 0.6)]));
+        // Cells 0–1: must beat 0.6 too.
+        assert!(!a.surely_improves(0.5, &[(0.1, 0.4)]));
+        assert!(a.surely_improves(0.61, &[(0.1, 0.4)]));
+        // Whatever is sure to improve could improve.
+        for (lower, box_) in [(0.0, (0.6, 0.9)), (0.31, (0.3, 0.6)), (0.61, (0.1, 0.4))] {
+            assert!(a.could_improve(lower, &[box_]));
+        }
     }
 
     #[test]

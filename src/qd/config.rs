@@ -267,9 +267,12 @@ pub struct Evolution {
     /// archive is at most `1 − racing_confidence`.
     #[serde(default = "default_racing_confidence")]
     pub racing_confidence: f64,
-    /// Racing: examples per task per round.
+    /// Racing: examples per task in the first round.
     #[serde(default = "default_racing_batch")]
     pub racing_batch: usize,
+    /// Racing: each round's examples as a multiple of the round before (1: equal rounds).
+    #[serde(default = "default_racing_growth")]
+    pub racing_growth: f64,
     /// Workers over a broker: evaluations a child may take (a worker that dies or errs on it
     /// costs one) before it is marked failed.
     #[serde(default = "default_max_attempts")]
@@ -350,6 +353,9 @@ fn default_racing_confidence() -> f64 {
 }
 fn default_racing_batch() -> usize {
     16
+}
+fn default_racing_growth() -> f64 {
+    2.0
 }
 fn default_max_attempts() -> u32 {
     2
@@ -556,6 +562,12 @@ impl RunConfig {
         }
         if e.racing_batch == 0 {
             return Err("`evolution.racing_batch`: must be at least 1".into());
+        }
+        if !(e.racing_growth.is_finite() && e.racing_growth >= 1.0) {
+            return Err(format!(
+                "`evolution.racing_growth`: must be a number ≥ 1 (1: equal rounds), got {}",
+                e.racing_growth
+            ));
         }
         if e.max_attempts == 0 {
             return Err("`evolution.max_attempts`: must be at least 1".into());
@@ -819,6 +831,10 @@ measure_range = [0.0, 0.5]
             (
                 ("generations = 10", "generations = 10\nschedule = \"async\""),
                 "schedule",
+            ),
+            (
+                ("generations = 10", "generations = 10\nracing_growth = 0.5"),
+                "evolution.racing_growth",
             ),
             (
                 (

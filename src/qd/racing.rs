@@ -19,14 +19,16 @@ use super::cycle::Population;
 pub struct RacingConfig {
     /// Per task: raced (a built-in task set to racing), or scored whole.
     pub raced: Vec<bool>,
-    /// Examples per raced task per round.
+    /// Examples per raced task in the first round.
     pub batch: usize,
+    /// Each round's growth over the one before (`racing_growth`).
+    pub growth: f64,
     /// Probability that a stopped child could in fact have entered an archive is at most
     /// `1 − confidence` (per child).
     pub confidence: f64,
     /// Seed of the examples' order.
     pub seed: u64,
-    /// The most rounds any raced task takes (its examples ÷ `batch`, rounded up).
+    /// The most rounds any raced task takes (`eval::racing::rounds`).
     pub rounds: usize,
 }
 
@@ -43,6 +45,7 @@ impl RacingConfig {
     pub fn bounds(&self, pop: &Population) -> RaceBounds {
         RaceBounds {
             batch: self.batch,
+            growth: self.growth,
             seed: self.seed,
             delta: self.delta(),
             raced: self.raced.clone(),
@@ -51,10 +54,15 @@ impl RacingConfig {
     }
 }
 
+pub use crate::eval::RaceDecision;
+
 /// A raced child's evaluation settings and the archives it must beat.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RaceBounds {
     pub batch: usize,
+    /// Round growth; bounds written before it existed raced in equal rounds.
+    #[serde(default = "equal_rounds")]
+    pub growth: f64,
     pub seed: u64,
     /// Miscoverage of each task's interval.
     pub delta: f64,
@@ -63,20 +71,52 @@ pub struct RaceBounds {
     pub archives: Vec<GridArchive<()>>,
 }
 
+fn equal_rounds() -> f64 {
+    1.0
+}
+
 impl RaceBounds {
+    /// What racing does next for a child whose final score on each task lies in
+    /// `intervals`: stop when no archive could take it, finish in one round when some archive
+    /// takes it wherever in the intervals it lands (it will be scored whole anyway; more
+    /// rounds would only cost smaller generation passes), else go on.
+    pub fn decide(&self, intervals: &[(f64, f64)]) -> RaceDecision {
+        if !self.could_enter(intervals) {
+            RaceDecision::Stop
+        } else if self.must_enter(intervals) {
+            RaceDecision::Finish
+        } else {
+            RaceDecision::Continue
+        }
+    }
+
+    /// Whether a child whose final scores lie in `intervals` enters some archive wherever in
+    /// them it lands.
+    pub fn must_enter(&self, intervals: &[(f64, f64)]) -> bool {
+        self.archives
+            .iter()
+            .enumerate()
+            .any(|(q, a)| a.surely_improves(intervals[q].0, &measures_of(intervals, q)))
+    }
+
     /// Whether a child whose final score on each task lies in `intervals` could enter some
     /// archive (archive `q`'s objective is task `q`, its measures the other tasks).
     pub fn could_enter(&self, intervals: &[(f64, f64)]) -> bool {
-        self.archives.iter().enumerate().any(|(q, a)| {
-            let measures: Vec<(f64, f64)> = intervals
-                .iter()
-                .enumerate()
-                .filter(|&(d, _)| d != q)
-                .map(|(_, &iv)| iv)
-                .collect();
-            a.could_improve(intervals[q].1, &measures)
-        })
+        self.archives
+            .iter()
+            .enumerate()
+            .any(|(q, a)| a.could_improve(intervals[q].1, &measures_of(intervals, q)))
     }
+}
+
+/// Archive `q`'s measures: every task's interval but its own.
+fn measures_of(intervals: &[(f64, f64)], q: usize) -> Vec<(f64, f64)> {
+    intervals
+        .iter()
+        .enumerate()
+        .filter(|&(d, _)| d != q)
+        .map(|(_, &iv)| iv)
+        .collect()
 }
 
 #[cfg(test)]
@@ -86,6 +126,7 @@ mod tests {
     fn bounds(archives: Vec<GridArchive<()>>) -> RaceBounds {
         RaceBounds {
             batch: 8,
+            growth: 2.0,
             seed: 0,
             delta: 0.01,
             raced: vec![true, true],
@@ -114,6 +155,18 @@ mod tests {
         // An empty archive takes anything.
         let empty = GridArchive::<()>::new(2, vec![(0.0, 1.0)], 0.0).unwrap();
         assert!(bounds(vec![empty.clone(), empty]).could_enter(&[(0.0, 0.0), (0.0, 0.0)]));
+        // The decisions: no archive → stop; task 1 at least 0.95 beats both cells of
+        // archive 1 → finish; could but need not → go on.
+        assert_eq!(b.decide(&[(0.1, 0.6), (0.2, 0.5)]), RaceDecision::Stop);
+        assert_eq!(b.decide(&[(0.1, 0.6), (0.95, 0.99)]), RaceDecision::Finish);
+        assert_eq!(b.decide(&[(0.1, 0.6), (0.5, 0.95)]), RaceDecision::Continue);
+        // Task 0 in [0.75, 0.85] with task 1 only in the low cell (held at 0.8): may or may
+        // not beat it; from 0.81 up it surely does.
+        assert_eq!(
+            b.decide(&[(0.75, 0.85), (0.1, 0.3)]),
+            RaceDecision::Continue
+        );
+        assert_eq!(b.decide(&[(0.81, 0.9), (0.1, 0.3)]), RaceDecision::Finish);
     }
 
     #[test]
@@ -121,6 +174,7 @@ mod tests {
         let c = RacingConfig {
             raced: vec![true, false, true],
             batch: 16,
+            growth: 2.0,
             confidence: 0.95,
             seed: 1,
             rounds: 4,

@@ -369,7 +369,9 @@ impl Run {
             .iter()
             .zip(&raced)
             .filter_map(|(s, &r)| match s {
-                TaskScorer::Builtin(t) if r => Some(t.len().div_ceil(batch)),
+                TaskScorer::Builtin(t) if r => {
+                    Some(crate::eval::racing::rounds(t.len(), batch, e.racing_growth))
+                }
                 _ => None,
             })
             .max()
@@ -377,6 +379,7 @@ impl Run {
         Some(crate::qd::RacingConfig {
             raced,
             batch,
+            growth: e.racing_growth,
             confidence: e.racing_confidence,
             seed: e.seed,
             rounds,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::backend::{Backend, Placement, TensorCoefficients};
 use crate::error::{Error, Result};
-use crate::eval::{Racing, Scored, TaskScorer, TaskSuite};
+use crate::eval::{RaceDecision, Racing, Scored, TaskScorer, TaskSuite};
 use crate::evolve::{ExpertSet, Genome};
 use crate::llama::LlamaModel;
 use crate::model::HostTensor;
@@ -285,13 +285,17 @@ where
             let mut export = |dir: &Path| -> Result<()> {
                 suite.export(dir, &child_tensors(backend, set, placed, model, genome)?)
             };
-            let could_enter = |iv: &[(f64, f64)]| race.is_some_and(|r| r.could_enter(iv));
+            let decide = |iv: &[(f64, f64)]| match race {
+                Some(r) => r.decide(iv),
+                None => RaceDecision::Finish,
+            };
             let racing = race.map(|r| Racing {
                 batch: r.batch,
+                growth: r.growth,
                 seed: r.seed,
                 delta: r.delta,
                 raced: r.raced.clone(),
-                could_matter: &could_enter,
+                decide: &decide,
             });
             suite.score_model_raced(backend, model, label, &mut export, racing.as_ref())
         })
