@@ -9,8 +9,8 @@
 //! float rounding. Equal magnitudes at a top-k cut keep the lowest flat indices (mergekit's
 //! order there depends on its sort); the random drops are mergekit's own ([`super::mt`]).
 //!
-//! Execution streams ([`super::tiles`]): passes over tiles in parallel, read from the inputs'
-//! memory maps, so memory stays a few tiles per thread plus a bit mask per model.
+//! Execution streams ([`super::tiles`]): passes over tiles in parallel, read from the input
+//! files by positioned reads, so memory stays a few tiles per thread plus a bit mask per model.
 
 use crate::error::{Error, Result};
 use crate::model::{DType, HostTensor};

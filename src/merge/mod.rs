@@ -1,6 +1,7 @@
 //! `cycleqd-engine merge`: a mergekit configuration executed by streaming, tensor by tensor,
-//! from memory-mapped inputs through the backend's merge operator into an atomic export.
-//! Peak memory is a few tiles per thread plus the mapped pages of the tensor in flight.
+//! from the input shards (positioned reads into per-thread windows, `model::window`) through
+//! the backend's merge operator into an atomic export. Peak memory is a few tiles and windows
+//! per thread, plus the bit masks and scores of the tensor in flight.
 
 pub mod chat_template;
 pub mod config;

@@ -1,8 +1,9 @@
 //! Streaming over a tensor's elements in tiles, in parallel: each tile of every input is upcast
 //! to f32 into thread-local buffers, so memory stays a few tiles per thread whatever the tensor
-//! size, and the inputs are read straight from their memory maps. Methods are written as passes:
-//! reductions (norms, dot products, histograms), then one output pass that rounds each tile to
-//! the output dtype and hands it to a sink.
+//! size, and the inputs are read by positioned reads into per-thread windows (cheaper than
+//! faulting their maps for bytes read once or twice: `model::window`). Methods are written as
+//! passes: reductions (norms, dot products, histograms), then one output pass that rounds each
+//! tile to the output dtype and hands it to a sink.
 
 use rayon::prelude::*;
 
