@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::archive::GridArchive;
 use super::cycle::Population;
+use crate::eval::RaceDecision;
 
 /// How a run races (the resolved `evaluation = "racing"` settings).
 #[derive(Clone, Debug, PartialEq)]
@@ -53,8 +54,6 @@ impl RacingConfig {
         }
     }
 }
-
-pub use crate::eval::RaceDecision;
 
 /// A raced child's evaluation settings and the archives it must beat.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

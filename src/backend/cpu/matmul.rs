@@ -255,7 +255,7 @@ pub fn matmul_t_with(
     n: usize,
     k: usize,
 ) {
-    matmul_t_group_with(isa, precision, &mut [Product { out, w, n }], x, rows, k)
+    matmul_t_group_with(isa, precision, [Product { out, w, n }], x, rows, k)
 }
 
 /// One product of a group that shares its input: `out[rows, n] = x · wᵀ`, `w` `[n, k]`.
@@ -270,28 +270,40 @@ pub const MAX_GROUP: usize = 4;
 
 /// Several products of one input (q/k/v, gate/up) as one parallel region: their weight blocks
 /// are the tasks of one loop, so a decode step pays one fork/join for them instead of one
-/// each, and the activations are rounded to bf16 once.
-pub fn matmul_t_group(products: &mut [Product], x: &[f32], rows: usize, k: usize) {
+/// each, and the activations are rounded to bf16 once. At most [`MAX_GROUP`] products (held
+/// on the stack: no allocation per step).
+pub fn matmul_t_group<'a>(
+    products: impl IntoIterator<Item = Product<'a>>,
+    x: &[f32],
+    rows: usize,
+    k: usize,
+) {
     let isa = Isa::current().unwrap_or_else(|_| Isa::detect());
     matmul_t_group_with(isa, Precision::current(), products, x, rows, k)
 }
 
 /// [`matmul_t_group`] with a chosen instruction set and precision.
-pub fn matmul_t_group_with(
+pub fn matmul_t_group_with<'a>(
     isa: Isa,
     precision: Precision,
-    products: &mut [Product],
+    products: impl IntoIterator<Item = Product<'a>>,
     x: &[f32],
     rows: usize,
     k: usize,
 ) {
     assert!(isa.is_supported(), "{isa:?} is not supported by this CPU");
-    assert!(
-        products.len() <= MAX_GROUP,
-        "matmul_t_group: at most {MAX_GROUP} products"
-    );
+    let mut group: [Option<Product>; MAX_GROUP] = Default::default();
+    let mut count = 0;
+    for p in products {
+        assert!(
+            count < MAX_GROUP,
+            "matmul_t_group: at most {MAX_GROUP} products"
+        );
+        group[count] = Some(p);
+        count += 1;
+    }
     assert!(x.len() >= rows * k, "matmul_t: input too small");
-    for p in products.iter() {
+    for p in group.iter().flatten() {
         assert_eq!(
             p.w.numel(),
             p.n * k,
@@ -310,7 +322,7 @@ pub fn matmul_t_group_with(
     }
     let mut x_bf16 = X_BF16.take();
     x_bf16.clear();
-    if products.iter().any(bf16) {
+    if group.iter().flatten().any(bf16) {
         x_bf16.extend(x[..rows * k].iter().map(|&v| dtype::f32_to_bf16_bits(v)));
     }
     // Without the bf16 dot product, the same products from the f32 kernels: bf16 × bf16 is
@@ -324,7 +336,7 @@ pub fn matmul_t_group_with(
         vec![]
     };
     let mut parts = [None; MAX_GROUP];
-    for (slot, p) in parts.iter_mut().zip(products.iter_mut()) {
+    for (slot, p) in parts.iter_mut().zip(group.iter_mut().flatten()) {
         let kernel = match (bf16(p), isa) {
             #[cfg(target_arch = "x86_64")]
             (true, Isa::Avx512Bf16) => Kernel::Bf16Dot {
@@ -350,7 +362,7 @@ pub fn matmul_t_group_with(
             block: block_rows(rows, p.n, k, esize),
         });
     }
-    let parts = &parts[..products.len()];
+    let parts = &parts[..count];
     // Task t is block t − first[i] of part i.
     let mut first = [0usize; MAX_GROUP + 1];
     for (i, p) in parts.iter().enumerate() {
@@ -945,16 +957,12 @@ mod tests {
                         .iter()
                         .map(|w| vec![f32::NAN; rows * w.shape[0]])
                         .collect();
-                    let mut products: Vec<Product> = got
-                        .iter_mut()
-                        .zip(&ws)
-                        .map(|(out, w)| Product {
-                            out,
-                            w,
-                            n: w.shape[0],
-                        })
-                        .collect();
-                    matmul_t_group_with(isa, precision, &mut products, &x, rows, k);
+                    let products = got.iter_mut().zip(&ws).map(|(out, w)| Product {
+                        out,
+                        w,
+                        n: w.shape[0],
+                    });
+                    matmul_t_group_with(isa, precision, products, &x, rows, k);
                     assert_eq!(got, want, "{isa:?} {precision:?} rows {rows}");
                 }
             }

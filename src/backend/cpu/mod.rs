@@ -19,7 +19,7 @@ pub use attention::attention;
 pub use materialize::materialize;
 pub use matmul::{
     matmul_t, matmul_t_group, matmul_t_group_with, matmul_t_isa, matmul_t_with, Isa, Precision,
-    Product,
+    Product, MAX_GROUP,
 };
 
 /// The rayon CPU backend (uses the global thread pool).
@@ -168,36 +168,21 @@ impl Backend for CpuBackend {
         for ((out, w), &n) in outs.iter().zip(ws).zip(ns) {
             check_product(out, x, w, rows, n, k)?;
         }
-        fn p<'a>(
-            out: &'a mut Vec<f32>,
-            ws: &[&'a HostTensor],
-            ns: &[usize],
-            i: usize,
-        ) -> Product<'a> {
-            Product {
-                out: out.as_mut_slice(),
-                w: ws[i],
-                n: ns[i],
+        if outs.len() > MAX_GROUP {
+            for ((out, w), &n) in outs.iter_mut().zip(ws).zip(ns) {
+                matmul_t(out, x, w, rows, n, k);
             }
-        }
-        // The group on the stack: no allocation per step.
-        match outs {
-            [a] => matmul_t_group(&mut [p(a, ws, ns, 0)], x, rows, k),
-            [a, b] => matmul_t_group(&mut [p(a, ws, ns, 0), p(b, ws, ns, 1)], x, rows, k),
-            [a, b, c] => {
-                let group = &mut [p(a, ws, ns, 0), p(b, ws, ns, 1), p(c, ws, ns, 2)];
-                matmul_t_group(group, x, rows, k)
-            }
-            [a, b, c, d] => {
-                let (a, b) = (p(a, ws, ns, 0), p(b, ws, ns, 1));
-                let (c, d) = (p(c, ws, ns, 2), p(d, ws, ns, 3));
-                matmul_t_group(&mut [a, b, c, d], x, rows, k)
-            }
-            _ => {
-                for ((out, w), &n) in outs.iter_mut().zip(ws).zip(ns) {
-                    matmul_t(out, x, w, rows, n, k);
-                }
-            }
+        } else {
+            let group = outs
+                .iter_mut()
+                .zip(ws)
+                .zip(ns)
+                .map(|((out, &w), &n)| Product {
+                    out: out.as_mut_slice(),
+                    w,
+                    n,
+                });
+            matmul_t_group(group, x, rows, k);
         }
         Ok(())
     }
