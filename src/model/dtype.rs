@@ -182,7 +182,8 @@ widest_simd! {
 }
 
 widest_simd! {
-    fn f32_to_bf16_slice(src: &[f32], dst: &mut [u16]) {
+    /// Rounds each value to bf16 bits ([`f32_to_bf16_bits`]).
+    pub fn f32_to_bf16_slice(src: &[f32], dst: &mut [u16]) {
         dst.iter_mut()
             .zip(src)
             .for_each(|(d, &x)| *d = f32_to_bf16_bits(x).to_le())

@@ -6,7 +6,9 @@
 //! the upcast block `rows` times (f32 weights are read in place). Register tiles of up to 6 input
 //! rows × 4 weight rows; AVX-512, AVX2+FMA or portable code is chosen at run time ([`Isa`]).
 //! In bf16 [`Precision`] the activations are rounded to bf16 once per call and, on CPUs with the
-//! bf16 dot product, bf16 weights are read as stored by `vdpbf16ps` tiles (no upcast).
+//! bf16 dot product, bf16 weights are read as stored by `vdpbf16ps` tiles (no upcast): for
+//! few rows (decode) as dot products, for 16 rows and more as outer products against
+//! activations packed into panels (`panels`).
 //! Products that share their input (q/k/v, gate/up) run as one group: one parallel loop over
 //! all their weight blocks, one rounding of the activations.
 
@@ -14,6 +16,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use rayon::prelude::*;
 
+use super::panels;
 use crate::error::{Error, Result};
 use crate::model::dtype;
 use crate::model::{DType, HostTensor};
@@ -322,8 +325,23 @@ pub fn matmul_t_group_with<'a>(
     }
     let mut x_bf16 = X_BF16.take();
     x_bf16.clear();
-    if group.iter().flatten().any(bf16) {
-        x_bf16.extend(x[..rows * k].iter().map(|&v| dtype::f32_to_bf16_bits(v)));
+    // Many rows on the bf16 dot product: the outer-product tiles, from activations packed
+    // into panels (kept per thread like `X_BF16`).
+    thread_local! {
+        static X_PANELS: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
+    }
+    let mut x_panels = X_PANELS.take();
+    let any_bf16 = group.iter().flatten().any(bf16);
+    let use_panels = any_bf16 && isa == Isa::Avx512Bf16 && rows >= panels::MIN_ROWS;
+    if use_panels {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Isa::Avx512Bf16 is only available on CPUs with AVX-512F.
+        unsafe {
+            panels::pack(&x[..rows * k], rows, k, &mut x_panels)
+        };
+    } else if any_bf16 {
+        x_bf16.resize(rows * k, 0);
+        dtype::f32_to_bf16_slice(&x[..rows * k], &mut x_bf16);
     }
     // Without the bf16 dot product, the same products from the f32 kernels: bf16 × bf16 is
     // exact in f32.
@@ -339,6 +357,11 @@ pub fn matmul_t_group_with<'a>(
     for (slot, p) in parts.iter_mut().zip(group.iter_mut().flatten()) {
         let kernel = match (bf16(p), isa) {
             #[cfg(target_arch = "x86_64")]
+            (true, Isa::Avx512Bf16) if use_panels => Kernel::Bf16Panels {
+                x: &x_panels,
+                w: WeightPtr(p.w.data().as_ptr()),
+            },
+            #[cfg(target_arch = "x86_64")]
             (true, Isa::Avx512Bf16) => Kernel::Bf16Dot {
                 x: &x_bf16,
                 w: WeightPtr(p.w.data().as_ptr()),
@@ -350,16 +373,18 @@ pub fn matmul_t_group_with<'a>(
             },
             (false, _) => Kernel::F32 { isa, x, w: p.w },
         };
-        let esize = match kernel {
-            Kernel::F32 { .. } => p.w.dtype.size(),
+        let block = match kernel {
+            Kernel::F32 { .. } => block_rows(rows, p.n, k, p.w.dtype.size()),
             #[cfg(target_arch = "x86_64")]
-            Kernel::Bf16Dot { .. } => 2,
+            Kernel::Bf16Dot { .. } => block_rows(rows, p.n, k, 2),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Bf16Panels { .. } => panels::block_rows(p.n),
         };
         *slot = Some(Part {
             kernel,
             out: OutPtr(p.out.as_mut_ptr()),
             n: p.n,
-            block: block_rows(rows, p.n, k, esize),
+            block,
         });
     }
     let parts = &parts[..count];
@@ -376,6 +401,7 @@ pub fn matmul_t_group_with<'a>(
     });
     drop(x_rounded);
     X_BF16.set(x_bf16);
+    X_PANELS.set(x_panels);
 }
 
 /// One product of a group, as its tasks see it.
@@ -402,6 +428,10 @@ enum Kernel<'a> {
     /// caches, and nothing written per block) against bf16-rounded activations.
     #[cfg(target_arch = "x86_64")]
     Bf16Dot { x: &'a [u16], w: WeightPtr },
+    /// bf16 weights broadcast pair by pair against activations packed into 16-row panels
+    /// (`panels`): outer products, for many input rows.
+    #[cfg(target_arch = "x86_64")]
+    Bf16Panels { x: &'a [u32], w: WeightPtr },
 }
 
 impl Part<'_> {
@@ -415,6 +445,11 @@ impl Part<'_> {
             // SAFETY: this kernel is only chosen on CPUs with AVX-512 BF16 (Isa::Avx512Bf16
             // is only available then), and the weight holds n·k bf16 values.
             Kernel::Bf16Dot { x, w } => unsafe { block_bf16_dot(out, x, w, rows, n, k, j0, j1) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above; `x` was packed for these rows and k.
+            Kernel::Bf16Panels { x, w } => unsafe {
+                panels::block(out.0, x, w.0, rows, n, k, j0, j1)
+            },
             Kernel::F32 { isa, x, w } => {
                 let run = |wb: &[f32]| match isa {
                     // SAFETY: `isa` is one this CPU supports (asserted by the caller).
@@ -883,6 +918,13 @@ mod tests {
             (3, 70, 129),
             (13, 40, 300),
             (7, 9, 97),
+            // From 16 rows the bf16 dot product takes the panel tiles: one, two, three and
+            // four panels (the last partial), tails of every tile width, odd and even k.
+            (16, 37, 19),
+            (33, 70, 129),
+            (47, 25, 64),
+            (61, 53, 2),
+            (16, 1, 1),
         ] {
             let x: Vec<f32> = (0..rows * k).map(|_| rnd()).collect();
             let wv: Vec<f32> = (0..n * k).map(|_| rnd()).collect();
@@ -926,7 +968,7 @@ mod tests {
     fn a_group_gives_each_products_own_result() {
         let mut rnd = crate::test_rng::uniform(3);
         let k = 67;
-        for rows in [1, 7] {
+        for rows in [1, 7, 21] {
             let x: Vec<f32> = (0..rows * k).map(|_| rnd()).collect();
             // Widths and dtypes that differ within the group, as q/k/v's widths do.
             let shapes = [

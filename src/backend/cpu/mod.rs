@@ -4,6 +4,7 @@
 mod attention;
 mod materialize;
 mod matmul;
+mod panels;
 
 use rayon::prelude::*;
 

@@ -1,0 +1,283 @@
+//! bf16 products of many input rows (prefill, batched decode) as `vdpbf16ps` outer products.
+//!
+//! The dot-product tiles of `matmul` keep a k-wide vector per (row, weight row) pair and sum
+//! its lanes at the end: 24 horizontal sums and 24 scalar stores per tile, which at k = 768 is
+//! a tenth of the tile's work. Here a vector holds one output column for 16 input rows
+//! instead, so nothing is summed across lanes: the activations are packed once per call into
+//! panels of 16 rows whose k-pairs interleave (`[panel][pair][16 lanes]` u32, the operand
+//! layout of `vdpbf16ps`), and each weight pair is broadcast straight from the weight's bytes
+//! — no copy or repacking of the weights, whose size is the model's.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use rayon::prelude::*;
+
+use crate::model::dtype;
+
+/// Input rows a panel holds: one zmm of f32 lanes.
+pub const LANES: usize = 16;
+
+/// Input rows from which products take this path: below it, a panel would be mostly padding
+/// and the dot-product tiles (which read each weight byte once) do better.
+pub const MIN_ROWS: usize = 16;
+
+/// Weight rows per task: a multiple of every tile width below, small enough for a few tasks a
+/// thread on the narrowest products (k/v at 256 rows).
+pub fn block_rows(n: usize) -> usize {
+    if n >= 32 * 4 * rayon::current_num_threads() {
+        32
+    } else {
+        16
+    }
+}
+
+/// `u32` elements the packed activations of `rows × k` take.
+pub fn packed_len(rows: usize, k: usize) -> usize {
+    rows.div_ceil(LANES) * k.div_ceil(2) * LANES
+}
+
+/// Rounds row-major f32 activations `x[rows, k]` to bf16 and packs them into panels, one
+/// rayon task a panel: element `(panel, pair, lane)` holds row `panel·16 + lane`'s values
+/// `2·pair` (low half) and `2·pair + 1` (high half). Rows past `rows` and the high half of an
+/// odd `k`'s last pair are zero, so they add nothing.
+///
+/// # Safety
+/// AVX-512F must be available.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn pack(x: &[f32], rows: usize, k: usize, out: &mut Vec<u32>) {
+    assert!(x.len() >= rows * k, "pack: input too small");
+    let len = packed_len(rows, k);
+    // Grown once and rewritten in full each call: no zeroing pass per call.
+    if out.len() < len {
+        out.resize(len, 0);
+    }
+    // One panel's rows rounded, kept per thread (no allocation per call).
+    thread_local! {
+        static ROUNDED: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
+    }
+    out[..len]
+        .par_chunks_mut(k.div_ceil(2) * LANES)
+        .enumerate()
+        .for_each(|(panel, dst)| {
+            let r0 = panel * LANES;
+            let live = (rows - r0).min(LANES);
+            let mut rounded = ROUNDED.take();
+            rounded.resize(live * k, 0);
+            dtype::f32_to_bf16_slice(&x[r0 * k..(r0 + live) * k], &mut rounded);
+            // SAFETY: the caller guarantees AVX-512F.
+            unsafe { pack_panel(&rounded, live, k, dst) };
+            ROUNDED.set(rounded);
+        });
+}
+
+/// One panel of [`pack`] from its `live` rounded rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_panel(x: &[u16], live: usize, k: usize, dst: &mut [u32]) {
+    let (whole, pairs) = (k / 2, k.div_ceil(2));
+    debug_assert!(x.len() >= live * k && dst.len() >= pairs * LANES);
+    // Byte offsets of the panel's rows: a gather takes one pair (4 bytes, aligned or not)
+    // from each.
+    let row_bytes = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32((2 * k) as i32),
+    );
+    let mask: __mmask16 = if live == LANES {
+        0xffff
+    } else {
+        (1u16 << live) - 1
+    };
+    let src = x.as_ptr() as *const u8;
+    for i in 0..whole {
+        let v = _mm512_mask_i32gather_epi32::<1>(
+            _mm512_setzero_si512(),
+            mask,
+            row_bytes,
+            src.add(4 * i) as *const i32,
+        );
+        _mm512_storeu_si512(dst.as_mut_ptr().add(i * LANES) as *mut _, v);
+    }
+    if pairs > whole {
+        for (lane, d) in dst[whole * LANES..pairs * LANES].iter_mut().enumerate() {
+            *d = if lane < live {
+                x[lane * k + k - 1] as u32
+            } else {
+                0
+            };
+        }
+    }
+}
+
+/// Output columns `j0..j1` of `out[rows, n] = x · wᵀ` from packed activations `xp` and bf16
+/// weights `w[n, k]` (row-major, possibly unaligned).
+///
+/// # Safety
+/// AVX-512F and AVX-512 BF16 must be available; `xp` must hold [`pack`]'s output for `rows × k`
+/// and `w` `n·k` bf16 values; `out` must be valid for `rows × n` f32 writes, of which this call
+/// writes only columns `j0..j1`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn block(
+    out: *mut f32,
+    xp: &[u32],
+    w: *const u8,
+    rows: usize,
+    n: usize,
+    k: usize,
+    j0: usize,
+    j1: usize,
+) {
+    let panels = rows.div_ceil(LANES);
+    let stride = k.div_ceil(2) * LANES;
+    let ws = |j: usize| w.add(j * k * 2) as *const u16;
+    let mut p = 0;
+    while p < panels {
+        // Two panels × 8 columns, or one panel × 16: 16 accumulators, each weight broadcast
+        // feeding every panel, each activation vector every column. (Measured on one core:
+        // tiles of 24 accumulators — 3 × 8, 2 × 12 — ran at ~70% of the bf16 dot peak, these
+        // at 95–100%; 2 × 16 spills.)
+        let np = (panels - p).min(2);
+        let xs = xp.as_ptr().add(p * stride);
+        let mut j = j0;
+        while j < j1 {
+            let left = j1 - j;
+            macro_rules! run {
+                ($nj:literal, $np:literal) => {{
+                    let acc = tile::<$nj, $np>(xs, stride, std::array::from_fn(|c| ws(j + c)), k);
+                    store::<$nj, $np>(acc, out, rows, n, p * LANES, j);
+                    j += $nj;
+                }};
+            }
+            match (np, left) {
+                (1, 16..) => run!(16, 1),
+                (1, 8..) => run!(8, 1),
+                (1, 4..) => run!(4, 1),
+                (1, _) => run!(1, 1),
+                (_, 8..) => run!(8, 2),
+                (_, 4..) => run!(4, 2),
+                (_, _) => run!(1, 2),
+            }
+        }
+        p += np;
+    }
+}
+
+/// `NJ` weight rows against `NP` panels: `acc[c][q]` is column `c` for panel `q`'s 16 rows.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn tile<const NJ: usize, const NP: usize>(
+    xs: *const u32,
+    stride: usize,
+    w: [*const u16; NJ],
+    k: usize,
+) -> [[__m512; NP]; NJ] {
+    let mut acc = [[_mm512_setzero_ps(); NP]; NJ];
+    let whole = k / 2;
+    for i in 0..whole {
+        let pairs = std::array::from_fn(|c| (w[c].add(2 * i) as *const i32).read_unaligned());
+        step::<NJ, NP>(&mut acc, xs, stride, i, pairs);
+    }
+    if k % 2 == 1 {
+        // The last value alone: its pair's high half is zero on both sides.
+        let pairs = std::array::from_fn(|c| w[c].add(k - 1).read_unaligned() as i32);
+        step::<NJ, NP>(&mut acc, xs, stride, whole, pairs);
+    }
+    acc
+}
+
+/// One k-pair of a tile: `pairs[c]` is weight row `c`'s pair, broadcast to every lane.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn step<const NJ: usize, const NP: usize>(
+    acc: &mut [[__m512; NP]; NJ],
+    xs: *const u32,
+    stride: usize,
+    i: usize,
+    pairs: [i32; NJ],
+) {
+    let mut xv = [_mm512_setzero_si512(); NP];
+    for (q, v) in xv.iter_mut().enumerate() {
+        *v = _mm512_loadu_si512(xs.add(q * stride + i * LANES) as *const _);
+    }
+    for (row, &pair) in acc.iter_mut().zip(&pairs) {
+        let wb: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+        for (a, &v) in row.iter_mut().zip(&xv) {
+            *a = _mm512_dpbf16_ps(*a, std::mem::transmute::<__m512i, __m512bh>(v), wb);
+        }
+    }
+}
+
+/// Writes a tile's columns `j..j + NJ` for the live rows of panels starting at row `r0`:
+/// full panels eight columns at a time by an in-register transpose (16 rows of 8 contiguous
+/// values), the rest through a small buffer. (A scatter store would be one instruction, but
+/// it is microcoded and slow on the AMD cores this runs on.)
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn store<const NJ: usize, const NP: usize>(
+    acc: [[__m512; NP]; NJ],
+    out: *mut f32,
+    rows: usize,
+    n: usize,
+    r0: usize,
+    j: usize,
+) {
+    for q in 0..NP {
+        let first = r0 + q * LANES;
+        let live = rows.saturating_sub(first).min(LANES);
+        let dst = out.add(first * n + j);
+        let mut c = 0;
+        if live == LANES {
+            while c + 8 <= NJ {
+                store_8_columns(std::array::from_fn(|i| acc[c + i][q]), dst.add(c), n);
+                c += 8;
+            }
+        }
+        for (cc, col) in acc.iter().enumerate().skip(c) {
+            let mut lanes = [0.0f32; LANES];
+            _mm512_storeu_ps(lanes.as_mut_ptr(), col[q]);
+            for (l, &v) in lanes.iter().take(live).enumerate() {
+                *dst.add(l * n + cc) = v;
+            }
+        }
+    }
+}
+
+/// Stores eight columns of 16 rows (`cols[c]` lane `l` is row `l`, column `c`) as 16 runs
+/// of 8 values at `dst + l·n`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn store_8_columns(cols: [__m512; 8], dst: *mut f32, n: usize) {
+    // Within each 128-bit lane (rows 4L..4L+3): pairs, then quads of columns.
+    let t: [__m512; 8] = std::array::from_fn(|i| {
+        let (a, b) = (cols[i / 2 * 2], cols[i / 2 * 2 + 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_ps(a, b)
+        } else {
+            _mm512_unpackhi_ps(a, b)
+        }
+    });
+    // u[m] lane L: row 4L + m, columns 0..4; u[4 + m]: the same rows, columns 4..8.
+    let u: [__m512; 8] = std::array::from_fn(|i| {
+        let (half, m) = (i / 4, i % 4);
+        let (a, b) = (t[4 * half + m / 2], t[4 * half + 2 + m / 2]);
+        if m % 2 == 0 {
+            _mm512_shuffle_ps::<0x44>(a, b)
+        } else {
+            _mm512_shuffle_ps::<0xEE>(a, b)
+        }
+    });
+    // Rows m and 4 + m from lanes 0 and 1, rows 8 + m and 12 + m from lanes 2 and 3.
+    let low = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    let high = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    let put = |row: usize, v: __m512| {
+        _mm256_storeu_ps(dst.add(row * n), _mm512_castps512_ps256(v));
+        let upper = _mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v));
+        _mm256_storeu_ps(dst.add((row + 4) * n), _mm256_castpd_ps(upper));
+    };
+    for m in 0..4 {
+        put(m, _mm512_permutex2var_ps(u[m], low, u[4 + m]));
+        put(8 + m, _mm512_permutex2var_ps(u[m], high, u[4 + m]));
+    }
+}
