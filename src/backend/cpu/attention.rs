@@ -5,6 +5,7 @@
 use rayon::prelude::*;
 
 use crate::backend::AttentionGeometry;
+use crate::simd::{exp, widest_simd};
 
 pub fn attention(
     out: &mut [f32],
@@ -30,34 +31,88 @@ pub fn attention(
         .par_chunks_mut(head_dim)
         .enumerate()
         .for_each_init(
-            || vec![0.0f32; max_seq],
+            || vec![0.0f32; max_seq.next_multiple_of(EXP_CHUNK)],
             |scores, (task, o)| {
                 let (row, head) = (task / num_heads, task % num_heads);
                 let (slot, pos) = (slots[row] as usize, positions[row] as usize);
-                let kvh = head / group;
                 let qh = &q[(row * num_heads + head) * head_dim..][..head_dim];
-                let base = slot * max_seq * kv_width + kvh * head_dim;
-
-                let mut max = f32::NEG_INFINITY;
-                for (t, s) in scores[..=pos].iter_mut().enumerate() {
-                    let kt = &k_cache[base + t * kv_width..][..head_dim];
-                    *s = qh.iter().zip(kt).map(|(a, b)| a * b).sum::<f32>() * scale;
-                    max = max.max(*s);
-                }
-                let mut sum = 0.0f32;
-                for s in scores[..=pos].iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let inv = 1.0 / sum;
-                o.fill(0.0);
-                for (t, &p) in scores[..=pos].iter().enumerate() {
-                    let vt = &v_cache[base + t * kv_width..][..head_dim];
-                    let w = p * inv;
-                    for (o, v) in o.iter_mut().zip(vt) {
-                        *o += w * v;
-                    }
-                }
+                let base = slot * max_seq * kv_width + (head / group) * head_dim;
+                let keys = KvRows {
+                    k: &k_cache[base..],
+                    v: &v_cache[base..],
+                    stride: kv_width,
+                };
+                attend(o, qh, keys, scores, pos + 1, scale);
             },
         );
+}
+
+/// Scores exponentiated at a time (one AVX-512 vector).
+const EXP_CHUNK: usize = 16;
+
+/// One head's keys and values for one sequence: row `t` at `t · stride`.
+#[derive(Clone, Copy)]
+struct KvRows<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    stride: usize,
+}
+
+widest_simd! {
+    /// One query row of one head over its first `len` positions: the score of each key,
+    /// softmax, and the weighted sum of the values into `o`. `scores_buf` holds at least
+    /// `len` rounded up to a multiple of [`EXP_CHUNK`].
+    fn attend(o: &mut [f32], q: &[f32], kv: KvRows, scores_buf: &mut [f32], len: usize, scale: f32) {
+        let d = q.len();
+        let scores = &mut scores_buf[..len];
+        for (t, s) in scores.iter_mut().enumerate() {
+            *s = dot(q, &kv.k[t * kv.stride..][..d]) * scale;
+        }
+        // Separate passes, so that the exponentials run as vectors (a running maximum or
+        // sum in the same loop would serialise it).
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        // In whole vectors of 16 (the padding past the scores is −∞, so it adds 0): a loop
+        // of a few dozen would otherwise run in its scalar remainder.
+        let padded = len.next_multiple_of(EXP_CHUNK);
+        scores_buf[len..padded].fill(f32::NEG_INFINITY);
+        for chunk in scores_buf[..padded].chunks_exact_mut(EXP_CHUNK) {
+            let chunk: &mut [f32; EXP_CHUNK] = chunk.try_into().unwrap();
+            for s in chunk.iter_mut() {
+                *s = exp(*s - max);
+            }
+        }
+        let inv = 1.0 / scores_buf[..padded].iter().sum::<f32>();
+        o.fill(0.0);
+        for (t, &p) in scores_buf[..len].iter().enumerate() {
+            let w = p * inv;
+            for (o, v) in o.iter_mut().zip(&kv.v[t * kv.stride..][..d]) {
+                *o += w * v;
+            }
+        }
+    }
+}
+
+/// A dot product in 16 independent lanes, summed as a tree (a single running sum cannot
+/// vectorise: float addition is not reassociated; a running sum of the lanes would be a
+/// chain of 15 dependent adds per score).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const L: usize = 16;
+    let mut lanes = [0.0f32; L];
+    let (ac, bc) = (a.chunks_exact(L), b.chunks_exact(L));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        let (x, y): (&[f32; L], &[f32; L]) = (x.try_into().unwrap(), y.try_into().unwrap());
+        for l in 0..L {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    let h8: [f32; 8] = std::array::from_fn(|l| lanes[l] + lanes[l + 8]);
+    let h4: [f32; 4] = std::array::from_fn(|l| h8[l] + h8[l + 4]);
+    (h4[0] + h4[2]) + (h4[1] + h4[3]) + tail
 }

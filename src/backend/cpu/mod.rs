@@ -15,6 +15,7 @@ use super::{checks, AttentionGeometry, Backend};
 use crate::error::{Error, Result};
 use crate::merge::methods::{merge_tensor, MergeOp, Sink};
 use crate::model::{dtype, DType, HostTensor, TensorBytes};
+use crate::simd::{exp, widest_simd};
 
 pub use attention::attention;
 pub use materialize::materialize;
@@ -26,6 +27,15 @@ pub use matmul::{
 /// The rayon CPU backend (uses the global thread pool).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuBackend;
+
+widest_simd! {
+    /// `g ← silu(g) · u`, silu(g) = g / (1 + e⁻ᵍ).
+    fn silu_mul(g: &mut [f32], u: &[f32]) {
+        for (g, u) in g.iter_mut().zip(u) {
+            *g = *g / (1.0 + exp(-*g)) * u;
+        }
+    }
+}
 
 /// Rows per rayon task for cheap element-wise row ops: enough work to amortise scheduling.
 const ROW_CHUNK: usize = 8;
@@ -283,11 +293,7 @@ impl Backend for CpuBackend {
         gate[..len]
             .par_chunks_mut(4096)
             .zip(up[..len].par_chunks(4096))
-            .for_each(|(g, u)| {
-                for (g, u) in g.iter_mut().zip(u) {
-                    *g = *g / (1.0 + (-*g).exp()) * u;
-                }
-            });
+            .for_each(|(g, u)| silu_mul(g, u));
         Ok(())
     }
 
