@@ -2,8 +2,9 @@
 //! prefill tokens/s at batch 1 and 16, then each as a fraction of this machine's measured
 //! ceilings. Napkin math: a decode step reads every weight byte once (memory-bound: achieved
 //! bytes/s ÷ copy bandwidth, and ÷ read bandwidth: on some machines reads stream well above
-//! the copy rate); a prefill costs 2·params FLOPs per token (compute-bound: achieved
-//! FLOP/s ÷ measured FMA peak).
+//! the copy rate); a prefill costs 2 FLOPs per layer weight per token, plus the output
+//! projection for the one position per sequence whose logits it computes (compute-bound:
+//! achieved FLOP/s ÷ measured FMA or bf16 dot peak).
 //!
 //! Run: `cargo bench --bench llama_cpu` (the criterion part in the process default, f32 unless
 //! `$CYCLEQD_PRECISION` says otherwise; the summary table in f32 and, where the CPU has it, bf16).
@@ -26,20 +27,28 @@ const BATCHES: [usize; 2] = [1, 16];
 struct Fixture {
     model: LlamaModel<CpuBackend>,
     weight_bytes: usize,
-    matmul_params: usize,
+    /// Weights of the decoder layers' products (every token goes through them).
+    layer_params: usize,
+    /// Weights of the output projection (only positions whose logits are asked for).
+    head_params: usize,
 }
 
 fn fixture() -> Fixture {
     let shape = LlamaShape::SMALL_100M;
     let (cfg, tensors) = random_llama(&shape, DType::BF16, 1).expect("random model");
     let weight_bytes = tensors.iter().map(|(_, t)| t.data().len()).sum();
-    let matmul_params = cfg.num_parameters() - cfg.hidden_size * (2 * cfg.num_hidden_layers + 1);
+    let norms = cfg.hidden_size * (2 * cfg.num_hidden_layers + 1);
+    let head_params = cfg.vocab_size * cfg.hidden_size;
+    // The embedding is a lookup, not a product; untied, the output projection is counted too.
+    let embeddings = if cfg.tie_word_embeddings { 1 } else { 2 } * head_params;
+    let layer_params = cfg.num_parameters() - norms - embeddings;
     let map: std::collections::HashMap<_, _> = tensors.into_iter().collect();
     let model = LlamaModel::from_tensors(&CpuBackend, cfg, |n| Ok(map[n].clone())).expect("model");
     Fixture {
         model,
         weight_bytes,
-        matmul_params,
+        layer_params,
+        head_params,
     }
 }
 
@@ -155,7 +164,7 @@ fn roofline(f: &Fixture) {
             );
             let prefill = step(batch, 0, PROMPT);
             let t = time_median(3, || run(f, &mut c, &prefill)).as_secs_f64();
-            let flops = 2.0 * f.matmul_params as f64 * (batch * PROMPT) as f64 / t;
+            let flops = 2.0 * (f.layer_params * batch * PROMPT + f.head_params * batch) as f64 / t;
             println!(
                 "{:<22} {:>12.1} {:>6.1} GFLOP/s {:>9.1}%",
                 format!("prefill{PROMPT}/batch{batch}"),
