@@ -1,10 +1,14 @@
-//! CPU Llama throughput on a ~100M-parameter random Llama (bf16, generated here): decode and
-//! prefill tokens/s at batch 1 and 16, then each as a fraction of this machine's measured
-//! ceilings. Napkin math: a decode step reads every weight byte once (memory-bound: achieved
-//! bytes/s ÷ copy bandwidth, and ÷ read bandwidth: on some machines reads stream well above
-//! the copy rate); a prefill costs 2 FLOPs per layer weight per token, plus the output
-//! projection for the one position per sequence whose logits it computes (compute-bound:
-//! achieved FLOP/s ÷ measured FMA or bf16 dot peak).
+//! CPU Llama throughput on a ~100M-parameter random Llama (bf16, generated here): decode
+//! tokens/s at batch 1, 16 and 64 and prefill tokens/s at batch 1 and 16, then each as a
+//! fraction of this machine's measured ceilings. Napkin math: a decode step reads every weight
+//! byte once plus the KV cache of every sequence (memory: achieved bytes/s ÷ copy bandwidth,
+//! and ÷ read bandwidth: on some machines reads stream well above the copy rate) and costs 2
+//! FLOPs per weight per sequence (compute: achieved FLOP/s ÷ the measured FMA or bf16 dot
+//! peak); whichever of the two takes longer at its ceiling is the bound the `of bound` column
+//! compares with (batch 1 is memory-bound, batch 64 compute-bound on a 2-core AVX-512 CPU). A
+//! prefill costs 2 FLOPs per layer weight per token, plus the output projection for the one
+//! position per sequence whose logits it computes (compute-bound). Attention's own FLOPs (under
+//! 0.5% at 32 positions) are not counted.
 //!
 //! Run: `cargo bench --bench llama_cpu` (the criterion part in the process default, f32 unless
 //! `$CYCLEQD_PRECISION` says otherwise; the summary table in f32 and, where the CPU has it, bf16).
@@ -22,7 +26,9 @@ use cycleqd_engine::model::DType;
 use cycleqd_engine::synth::{random_llama, LlamaShape};
 
 const PROMPT: usize = 32;
-const BATCHES: [usize; 2] = [1, 16];
+const PREFILL_BATCHES: [usize; 2] = [1, 16];
+/// 64: one child's evaluation workload decodes its 64 prompts together.
+const DECODE_BATCHES: [usize; 3] = [1, 16, 64];
 
 struct Fixture {
     model: LlamaModel<CpuBackend>,
@@ -31,6 +37,8 @@ struct Fixture {
     layer_params: usize,
     /// Weights of the output projection (only positions whose logits are asked for).
     head_params: usize,
+    /// Bytes of keys and values (f32) one position of one sequence holds, over all layers.
+    kv_bytes_per_position: usize,
 }
 
 fn fixture() -> Fixture {
@@ -42,6 +50,8 @@ fn fixture() -> Fixture {
     // The embedding is a lookup, not a product; untied, the output projection is counted too.
     let embeddings = if cfg.tie_word_embeddings { 1 } else { 2 } * head_params;
     let layer_params = cfg.num_parameters() - norms - embeddings;
+    let kv_bytes_per_position =
+        cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4;
     let map: std::collections::HashMap<_, _> = tensors.into_iter().collect();
     let model = LlamaModel::from_tensors(&CpuBackend, cfg, |n| Ok(map[n].clone())).expect("model");
     Fixture {
@@ -49,6 +59,7 @@ fn fixture() -> Fixture {
         weight_bytes,
         layer_params,
         head_params,
+        kv_bytes_per_position,
     }
 }
 
@@ -105,13 +116,16 @@ fn bench(cr: &mut Criterion) {
     g.sample_size(10)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(4));
-    for batch in BATCHES {
+    for batch in DECODE_BATCHES {
         let mut c = ctx(&f, batch);
         let decode = step(batch, PROMPT, 1);
         g.throughput(Throughput::Elements(batch as u64));
         g.bench_function(format!("decode/batch{batch}"), |b| {
             b.iter(|| run(&f, &mut c, &decode))
         });
+    }
+    for batch in PREFILL_BATCHES {
+        let mut c = ctx(&f, batch);
         let prefill = step(batch, 0, PROMPT);
         g.throughput(Throughput::Elements((batch * PROMPT) as u64));
         g.bench_function(format!("prefill{PROMPT}/batch{batch}"), |b| {
@@ -149,19 +163,35 @@ fn roofline(f: &Fixture) {
             "\n{:?}: {:<16} {:>12} {:>14} {:>10}",
             precision, "op", "tokens/s", "achieved", "fraction"
         );
-        for batch in BATCHES {
+        for batch in DECODE_BATCHES {
             let mut c = ctx(f, batch);
             let decode = step(batch, PROMPT, 1);
             let t = time_median(10, || run(f, &mut c, &decode)).as_secs_f64();
-            let gbs = f.weight_bytes as f64 / t;
+            // The step reads the cache of all PROMPT + 1 positions, the new one included.
+            let bytes = f.weight_bytes + batch * (PROMPT + 1) * f.kv_bytes_per_position;
+            let flops = 2.0 * ((f.layer_params + f.head_params) * batch) as f64;
+            let (gbs, gflops) = (bytes as f64 / t, flops / t);
+            let memory_s = bytes as f64 / bw.max(read_bw);
+            let compute_s = flops / peak;
+            let (bound, bound_s) = if memory_s >= compute_s {
+                ("memory", memory_s)
+            } else {
+                ("compute", compute_s)
+            };
             println!(
-                "{:<22} {:>12.1} {:>9.1} GB/s {:>9.1}% of copy, {:.1}% of read",
+                "{:<22} {:>12.1} {:>9.1} GB/s {:>9.1}% of copy, {:.1}% of read; {:.1} GFLOP/s, {:.1}% of peak; {:.1}% of bound ({bound})",
                 format!("decode/batch{batch}"),
                 batch as f64 / t,
                 gbs / 1e9,
                 100.0 * gbs / bw,
-                100.0 * gbs / read_bw
+                100.0 * gbs / read_bw,
+                gflops / 1e9,
+                100.0 * gflops / peak,
+                100.0 * bound_s / t,
             );
+        }
+        for batch in PREFILL_BATCHES {
+            let mut c = ctx(f, batch);
             let prefill = step(batch, 0, PROMPT);
             let t = time_median(3, || run(f, &mut c, &prefill)).as_secs_f64();
             let flops = 2.0 * (f.layer_params * batch * PROMPT + f.head_params * batch) as f64 / t;
