@@ -4,9 +4,12 @@
 //! token per step, so evaluating hundreds of prompts costs one weight read per step rather than
 //! one per prompt.
 
+use rayon::prelude::*;
+
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 
+use super::logits::{argmax, first_non_finite, log_softmax_at};
 use super::model::{LlamaModel, Step};
 
 /// Why a sequence stopped.
@@ -164,18 +167,33 @@ where
     }
     loop {
         model.forward(backend, &step, &mut cache, &mut state, &mut logits)?;
-        check_finite_logits(&logits, vocab)?;
+        // Every row's token and log-probability at once (rows are independent; each row's
+        // sampler is its sequence's own), then the sequences advance in row order.
+        let mut row_rngs: Vec<Option<SplitMix64>> =
+            active.iter().map(|&slot| rngs[slot].take()).collect();
+        let picks: Vec<RowResult<(u32, f32)>> = logits
+            .par_chunks(vocab)
+            .zip(active.par_iter())
+            .zip(row_rngs.par_iter_mut())
+            .map(|((l, &slot), rng)| {
+                finite_row(l)?;
+                let id = match (rng, per[slot].sampling) {
+                    (Some(rng), Some(s)) => sample(l, s, rng),
+                    _ => argmax(l),
+                };
+                Ok((id, log_softmax_at(l, id as usize)))
+            })
+            .collect();
+        for (&slot, rng) in active.iter().zip(row_rngs) {
+            rngs[slot] = rng;
+        }
+        let picks = rows_or_error(picks, &logits, vocab)?;
         let mut next = Step::default();
         let mut still = Vec::with_capacity(active.len());
-        for (row, &slot) in active.iter().enumerate() {
-            let l = &logits[row * vocab..(row + 1) * vocab];
-            let id = match (&mut rngs[slot], per[slot].sampling) {
-                (Some(rng), Some(s)) => sample(l, s, rng),
-                _ => argmax(l),
-            };
+        for (&slot, (id, logprob)) in active.iter().zip(picks) {
             let g = &mut out[slot];
             g.new_ids.push(id);
-            g.logprobs.push(log_softmax_at(l, id as usize));
+            g.logprobs.push(logprob);
             let pos = prompts[slot].len() + g.new_ids.len() - 1;
             if opts.eos.contains(&id) {
                 g.stop = StopReason::Eos;
@@ -235,54 +253,46 @@ where
     let mut logits = Vec::new();
     model.forward(backend, &step, &mut cache, &mut state, &mut logits)?;
     let vocab = model.config.vocab_size;
-    check_finite_logits(&logits, vocab)?;
-    let mut row = 0;
+    // Row r's logits predict the r-th continuation token, in pair order.
+    let targets: Vec<u32> = pairs.iter().flat_map(|(_, c)| c.iter().copied()).collect();
+    let lps: Vec<RowResult<f32>> = logits
+        .par_chunks(vocab)
+        .zip(targets.par_iter())
+        .map(|(l, &t)| {
+            finite_row(l)?;
+            Ok(log_softmax_at(l, t as usize))
+        })
+        .collect();
+    let mut lps = rows_or_error(lps, &logits, vocab)?.into_iter();
     Ok(pairs
         .iter()
-        .map(|(_, cont)| {
-            cont.iter()
-                .map(|&t| {
-                    let lp = log_softmax_at(&logits[row * vocab..(row + 1) * vocab], t as usize);
-                    row += 1;
-                    lp
-                })
-                .collect()
-        })
+        .map(|(_, cont)| lps.by_ref().take(cont.len()).collect())
         .collect())
 }
 
-/// Refuses logits holding NaN or Inf: a greedy token or a log-probability read from them would
-/// be meaningless, and a score built on it silently wrong.
-fn check_finite_logits(logits: &[f32], vocab: usize) -> Result<()> {
-    match logits.iter().position(|v| !v.is_finite()) {
-        None => Ok(()),
-        Some(i) => Err(Error::NonFiniteOutput(format!(
-            "the model's logits hold {} (row {}, token {}): its weights are not finite or overflow",
-            logits[i],
-            i / vocab.max(1),
-            i % vocab.max(1)
-        ))),
-    }
+/// A row's result, or the position of its first logit that is NaN or infinite.
+type RowResult<T> = std::result::Result<T, usize>;
+
+fn finite_row(row: &[f32]) -> RowResult<()> {
+    first_non_finite(row).map_or(Ok(()), Err)
 }
 
-/// The index of the largest logit, the first on ties; NaN counts as the largest value (torch's
-/// and numpy's rule, which the GPU's `argmax_rows` follows too).
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        let b = logits[best];
-        if !b.is_nan() && (v.is_nan() || v > b) {
-            best = i;
-        }
-    }
-    best as u32
-}
-
-/// `log softmax(logits)[i]`, computed stably in f64.
-pub fn log_softmax_at(logits: &[f32], i: usize) -> f32 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let sum: f64 = logits.iter().map(|&v| (v as f64 - max).exp()).sum();
-    (logits[i] as f64 - max - sum.ln()) as f32
+/// The rows' results in order, or an error for the first row holding NaN or Inf: a greedy
+/// token or a log-probability read from it would be meaningless, and a score built on it
+/// silently wrong.
+fn rows_or_error<T>(rows: Vec<RowResult<T>>, logits: &[f32], vocab: usize) -> Result<Vec<T>> {
+    rows.into_iter()
+        .enumerate()
+        .map(|(row, r)| {
+            r.map_err(|token| {
+                Error::NonFiniteOutput(format!(
+                    "the model's logits hold {} (row {row}, token {token}): its weights are not \
+                     finite or overflow",
+                    logits[row * vocab + token]
+                ))
+            })
+        })
+        .collect()
 }
 
 pub(crate) fn sample(logits: &[f32], s: Sampling, rng: &mut SplitMix64) -> u32 {
@@ -369,24 +379,6 @@ impl SplitMix64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn log_softmax_matches_definition() {
-        let l = [1.0f32, 2.0, 3.0];
-        let z: f64 = l.iter().map(|&v| (v as f64).exp()).sum();
-        for i in 0..3 {
-            let want = ((l[i] as f64).exp() / z).ln() as f32;
-            assert!((log_softmax_at(&l, i) - want).abs() < 1e-6);
-        }
-    }
-
-    #[test]
-    fn argmax_takes_first_of_ties_and_nan_as_the_largest() {
-        assert_eq!(argmax(&[0.0, 3.0, 3.0, 1.0]), 1);
-        assert_eq!(argmax(&[0.0, f32::NAN, 3.0, f32::NAN]), 1);
-        assert_eq!(argmax(&[f32::NAN, 3.0]), 0);
-        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NEG_INFINITY]), 0);
-    }
 
     #[test]
     fn sampling_respects_top_p_and_seed() {

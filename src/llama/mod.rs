@@ -2,6 +2,7 @@
 //! greedy/sampled generation with per-token log-probabilities, and continuation scoring.
 
 pub mod generate;
+pub mod logits;
 pub mod model;
 
 pub use generate::{

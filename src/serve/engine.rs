@@ -15,7 +15,8 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::backend::Backend;
 use crate::error::Result;
-use crate::llama::generate::{argmax, log_softmax_at, sample, SplitMix64};
+use crate::llama::generate::{sample, SplitMix64};
+use crate::llama::logits::{argmax, log_softmax_at};
 use crate::llama::{LlamaModel, Sampling, Step};
 use crate::model::Tokenizer;
 
