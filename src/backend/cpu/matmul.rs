@@ -5,10 +5,12 @@
 //! each weight byte exactly once — the memory-bandwidth roofline — and prefill (many rows) reuses
 //! the upcast block `rows` times (f32 weights are read in place). Register tiles of up to 6 input
 //! rows × 4 weight rows; AVX-512, AVX2+FMA or portable code is chosen at run time ([`Isa`]).
-//! In bf16 [`Precision`] the activations are rounded to bf16 once per call and, on CPUs with the
-//! bf16 dot product, bf16 weights are read as stored by `vdpbf16ps` tiles (no upcast): for
-//! few rows (decode) as dot products, for 16 rows and more as outer products against
-//! activations packed into panels (`panels`).
+//! On AVX-512, 16 input rows and more go through outer-product tiles against activations
+//! packed into 16-row panels instead (`panels`): no horizontal sums, which at small k were most
+//! of a dot-product tile's work. In bf16 [`Precision`] the activations are rounded to bf16 once
+//! per call and, on CPUs with the bf16 dot product, bf16 weights are read as stored by
+//! `vdpbf16ps` tiles (no upcast): for few rows (decode) as dot products, for 16 rows and more
+//! as outer products.
 //! Products that share their input (q/k/v, gate/up) run as one group: one parallel loop over
 //! all their weight blocks, one rounding of the activations.
 
@@ -325,21 +327,33 @@ pub fn matmul_t_group_with<'a>(
     }
     let mut x_bf16 = X_BF16.take();
     x_bf16.clear();
-    // Many rows on the bf16 dot product: the outer-product tiles, from activations packed
-    // into panels (kept per thread like `X_BF16`).
+    // Many rows on AVX-512: the outer-product tiles, from activations packed into panels
+    // (kept per thread like `X_BF16`), rounded to bf16 for the bf16 products and as they are
+    // for the f32 ones. Chosen per product, so a product computes the same in a group as alone.
     thread_local! {
         static X_PANELS: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
+        static X_PANELS_F32: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
     }
     let mut x_panels = X_PANELS.take();
+    let mut x_panels_f32 = X_PANELS_F32.take();
+    let many_rows = rows >= panels::MIN_ROWS;
+    let bf16_panels = |p: &Product| bf16(p) && isa == Isa::Avx512Bf16 && many_rows;
+    let f32_panels =
+        |p: &Product| !bf16(p) && matches!(isa, Isa::Avx512 | Isa::Avx512Bf16) && many_rows;
     let any_bf16 = group.iter().flatten().any(bf16);
-    let use_panels = any_bf16 && isa == Isa::Avx512Bf16 && rows >= panels::MIN_ROWS;
-    if use_panels {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: Isa::Avx512Bf16 is only available on CPUs with AVX-512F.
-        unsafe {
-            panels::pack(&x[..rows * k], rows, k, &mut x_panels)
-        };
-    } else if any_bf16 {
+    let use_panels = group.iter().flatten().any(bf16_panels);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if use_panels {
+            // SAFETY: Isa::Avx512Bf16 is only available on CPUs with AVX-512F.
+            unsafe { panels::pack_bf16(&x[..rows * k], rows, k, &mut x_panels) };
+        }
+        if group.iter().flatten().any(f32_panels) {
+            // SAFETY: f32 panels are only chosen on the AVX-512 paths.
+            unsafe { panels::pack_f32(&x[..rows * k], rows, k, &mut x_panels_f32) };
+        }
+    }
+    if any_bf16 && !use_panels {
         x_bf16.resize(rows * k, 0);
         dtype::f32_to_bf16_slice(&x[..rows * k], &mut x_bf16);
     }
@@ -357,7 +371,7 @@ pub fn matmul_t_group_with<'a>(
     for (slot, p) in parts.iter_mut().zip(group.iter_mut().flatten()) {
         let kernel = match (bf16(p), isa) {
             #[cfg(target_arch = "x86_64")]
-            (true, Isa::Avx512Bf16) if use_panels => Kernel::Bf16Panels {
+            (true, Isa::Avx512Bf16) if bf16_panels(p) => Kernel::Bf16Panels {
                 x: &x_panels,
                 w: WeightPtr(p.w.data().as_ptr()),
             },
@@ -371,6 +385,11 @@ pub fn matmul_t_group_with<'a>(
                 x: &x_rounded,
                 w: p.w,
             },
+            #[cfg(target_arch = "x86_64")]
+            (false, _) if f32_panels(p) => Kernel::F32Panels {
+                x: &x_panels_f32,
+                w: p.w,
+            },
             (false, _) => Kernel::F32 { isa, x, w: p.w },
         };
         let block = match kernel {
@@ -378,7 +397,7 @@ pub fn matmul_t_group_with<'a>(
             #[cfg(target_arch = "x86_64")]
             Kernel::Bf16Dot { .. } => block_rows(rows, p.n, k, 2),
             #[cfg(target_arch = "x86_64")]
-            Kernel::Bf16Panels { .. } => panels::block_rows(p.n),
+            Kernel::Bf16Panels { .. } | Kernel::F32Panels { .. } => panels::block_rows(p.n),
         };
         *slot = Some(Part {
             kernel,
@@ -402,6 +421,7 @@ pub fn matmul_t_group_with<'a>(
     drop(x_rounded);
     X_BF16.set(x_bf16);
     X_PANELS.set(x_panels);
+    X_PANELS_F32.set(x_panels_f32);
 }
 
 /// One product of a group, as its tasks see it.
@@ -432,6 +452,10 @@ enum Kernel<'a> {
     /// (`panels`): outer products, for many input rows.
     #[cfg(target_arch = "x86_64")]
     Bf16Panels { x: &'a [u32], w: WeightPtr },
+    /// f32 weights (read in place, or upcast block by block as for `F32`) broadcast one by
+    /// one against f32 activations packed into panels.
+    #[cfg(target_arch = "x86_64")]
+    F32Panels { x: &'a [u32], w: &'a HostTensor },
 }
 
 impl Part<'_> {
@@ -448,48 +472,62 @@ impl Part<'_> {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above; `x` was packed for these rows and k.
             Kernel::Bf16Panels { x, w } => unsafe {
-                panels::block(out.0, x, w.0, rows, n, k, j0, j1)
+                panels::block_bf16(out.0, x, w.0.add(j0 * k * 2), rows, n, k, j0, j1)
             },
-            Kernel::F32 { isa, x, w } => {
-                let run = |wb: &[f32]| match isa {
-                    // SAFETY: `isa` is one this CPU supports (asserted by the caller).
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 | Isa::Avx512Bf16 => unsafe {
-                        block_avx512(out, x, wb, rows, n, k, j0, j1)
-                    },
-                    // SAFETY: as above.
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2Fma => unsafe { block_fma(out, x, wb, rows, n, k, j0, j1) },
-                    _ => block_generic(out, x, wb, rows, n, k, j0, j1),
-                };
-                let data = w.data();
-                // f32 weights are read where they lie when aligned: their "upcast" would be a
-                // plain copy.
-                let direct: Option<&[f32]> = match w.dtype {
-                    DType::F32 => bytemuck::try_cast_slice(data).ok(),
-                    _ => None,
-                };
-                match direct {
-                    Some(all) => run(&all[j0 * k..j1 * k]),
-                    None => {
-                        // The upcast buffer is kept per thread between calls (no allocation,
-                        // and no zeroing of it, per step); taken out while in use, so a
-                        // nested call gets its own.
-                        thread_local! {
-                            static UPCAST: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
-                        }
-                        let esize = w.dtype.size();
-                        let mut buf = UPCAST.take();
-                        buf.resize(self.block * k, 0.0);
-                        let wb = &mut buf[..(j1 - j0) * k];
-                        dtype::to_f32(w.dtype, &data[j0 * k * esize..j1 * k * esize], wb);
-                        run(wb);
-                        UPCAST.set(buf);
-                    }
-                }
-            }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::F32Panels { x, w } => with_f32_rows(w, self.block, k, j0, j1, |wb| {
+                // SAFETY: this kernel is only chosen on the AVX-512 paths; `x` was packed for
+                // these rows and k, and `wb` holds weight rows j0..j1.
+                unsafe { panels::block_f32(out.0, x, wb.as_ptr() as *const u8, rows, n, k, j0, j1) }
+            }),
+            Kernel::F32 { isa, x, w } => with_f32_rows(w, self.block, k, j0, j1, |wb| match isa {
+                // SAFETY: `isa` is one this CPU supports (asserted by the caller).
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 | Isa::Avx512Bf16 => unsafe {
+                    block_avx512(out, x, wb, rows, n, k, j0, j1)
+                },
+                // SAFETY: as above.
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2Fma => unsafe { block_fma(out, x, wb, rows, n, k, j0, j1) },
+                _ => block_generic(out, x, wb, rows, n, k, j0, j1),
+            }),
         }
     }
+}
+
+/// Runs `f` on weight rows `j0..j1` of `w` as f32: f32 weights where they lie when aligned
+/// (their "upcast" would be a plain copy), others upcast into a buffer of `block` rows kept
+/// per thread between calls (no allocation, and no zeroing of it, per step); taken out while
+/// in use, so a nested call gets its own.
+fn with_f32_rows(
+    w: &HostTensor,
+    block: usize,
+    k: usize,
+    j0: usize,
+    j1: usize,
+    f: impl FnOnce(&[f32]),
+) {
+    let data = w.data();
+    let direct: Option<&[f32]> = match w.dtype {
+        DType::F32 => bytemuck::try_cast_slice(data).ok(),
+        _ => None,
+    };
+    if let Some(all) = direct {
+        return f(&all[j0 * k..j1 * k]);
+    }
+    thread_local! {
+        static UPCAST: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    }
+    let esize = w.dtype.size();
+    let mut buf = UPCAST.take();
+    // Only grown (see `panels::pack_bf16`): no zeroing when widths alternate.
+    if buf.len() < block * k {
+        buf.resize(block * k, 0.0);
+    }
+    let wb = &mut buf[..(j1 - j0) * k];
+    dtype::to_f32(w.dtype, &data[j0 * k * esize..j1 * k * esize], wb);
+    f(wb);
+    UPCAST.set(buf);
 }
 
 /// The `rx × 4` register tile at `(r, c)` for `rx` in 1..=6 through `$tile::<rx, 4>`: one

@@ -1,12 +1,14 @@
-//! bf16 products of many input rows (prefill, batched decode) as `vdpbf16ps` outer products.
+//! Products of many input rows (prefill, batched decode) as outer products: bf16 through
+//! `vdpbf16ps`, f32 through FMAs.
 //!
 //! The dot-product tiles of `matmul` keep a k-wide vector per (row, weight row) pair and sum
 //! its lanes at the end: 24 horizontal sums and 24 scalar stores per tile, which at k = 768 is
-//! a tenth of the tile's work. Here a vector holds one output column for 16 input rows
-//! instead, so nothing is summed across lanes: the activations are packed once per call into
-//! panels of 16 rows whose k-pairs interleave (`[panel][pair][16 lanes]` u32, the operand
-//! layout of `vdpbf16ps`), and each weight pair is broadcast straight from the weight's bytes
-//! — no copy or repacking of the weights, whose size is the model's.
+//! a tenth of the tile's work (and most of it at the demo's k = 64). Here a vector holds one
+//! output column for 16 input rows instead, so nothing is summed across lanes: the
+//! activations are packed once per call into panels of 16 rows (`[panel][unit][16 lanes]`
+//! u32, a unit being a bf16 pair — the operand layout of `vdpbf16ps` — or one f32), and each
+//! weight unit is broadcast straight from the weight's bytes: no copy or repacking of the
+//! weights, whose size is the model's.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -32,9 +34,77 @@ pub fn block_rows(n: usize) -> usize {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+/// How a panel's 32-bit lanes and a weight's elements multiply: what differs between the bf16
+/// and the f32 tiles.
+pub trait Unit {
+    /// Weight elements a unit holds: a bf16 pair, or one f32.
+    const PER_UNIT: usize;
+    /// Bytes of one weight element.
+    const ELEM: usize;
+    /// `acc + x·w` lane by lane, `w` one weight unit broadcast to every lane.
+    ///
+    /// # Safety
+    /// The CPU must have the unit's instructions (AVX-512F; for bf16 also AVX-512 BF16).
+    unsafe fn mul_add(acc: __m512, x: __m512i, w: __m512i) -> __m512;
+}
+
+#[cfg(target_arch = "x86_64")]
+#[cfg(target_arch = "x86_64")]
+/// bf16 pairs into f32 accumulators (`vdpbf16ps`).
+pub struct Bf16;
+/// f32 values (FMA).
+pub struct F32;
+
+#[cfg(target_arch = "x86_64")]
+impl Unit for Bf16 {
+    const PER_UNIT: usize = 2;
+    const ELEM: usize = 2;
+    #[inline(always)]
+    unsafe fn mul_add(acc: __m512, x: __m512i, w: __m512i) -> __m512 {
+        _mm512_dpbf16_ps(
+            acc,
+            std::mem::transmute::<__m512i, __m512bh>(x),
+            std::mem::transmute::<__m512i, __m512bh>(w),
+        )
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Unit for F32 {
+    const PER_UNIT: usize = 1;
+    const ELEM: usize = 4;
+    #[inline(always)]
+    unsafe fn mul_add(acc: __m512, x: __m512i, w: __m512i) -> __m512 {
+        _mm512_fmadd_ps(_mm512_castsi512_ps(x), _mm512_castsi512_ps(w), acc)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+/// Units a row of `k` values takes (a bf16 row of odd `k` ends in a half-empty pair).
+fn units<U: Unit>(k: usize) -> usize {
+    k.div_ceil(U::PER_UNIT)
+}
+
+#[cfg(target_arch = "x86_64")]
 /// `u32` elements the packed activations of `rows × k` take.
-pub fn packed_len(rows: usize, k: usize) -> usize {
-    rows.div_ceil(LANES) * k.div_ceil(2) * LANES
+pub fn packed_len<U: Unit>(rows: usize, k: usize) -> usize {
+    rows.div_ceil(LANES) * units::<U>(k) * LANES
+}
+
+#[cfg(target_arch = "x86_64")]
+/// Grows `out` to the packed length of `rows × k` (only grown, and rewritten in full by each
+/// call: no zeroing pass per call) and returns it, panel by panel.
+fn panels_of<U: Unit>(
+    out: &mut Vec<u32>,
+    rows: usize,
+    k: usize,
+) -> rayon::slice::ChunksMut<'_, u32> {
+    let len = packed_len::<U>(rows, k);
+    if out.len() < len {
+        out.resize(len, 0);
+    }
+    out[..len].par_chunks_mut(units::<U>(k) * LANES)
 }
 
 /// Rounds row-major f32 activations `x[rows, k]` to bf16 and packs them into panels, one
@@ -45,81 +115,146 @@ pub fn packed_len(rows: usize, k: usize) -> usize {
 /// # Safety
 /// AVX-512F must be available.
 #[cfg(target_arch = "x86_64")]
-pub unsafe fn pack(x: &[f32], rows: usize, k: usize, out: &mut Vec<u32>) {
+pub unsafe fn pack_bf16(x: &[f32], rows: usize, k: usize, out: &mut Vec<u32>) {
     assert!(x.len() >= rows * k, "pack: input too small");
-    let len = packed_len(rows, k);
-    // Grown once and rewritten in full each call: no zeroing pass per call.
-    if out.len() < len {
-        out.resize(len, 0);
-    }
     // One panel's rows rounded, kept per thread (no allocation per call).
     thread_local! {
         static ROUNDED: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
     }
-    out[..len]
-        .par_chunks_mut(k.div_ceil(2) * LANES)
+    panels_of::<Bf16>(out, rows, k)
         .enumerate()
         .for_each(|(panel, dst)| {
             let r0 = panel * LANES;
             let live = (rows - r0).min(LANES);
             let mut rounded = ROUNDED.take();
-            rounded.resize(live * k, 0);
-            dtype::f32_to_bf16_slice(&x[r0 * k..(r0 + live) * k], &mut rounded);
-            // SAFETY: the caller guarantees AVX-512F.
-            unsafe { pack_panel(&rounded, live, k, dst) };
+            // Only grown: products of other widths alternate, and a shrink-then-grow would
+            // zero the buffer each time.
+            if rounded.len() < live * k {
+                rounded.resize(live * k, 0);
+            }
+            let rounded_rows = &mut rounded[..live * k];
+            dtype::f32_to_bf16_slice(&x[r0 * k..(r0 + live) * k], rounded_rows);
+            // SAFETY: the caller guarantees AVX-512F; the rows hold `live · k` values.
+            unsafe {
+                gather_panel(rounded_rows.as_ptr() as *const u8, 2 * k, k / 2, live, dst);
+                if k % 2 == 1 {
+                    // The last value alone in its pair, the high half zero.
+                    for (lane, d) in dst[k / 2 * LANES..].iter_mut().enumerate() {
+                        *d = if lane < live {
+                            rounded_rows[lane * k + k - 1] as u32
+                        } else {
+                            0
+                        };
+                    }
+                }
+            }
             ROUNDED.set(rounded);
         });
 }
 
-/// One panel of [`pack`] from its `live` rounded rows.
+/// Packs row-major f32 activations `x[rows, k]` into panels as they are: element `(panel, i,
+/// lane)` holds row `panel·16 + lane`'s value `i`; rows past `rows` are zero.
+///
+/// # Safety
+/// AVX-512F must be available.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn pack_f32(x: &[f32], rows: usize, k: usize, out: &mut Vec<u32>) {
+    assert!(x.len() >= rows * k, "pack: input too small");
+    panels_of::<F32>(out, rows, k)
+        .enumerate()
+        .for_each(|(panel, dst)| {
+            let r0 = panel * LANES;
+            let live = (rows - r0).min(LANES);
+            // SAFETY: the caller guarantees AVX-512F; rows r0..r0 + live of `x` exist.
+            unsafe { gather_panel(x[r0 * k..].as_ptr() as *const u8, 4 * k, k, live, dst) };
+        });
+}
+
+/// Fills `units` 16-lane rows of `dst`: row `i` lane `l` is the 4 bytes at `src + l·row_bytes
+/// + 4·i` for the `live` first lanes, zero for the others.
+///
+/// # Safety
+/// AVX-512F must be available; `src` must be valid for `live` rows of `row_bytes` bytes, each
+/// holding at least `4·units` bytes, and `dst` must hold `units · 16` values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn pack_panel(x: &[u16], live: usize, k: usize, dst: &mut [u32]) {
-    let (whole, pairs) = (k / 2, k.div_ceil(2));
-    debug_assert!(x.len() >= live * k && dst.len() >= pairs * LANES);
-    // Byte offsets of the panel's rows: a gather takes one pair (4 bytes, aligned or not)
-    // from each.
-    let row_bytes = _mm512_mullo_epi32(
+unsafe fn gather_panel(
+    src: *const u8,
+    row_bytes: usize,
+    units: usize,
+    live: usize,
+    dst: &mut [u32],
+) {
+    debug_assert!(dst.len() >= units * LANES && live <= LANES);
+    // A gather takes one unit (4 bytes, aligned or not) from each row.
+    let offsets = _mm512_mullo_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32((2 * k) as i32),
+        _mm512_set1_epi32(row_bytes as i32),
     );
     let mask: __mmask16 = if live == LANES {
         0xffff
     } else {
         (1u16 << live) - 1
     };
-    let src = x.as_ptr() as *const u8;
-    for i in 0..whole {
+    for i in 0..units {
         let v = _mm512_mask_i32gather_epi32::<1>(
             _mm512_setzero_si512(),
             mask,
-            row_bytes,
+            offsets,
             src.add(4 * i) as *const i32,
         );
         _mm512_storeu_si512(dst.as_mut_ptr().add(i * LANES) as *mut _, v);
     }
-    if pairs > whole {
-        for (lane, d) in dst[whole * LANES..pairs * LANES].iter_mut().enumerate() {
-            *d = if lane < live {
-                x[lane * k + k - 1] as u32
-            } else {
-                0
-            };
-        }
-    }
 }
 
-/// Output columns `j0..j1` of `out[rows, n] = x · wᵀ` from packed activations `xp` and bf16
-/// weights `w[n, k]` (row-major, possibly unaligned).
+/// Output columns `j0..j1` of `out[rows, n] = x · wᵀ` from bf16-packed activations `xp`
+/// ([`pack_bf16`]) and bf16 weights; `w` points at weight row `j0` (row-major `[n, k]`,
+/// possibly unaligned).
 ///
 /// # Safety
-/// AVX-512F and AVX-512 BF16 must be available; `xp` must hold [`pack`]'s output for `rows × k`
-/// and `w` `n·k` bf16 values; `out` must be valid for `rows × n` f32 writes, of which this call
-/// writes only columns `j0..j1`.
+/// AVX-512F and AVX-512 BF16 must be available; `xp` must hold [`pack_bf16`]'s output for
+/// `rows × k` and `w` rows `j0..j1` of `k` bf16 values; `out` must be valid for `rows × n` f32
+/// writes, of which this call writes only columns `j0..j1`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn block(
+pub unsafe fn block_bf16(
+    out: *mut f32,
+    xp: &[u32],
+    w: *const u8,
+    rows: usize,
+    n: usize,
+    k: usize,
+    j0: usize,
+    j1: usize,
+) {
+    block::<Bf16>(out, xp, w, rows, n, k, j0, j1)
+}
+
+/// [`block_bf16`] for f32 activations packed by [`pack_f32`] and f32 weights.
+///
+/// # Safety
+/// AVX-512F must be available; otherwise as [`block_bf16`], with f32 weights.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn block_f32(
+    out: *mut f32,
+    xp: &[u32],
+    w: *const u8,
+    rows: usize,
+    n: usize,
+    k: usize,
+    j0: usize,
+    j1: usize,
+) {
+    block::<F32>(out, xp, w, rows, n, k, j0, j1)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block<U: Unit>(
     out: *mut f32,
     xp: &[u32],
     w: *const u8,
@@ -130,14 +265,14 @@ pub unsafe fn block(
     j1: usize,
 ) {
     let panels = rows.div_ceil(LANES);
-    let stride = k.div_ceil(2) * LANES;
-    let ws = |j: usize| w.add(j * k * 2) as *const u16;
+    let stride = units::<U>(k) * LANES;
+    let ws = |j: usize| w.add((j - j0) * k * U::ELEM);
     let mut p = 0;
     while p < panels {
         // Two panels × 8 columns, or one panel × 16: 16 accumulators, each weight broadcast
-        // feeding every panel, each activation vector every column. (Measured on one core:
-        // tiles of 24 accumulators — 3 × 8, 2 × 12 — ran at ~70% of the bf16 dot peak, these
-        // at 95–100%; 2 × 16 spills.)
+        // feeding every panel, each activation vector every column. (Measured on one core
+        // in bf16: tiles of 24 accumulators — 3 × 8, 2 × 12 — ran at ~70% of the dot peak,
+        // these at 95–100%; 2 × 16 spills.)
         let np = (panels - p).min(2);
         let xs = xp.as_ptr().add(p * stride);
         let mut j = j0;
@@ -145,7 +280,8 @@ pub unsafe fn block(
             let left = j1 - j;
             macro_rules! run {
                 ($nj:literal, $np:literal) => {{
-                    let acc = tile::<$nj, $np>(xs, stride, std::array::from_fn(|c| ws(j + c)), k);
+                    let acc =
+                        tile::<U, $nj, $np>(xs, stride, std::array::from_fn(|c| ws(j + c)), k);
                     store::<$nj, $np>(acc, out, rows, n, p * LANES, j);
                     j += $nj;
                 }};
@@ -167,44 +303,46 @@ pub unsafe fn block(
 /// `NJ` weight rows against `NP` panels: `acc[c][q]` is column `c` for panel `q`'s 16 rows.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn tile<const NJ: usize, const NP: usize>(
+unsafe fn tile<U: Unit, const NJ: usize, const NP: usize>(
     xs: *const u32,
     stride: usize,
-    w: [*const u16; NJ],
+    w: [*const u8; NJ],
     k: usize,
 ) -> [[__m512; NP]; NJ] {
     let mut acc = [[_mm512_setzero_ps(); NP]; NJ];
-    let whole = k / 2;
+    let whole = k / U::PER_UNIT;
     for i in 0..whole {
-        let pairs = std::array::from_fn(|c| (w[c].add(2 * i) as *const i32).read_unaligned());
-        step::<NJ, NP>(&mut acc, xs, stride, i, pairs);
+        let units = std::array::from_fn(|c| (w[c].add(4 * i) as *const i32).read_unaligned());
+        step::<U, NJ, NP>(&mut acc, xs, stride, i, units);
     }
-    if k % 2 == 1 {
-        // The last value alone: its pair's high half is zero on both sides.
-        let pairs = std::array::from_fn(|c| w[c].add(k - 1).read_unaligned() as i32);
-        step::<NJ, NP>(&mut acc, xs, stride, whole, pairs);
+    if whole * U::PER_UNIT < k {
+        // A bf16 row's last value alone: its pair's high half is zero on both sides.
+        let units = std::array::from_fn(|c| {
+            (w[c].add((k - 1) * U::ELEM) as *const u16).read_unaligned() as i32
+        });
+        step::<U, NJ, NP>(&mut acc, xs, stride, whole, units);
     }
     acc
 }
 
-/// One k-pair of a tile: `pairs[c]` is weight row `c`'s pair, broadcast to every lane.
+/// One unit of a tile: `units[c]` is weight row `c`'s unit, broadcast to every lane.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn step<const NJ: usize, const NP: usize>(
+unsafe fn step<U: Unit, const NJ: usize, const NP: usize>(
     acc: &mut [[__m512; NP]; NJ],
     xs: *const u32,
     stride: usize,
     i: usize,
-    pairs: [i32; NJ],
+    units: [i32; NJ],
 ) {
     let mut xv = [_mm512_setzero_si512(); NP];
     for (q, v) in xv.iter_mut().enumerate() {
         *v = _mm512_loadu_si512(xs.add(q * stride + i * LANES) as *const _);
     }
-    for (row, &pair) in acc.iter_mut().zip(&pairs) {
-        let wb: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+    for (row, &unit) in acc.iter_mut().zip(&units) {
+        let wb = _mm512_set1_epi32(unit);
         for (a, &v) in row.iter_mut().zip(&xv) {
-            *a = _mm512_dpbf16_ps(*a, std::mem::transmute::<__m512i, __m512bh>(v), wb);
+            *a = U::mul_add(*a, v, wb);
         }
     }
 }
