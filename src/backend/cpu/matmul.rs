@@ -36,7 +36,7 @@ fn block_rows(rows: usize, n: usize, k: usize, esize: usize) -> usize {
     if rows > FEW_ROWS {
         return W_BLOCK;
     }
-    let by_bytes = MIN_TASK_BYTES.div_ceil(k * esize);
+    let by_bytes = MIN_TASK_BYTES.div_ceil((k * esize).max(1));
     // Still at least 4 tasks per thread, for load balance.
     let by_balance = n / (4 * rayon::current_num_threads()).max(1);
     by_bytes.min(by_balance).max(W_BLOCK).next_multiple_of(4)
@@ -326,7 +326,6 @@ pub fn matmul_t_group_with<'a>(
         static X_BF16: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
     }
     let mut x_bf16 = X_BF16.take();
-    x_bf16.clear();
     // Many rows on AVX-512: the outer-product tiles, from activations packed into panels
     // (kept per thread like `X_BF16`), rounded to bf16 for the bf16 products and as they are
     // for the f32 ones. Chosen per product, so a product computes the same in a group as alone.
@@ -336,7 +335,8 @@ pub fn matmul_t_group_with<'a>(
     }
     let mut x_panels = X_PANELS.take();
     let mut x_panels_f32 = X_PANELS_F32.take();
-    let many_rows = rows >= panels::MIN_ROWS;
+    // (k = 0 has nothing to pack: its products are zeros, which the dot tiles write.)
+    let many_rows = rows >= panels::MIN_ROWS && k > 0;
     let bf16_panels = |p: &Product| bf16(p) && isa == Isa::Avx512Bf16 && many_rows;
     let f32_panels =
         |p: &Product| !bf16(p) && matches!(isa, Isa::Avx512 | Isa::Avx512Bf16) && many_rows;
@@ -353,14 +353,19 @@ pub fn matmul_t_group_with<'a>(
             unsafe { panels::pack_f32(&x[..rows * k], rows, k, &mut x_panels_f32) };
         }
     }
-    if any_bf16 && !use_panels {
-        x_bf16.resize(rows * k, 0);
-        dtype::f32_to_bf16_slice(&x[..rows * k], &mut x_bf16);
+    let round = any_bf16 && !use_panels;
+    if round {
+        // Only grown (see `panels::pack_bf16`), and rewritten in full.
+        if x_bf16.len() < rows * k {
+            x_bf16.resize(rows * k, 0);
+        }
+        dtype::f32_to_bf16_slice(&x[..rows * k], &mut x_bf16[..rows * k]);
     }
+    let x_bf16_rows = &x_bf16[..if round { rows * k } else { 0 }];
     // Without the bf16 dot product, the same products from the f32 kernels: bf16 × bf16 is
     // exact in f32.
-    let x_rounded: Vec<f32> = if isa != Isa::Avx512Bf16 && !x_bf16.is_empty() {
-        x_bf16
+    let x_rounded: Vec<f32> = if isa != Isa::Avx512Bf16 && round {
+        x_bf16_rows
             .iter()
             .map(|&b| f32::from_bits((b as u32) << 16))
             .collect()
@@ -377,7 +382,7 @@ pub fn matmul_t_group_with<'a>(
             },
             #[cfg(target_arch = "x86_64")]
             (true, Isa::Avx512Bf16) => Kernel::Bf16Dot {
-                x: &x_bf16,
+                x: x_bf16_rows,
                 w: WeightPtr(p.w.data().as_ptr()),
             },
             (true, _) => Kernel::F32 {
@@ -963,6 +968,9 @@ mod tests {
             (47, 25, 64),
             (61, 53, 2),
             (16, 1, 1),
+            // No inner dimension: zeros, with few rows and with many.
+            (3, 4, 0),
+            (16, 5, 0),
         ] {
             let x: Vec<f32> = (0..rows * k).map(|_| rnd()).collect();
             let wv: Vec<f32> = (0..n * k).map(|_| rnd()).collect();
