@@ -485,6 +485,24 @@ impl Part<'_> {
                 // these rows and k, and `wb` holds weight rows j0..j1.
                 unsafe { panels::block_f32(out.0, x, wb.as_ptr() as *const u8, rows, n, k, j0, j1) }
             }),
+            // Few rows on bf16 weights: widened in registers, each weight byte read once.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::F32 { isa, x, w }
+                if rows <= FEW_ROWS
+                    && w.dtype == DType::BF16
+                    && matches!(isa, Isa::Avx512 | Isa::Avx512Bf16 | Isa::Avx2Fma) =>
+            {
+                let wp = w.data()[j0 * k * 2..].as_ptr() as *const u16;
+                // SAFETY: `isa` is one this CPU supports (asserted by the caller); the weight
+                // holds n·k bf16 values, read unaligned.
+                unsafe {
+                    if isa == Isa::Avx2Fma {
+                        block_fma_bf16_weights(out, x, wp, rows, n, k, j0, j1)
+                    } else {
+                        block_avx512_bf16_weights(out, x, wp, rows, n, k, j0, j1)
+                    }
+                }
+            }
             Kernel::F32 { isa, x, w } => with_f32_rows(w, self.block, k, j0, j1, |wb| match isa {
                 // SAFETY: `isa` is one this CPU supports (asserted by the caller).
                 #[cfg(target_arch = "x86_64")]
@@ -722,6 +740,136 @@ unsafe fn block_avx512(
     );
 }
 
+/// A weight element as the f32 tiles read it: f32 as it is, or bf16 (its bits as `u16`)
+/// widened in registers, so a decode step on bf16 weights in f32 precision reads each weight
+/// byte once instead of upcasting a block into a buffer and reading that back.
+#[cfg(target_arch = "x86_64")]
+trait Weight: Copy {
+    /// Sixteen values from `p` as f32 (AVX-512F).
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+    /// Eight values from `p` as f32 (AVX2).
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// The value at `p` as f32.
+    unsafe fn get(p: *const Self) -> f32;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Weight for f32 {
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn get(p: *const f32) -> f32 {
+        *p
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Weight for u16 {
+    #[inline(always)]
+    unsafe fn load16(p: *const u16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide))
+    }
+    #[inline(always)]
+    unsafe fn load8(p: *const u16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
+    }
+    #[inline(always)]
+    unsafe fn get(p: *const u16) -> f32 {
+        f32::from_bits((p.read_unaligned() as u32) << 16)
+    }
+}
+
+/// Up to [`FEW_ROWS`] f32 input rows against bf16 weights widened in registers (`w` at weight
+/// row `j0`, possibly unaligned), in AVX-512 tiles of up to 4 × 4.
+///
+/// # Safety
+/// AVX-512F must be available; `w` must hold rows `j0..j1` of `k` bf16 values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_avx512_bf16_weights(
+    out: OutPtr,
+    x: &[f32],
+    w: *const u16,
+    rows: usize,
+    n: usize,
+    k: usize,
+    j0: usize,
+    j1: usize,
+) {
+    let xs = |i: usize| x.as_ptr().add(i * k);
+    let ws = |j: usize| w.add(j * k);
+    let store = out.storer(n, j0);
+    walk_tiles(
+        rows,
+        j1 - j0,
+        FEW_ROWS,
+        |r, rx, c| {
+            let w4 = [ws(c), ws(c + 1), ws(c + 2), ws(c + 3)];
+            let x4 = |i: usize| xs(r + i);
+            match rx {
+                4 => emit(
+                    avx512::tile_of([x4(0), x4(1), x4(2), x4(3)], w4, k),
+                    r,
+                    c,
+                    &store,
+                ),
+                3 => emit(avx512::tile_of([x4(0), x4(1), x4(2)], w4, k), r, c, &store),
+                2 => emit(avx512::tile_of([x4(0), x4(1)], w4, k), r, c, &store),
+                _ => emit(avx512::tile_of([x4(0)], w4, k), r, c, &store),
+            }
+        },
+        |r, c| store(r, c, avx512::tile_of([xs(r)], [ws(c)], k)[0][0]),
+    );
+}
+
+/// [`block_avx512_bf16_weights`] in AVX2 tiles of up to 3 × 4.
+///
+/// # Safety
+/// AVX2 and FMA must be available; otherwise as [`block_avx512_bf16_weights`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_fma_bf16_weights(
+    out: OutPtr,
+    x: &[f32],
+    w: *const u16,
+    rows: usize,
+    n: usize,
+    k: usize,
+    j0: usize,
+    j1: usize,
+) {
+    let xs = |i: usize| x.as_ptr().add(i * k);
+    let ws = |j: usize| w.add(j * k);
+    let store = out.storer(n, j0);
+    walk_tiles(
+        rows,
+        j1 - j0,
+        3,
+        |r, rx, c| {
+            let w4 = [ws(c), ws(c + 1), ws(c + 2), ws(c + 3)];
+            let x3 = |i: usize| xs(r + i);
+            match rx {
+                3 => emit(avx2::tile_of([x3(0), x3(1), x3(2)], w4, k), r, c, &store),
+                2 => emit(avx2::tile_of([x3(0), x3(1)], w4, k), r, c, &store),
+                _ => emit(avx2::tile_of([x3(0)], w4, k), r, c, &store),
+            }
+        },
+        |r, c| store(r, c, avx2::tile_of([xs(r)], [ws(c)], k)[0][0]),
+    );
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
@@ -737,13 +885,23 @@ mod avx512 {
         w: [*const f32; B],
         k: usize,
     ) -> [[f32; B]; A] {
+        tile_of(x, w, k)
+    }
+
+    /// [`tile`] for weights of element `W` (f32, or bf16 widened in registers).
+    #[inline(always)]
+    pub unsafe fn tile_of<W: super::Weight, const A: usize, const B: usize>(
+        x: [*const f32; A],
+        w: [*const W; B],
+        k: usize,
+    ) -> [[f32; B]; A] {
         let mut acc = [[_mm512_setzero_ps(); B]; A];
         let main = k - k % 16;
         let mut i = 0;
         while i < main {
             let mut wv = [_mm512_setzero_ps(); B];
             for b in 0..B {
-                wv[b] = _mm512_loadu_ps(w[b].add(i));
+                wv[b] = W::load16(w[b].add(i));
             }
             for a in 0..A {
                 let xv = _mm512_loadu_ps(x[a].add(i));
@@ -758,7 +916,7 @@ mod avx512 {
             for b in 0..B {
                 let mut s = _mm512_reduce_add_ps(acc[a][b]);
                 for t in main..k {
-                    s = (*x[a].add(t)).mul_add(*w[b].add(t), s);
+                    s = (*x[a].add(t)).mul_add(W::get(w[b].add(t)), s);
                 }
                 out[a][b] = s;
             }
@@ -782,13 +940,23 @@ mod avx2 {
         w: [*const f32; B],
         k: usize,
     ) -> [[f32; B]; A] {
+        tile_of(x, w, k)
+    }
+
+    /// [`tile`] for weights of element `W` (f32, or bf16 widened in registers).
+    #[inline(always)]
+    pub unsafe fn tile_of<W: super::Weight, const A: usize, const B: usize>(
+        x: [*const f32; A],
+        w: [*const W; B],
+        k: usize,
+    ) -> [[f32; B]; A] {
         let mut acc = [[_mm256_setzero_ps(); B]; A];
         let main = k - k % 8;
         let mut i = 0;
         while i < main {
             let mut wv = [_mm256_setzero_ps(); B];
             for b in 0..B {
-                wv[b] = _mm256_loadu_ps(w[b].add(i));
+                wv[b] = W::load8(w[b].add(i));
             }
             for a in 0..A {
                 let xv = _mm256_loadu_ps(x[a].add(i));
@@ -807,7 +975,7 @@ mod avx2 {
                 let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
                 let mut s = _mm_cvtss_f32(s1);
                 for t in main..k {
-                    s = (*x[a].add(t)).mul_add(*w[b].add(t), s);
+                    s = (*x[a].add(t)).mul_add(W::get(w[b].add(t)), s);
                 }
                 out[a][b] = s;
             }
