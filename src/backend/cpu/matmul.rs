@@ -397,8 +397,18 @@ pub fn matmul_t_group_with<'a>(
             },
             (false, _) => Kernel::F32 { isa, x, w: p.w },
         };
+        // Few rows on 16-bit weights: widened in registers, each weight byte read once.
+        #[cfg(target_arch = "x86_64")]
+        let kernel = match kernel {
+            Kernel::F32 { isa, x, w } if rows <= FEW_ROWS && widens_in_registers(isa, w.dtype) => {
+                Kernel::Widened { isa, x, w }
+            }
+            other => other,
+        };
         let block = match kernel {
             Kernel::F32 { .. } => block_rows(rows, p.n, k, p.w.dtype.size()),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Widened { .. } => block_rows(rows, p.n, k, 2),
             #[cfg(target_arch = "x86_64")]
             Kernel::Bf16Dot { .. } => block_rows(rows, p.n, k, 2),
             #[cfg(target_arch = "x86_64")]
@@ -461,6 +471,14 @@ enum Kernel<'a> {
     /// one against f32 activations packed into panels.
     #[cfg(target_arch = "x86_64")]
     F32Panels { x: &'a [u32], w: &'a HostTensor },
+    /// bf16 or f16 weights widened in registers by the f32 tiles (no upcast buffer), for few
+    /// input rows; only on ISAs where [`widens_in_registers`].
+    #[cfg(target_arch = "x86_64")]
+    Widened {
+        isa: Isa,
+        x: &'a [f32],
+        w: &'a HostTensor,
+    },
 }
 
 impl Part<'_> {
@@ -485,26 +503,17 @@ impl Part<'_> {
                 // these rows and k, and `wb` holds weight rows j0..j1.
                 unsafe { panels::block_f32(out.0, x, wb.as_ptr() as *const u8, rows, n, k, j0, j1) }
             }),
-            // Few rows on 16-bit weights: widened in registers, each weight byte read once.
             #[cfg(target_arch = "x86_64")]
-            Kernel::F32 { isa, x, w } if rows <= FEW_ROWS && widens_in_registers(isa, w.dtype) => {
+            Kernel::Widened { isa, x, w } => {
                 let wp = w.data()[j0 * k * 2..].as_ptr();
-                // SAFETY: `isa` is one this CPU supports (asserted by the caller; F16C checked
-                // by `widens_in_registers`); the weight holds n·k values, read unaligned.
+                // SAFETY: chosen only where `widens_in_registers(isa, dtype)` (the CPU has the
+                // ISA, and F16C for AVX2); the weight holds n·k values, read unaligned.
                 unsafe {
-                    match (isa, w.dtype) {
-                        (Isa::Avx2Fma, DType::BF16) => {
-                            block_fma_narrow(out, x, wp as *const half::bf16, rows, n, k, j0, j1)
+                    match w.dtype {
+                        DType::BF16 => {
+                            widened(isa, out, x, wp as *const half::bf16, rows, n, k, j0, j1)
                         }
-                        (Isa::Avx2Fma, _) => {
-                            block_fma_narrow(out, x, wp as *const half::f16, rows, n, k, j0, j1)
-                        }
-                        (_, DType::BF16) => {
-                            block_avx512_narrow(out, x, wp as *const half::bf16, rows, n, k, j0, j1)
-                        }
-                        _ => {
-                            block_avx512_narrow(out, x, wp as *const half::f16, rows, n, k, j0, j1)
-                        }
+                        _ => widened(isa, out, x, wp as *const half::f16, rows, n, k, j0, j1),
                     }
                 }
             }
@@ -512,7 +521,7 @@ impl Part<'_> {
                 // SAFETY: `isa` is one this CPU supports (asserted by the caller).
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx512 | Isa::Avx512Bf16 => unsafe {
-                    block_avx512(out, x, wb, rows, n, k, j0, j1)
+                    block_avx512(out, x, wb.as_ptr(), rows, n, k, j0, j1)
                 },
                 // SAFETY: as above.
                 #[cfg(target_arch = "x86_64")]
@@ -520,6 +529,31 @@ impl Part<'_> {
                 _ => block_generic(out, x, wb, rows, n, k, j0, j1),
             }),
         }
+    }
+}
+
+/// Weight rows `j0..j1` (`w` at row `j0`) of 16-bit weights widened in registers, in the
+/// tiles of `isa`.
+///
+/// # Safety
+/// As [`block_avx512`] or [`block_fma_narrow`], whichever `isa` picks.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn widened<W: Weight>(
+    isa: Isa,
+    out: OutPtr,
+    x: &[f32],
+    w: *const W,
+    rows: usize,
+    n: usize,
+    k: usize,
+    j0: usize,
+    j1: usize,
+) {
+    if isa == Isa::Avx2Fma {
+        block_fma_narrow(out, x, w, rows, n, k, j0, j1)
+    } else {
+        block_avx512(out, x, w, rows, n, k, j0, j1)
     }
 }
 
@@ -570,8 +604,9 @@ fn with_f32_rows(
     UPCAST.set(buf);
 }
 
-/// The `rx × 4` register tile at `(r, c)` for `rx` in 1..=6 through `$tile::<rx, 4>`: one
-/// monomorphised tile per height, since the accumulators are sized at compile time. `$x(i)`
+/// The `rx × 4` register tile at `(r, c)` for `rx` in 1..=6 through `$tile` (its sizes taken
+/// from the argument arrays): one monomorphised tile per height, since the accumulators are
+/// sized at compile time. `$x(i)`
 /// is input row `r + i`; shared by the AVX-512 f32 and bf16 blocks.
 #[cfg(target_arch = "x86_64")]
 macro_rules! tiles_up_to_6_rows {
@@ -579,12 +614,12 @@ macro_rules! tiles_up_to_6_rows {
         let x = $x;
         let (w4, k, r, c, store) = ($w4, $k, $r, $c, $store);
         match $rx {
-            6 => emit($($tile)::+::<6, 4>([x(0), x(1), x(2), x(3), x(4), x(5)], w4, k), r, c, store),
-            5 => emit($($tile)::+::<5, 4>([x(0), x(1), x(2), x(3), x(4)], w4, k), r, c, store),
-            4 => emit($($tile)::+::<4, 4>([x(0), x(1), x(2), x(3)], w4, k), r, c, store),
-            3 => emit($($tile)::+::<3, 4>([x(0), x(1), x(2)], w4, k), r, c, store),
-            2 => emit($($tile)::+::<2, 4>([x(0), x(1)], w4, k), r, c, store),
-            _ => emit($($tile)::+::<1, 4>([x(0)], w4, k), r, c, store),
+            6 => emit($($tile)::+([x(0), x(1), x(2), x(3), x(4), x(5)], w4, k), r, c, store),
+            5 => emit($($tile)::+([x(0), x(1), x(2), x(3), x(4)], w4, k), r, c, store),
+            4 => emit($($tile)::+([x(0), x(1), x(2), x(3)], w4, k), r, c, store),
+            3 => emit($($tile)::+([x(0), x(1), x(2)], w4, k), r, c, store),
+            2 => emit($($tile)::+([x(0), x(1)], w4, k), r, c, store),
+            _ => emit($($tile)::+([x(0)], w4, k), r, c, store),
         }
     }};
 }
@@ -701,9 +736,46 @@ unsafe fn block_fma(
     j0: usize,
     j1: usize,
 ) {
-    let (xp, wp) = (x.as_ptr(), wb.as_ptr());
+    fma_tiles(out, x, wb.as_ptr(), rows, n, k, j0, j1)
+}
+
+/// [`block_fma`] on 16-bit weights widened in registers (`w` at weight row `j0`, possibly
+/// unaligned).
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; `w` must hold rows `j0..j1` of `k` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_fma_narrow<W: Weight>(
+    out: OutPtr,
+    x: &[f32],
+    w: *const W,
+    rows: usize,
+    n: usize,
+    k: usize,
+    j0: usize,
+    j1: usize,
+) {
+    fma_tiles(out, x, w, rows, n, k, j0, j1)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn fma_tiles<W: Weight>(
+    out: OutPtr,
+    x: &[f32],
+    w: *const W,
+    rows: usize,
+    n: usize,
+    k: usize,
+    j0: usize,
+    j1: usize,
+) {
+    let xp = x.as_ptr();
     let xs = |i: usize| xp.add(i * k);
-    let ws = |j: usize| wp.add(j * k);
+    let ws = |j: usize| w.add(j * k);
     let store = out.storer(n, j0);
     walk_tiles(
         rows,
@@ -713,16 +785,16 @@ unsafe fn block_fma(
             let w4 = [ws(c), ws(c + 1), ws(c + 2), ws(c + 3)];
             match rx {
                 3 => emit(
-                    avx2::tile::<3, 4>([xs(r), xs(r + 1), xs(r + 2)], w4, k),
+                    avx2::tile([xs(r), xs(r + 1), xs(r + 2)], w4, k),
                     r,
                     c,
                     &store,
                 ),
-                2 => emit(avx2::tile::<2, 4>([xs(r), xs(r + 1)], w4, k), r, c, &store),
-                _ => emit(avx2::tile::<1, 4>([xs(r)], w4, k), r, c, &store),
+                2 => emit(avx2::tile([xs(r), xs(r + 1)], w4, k), r, c, &store),
+                _ => emit(avx2::tile([xs(r)], w4, k), r, c, &store),
             }
         },
-        |r, c| store(r, c, avx2::tile::<1, 1>([xs(r)], [ws(c)], k)[0][0]),
+        |r, c| store(r, c, avx2::tile([xs(r)], [ws(c)], k)[0][0]),
     );
 }
 
@@ -731,19 +803,19 @@ unsafe fn block_fma(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn block_avx512(
+unsafe fn block_avx512<W: Weight>(
     out: OutPtr,
     x: &[f32],
-    wb: &[f32],
+    w: *const W,
     rows: usize,
     n: usize,
     k: usize,
     j0: usize,
     j1: usize,
 ) {
-    let (xp, wp) = (x.as_ptr(), wb.as_ptr());
+    let xp = x.as_ptr();
     let xs = |i: usize| xp.add(i * k);
-    let ws = |j: usize| wp.add(j * k);
+    let ws = |j: usize| w.add(j * k);
     let store = out.storer(n, j0);
     walk_tiles(
         rows,
@@ -753,7 +825,7 @@ unsafe fn block_avx512(
             let w4 = [ws(c), ws(c + 1), ws(c + 2), ws(c + 3)];
             tiles_up_to_6_rows!(avx512::tile, rx, |i: usize| xs(r + i), w4, k, r, c, &store);
         },
-        |r, c| store(r, c, avx512::tile::<1, 1>([xs(r)], [ws(c)], k)[0][0]),
+        |r, c| store(r, c, avx512::tile([xs(r)], [ws(c)], k)[0][0]),
     );
 }
 
@@ -825,108 +897,18 @@ impl Weight for half::f16 {
     }
 }
 
-/// Up to [`FEW_ROWS`] f32 input rows against 16-bit weights (bf16 or f16) widened in
-/// registers (`w` at weight row `j0`, possibly unaligned), in AVX-512 tiles of up to 4 × 4.
-///
-/// # Safety
-/// AVX-512F must be available; `w` must hold rows `j0..j1` of `k` values.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn block_avx512_narrow<W: Weight>(
-    out: OutPtr,
-    x: &[f32],
-    w: *const W,
-    rows: usize,
-    n: usize,
-    k: usize,
-    j0: usize,
-    j1: usize,
-) {
-    let xs = |i: usize| x.as_ptr().add(i * k);
-    let ws = |j: usize| w.add(j * k);
-    let store = out.storer(n, j0);
-    walk_tiles(
-        rows,
-        j1 - j0,
-        FEW_ROWS,
-        |r, rx, c| {
-            let w4 = [ws(c), ws(c + 1), ws(c + 2), ws(c + 3)];
-            let x4 = |i: usize| xs(r + i);
-            match rx {
-                4 => emit(
-                    avx512::tile_of([x4(0), x4(1), x4(2), x4(3)], w4, k),
-                    r,
-                    c,
-                    &store,
-                ),
-                3 => emit(avx512::tile_of([x4(0), x4(1), x4(2)], w4, k), r, c, &store),
-                2 => emit(avx512::tile_of([x4(0), x4(1)], w4, k), r, c, &store),
-                _ => emit(avx512::tile_of([x4(0)], w4, k), r, c, &store),
-            }
-        },
-        |r, c| store(r, c, avx512::tile_of([xs(r)], [ws(c)], k)[0][0]),
-    );
-}
-
-/// [`block_avx512_narrow`] in AVX2 tiles of up to 3 × 4.
-///
-/// # Safety
-/// AVX2, FMA and F16C must be available; otherwise as [`block_avx512_narrow`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn block_fma_narrow<W: Weight>(
-    out: OutPtr,
-    x: &[f32],
-    w: *const W,
-    rows: usize,
-    n: usize,
-    k: usize,
-    j0: usize,
-    j1: usize,
-) {
-    let xs = |i: usize| x.as_ptr().add(i * k);
-    let ws = |j: usize| w.add(j * k);
-    let store = out.storer(n, j0);
-    walk_tiles(
-        rows,
-        j1 - j0,
-        3,
-        |r, rx, c| {
-            let w4 = [ws(c), ws(c + 1), ws(c + 2), ws(c + 3)];
-            let x3 = |i: usize| xs(r + i);
-            match rx {
-                3 => emit(avx2::tile_of([x3(0), x3(1), x3(2)], w4, k), r, c, &store),
-                2 => emit(avx2::tile_of([x3(0), x3(1)], w4, k), r, c, &store),
-                _ => emit(avx2::tile_of([x3(0)], w4, k), r, c, &store),
-            }
-        },
-        |r, c| store(r, c, avx2::tile_of([xs(r)], [ws(c)], k)[0][0]),
-    );
-}
-
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
-    /// Dot products of `A` input rows with `B` weight rows of length `k` in zmm accumulators;
-    /// the tail past a multiple of 16 is done in scalar FMAs.
+    /// Dot products of `A` input rows with `B` weight rows of length `k` (f32, or bf16 / f16
+    /// widened in registers) in zmm accumulators; the tail past a multiple of 16 is done in
+    /// scalar FMAs.
     ///
     /// # Safety
     /// AVX-512F must be available; every pointer must be valid for `k` reads.
     #[inline(always)]
-    pub unsafe fn tile<const A: usize, const B: usize>(
-        x: [*const f32; A],
-        w: [*const f32; B],
-        k: usize,
-    ) -> [[f32; B]; A] {
-        tile_of(x, w, k)
-    }
-
-    /// [`tile`] for weights of element `W` (f32, or bf16 / f16 widened in registers).
-    #[inline(always)]
-    pub unsafe fn tile_of<W: super::Weight, const A: usize, const B: usize>(
+    pub unsafe fn tile<W: super::Weight, const A: usize, const B: usize>(
         x: [*const f32; A],
         w: [*const W; B],
         k: usize,
@@ -965,23 +947,15 @@ mod avx512 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    /// Dot products of `A` input rows with `B` weight rows of length `k`, in `A·B` ymm
-    /// accumulators; the tail past a multiple of 8 is done in scalar FMAs.
+    /// Dot products of `A` input rows with `B` weight rows of length `k` (f32, or bf16 / f16
+    /// widened in registers), in `A·B` ymm accumulators; the tail past a multiple of 8 is done
+    /// in scalar FMAs.
     ///
     /// # Safety
-    /// AVX2 and FMA must be available; every pointer must be valid for `k` reads.
+    /// AVX2 and FMA must be available, and F16C for f16 weights; every pointer must be valid
+    /// for `k` reads.
     #[inline(always)]
-    pub unsafe fn tile<const A: usize, const B: usize>(
-        x: [*const f32; A],
-        w: [*const f32; B],
-        k: usize,
-    ) -> [[f32; B]; A] {
-        tile_of(x, w, k)
-    }
-
-    /// [`tile`] for weights of element `W` (f32, or bf16 / f16 widened in registers).
-    #[inline(always)]
-    pub unsafe fn tile_of<W: super::Weight, const A: usize, const B: usize>(
+    pub unsafe fn tile<W: super::Weight, const A: usize, const B: usize>(
         x: [*const f32; A],
         w: [*const W; B],
         k: usize,

@@ -438,7 +438,8 @@ unsafe fn store<const NJ: usize, const NP: usize>(
 }
 
 /// Stores eight columns of 16 rows (`cols[c]` lane `l` is row `l`, column `c`) as 16 runs
-/// of 8 values at `dst + l·n`.
+/// of 8 values at `dst + l·n`. (`transpose_16x16` of the columns padded to 16 does the same
+/// with twice the shuffles: measured 5–8% slower on batched decode.)
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn store_8_columns(cols: [__m512; 8], dst: *mut f32, n: usize) {
