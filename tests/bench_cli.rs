@@ -34,6 +34,7 @@ fn cpu_bench_reports_every_operation_against_a_measured_ceiling() {
         "decode batch 64",
         "decode batch 256",
         "prefill",
+        "attention",
         "evaluate",
     ] {
         assert!(

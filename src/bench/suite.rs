@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::time_median;
-use crate::backend::Backend;
+use crate::backend::{AttentionGeometry, Backend};
 use crate::backend::{LowRankFactors, TensorCoefficients, TensorSources};
 use crate::error::Result;
 use crate::llama::{generate, GenerateOptions, LlamaModel, Step};
@@ -243,6 +243,61 @@ where
     })
 }
 
+/// One decode step's attention, alone: `batch` query rows at context `context`, over every
+/// layer's own K and V cache (as a step reads them, so the caches do not stay in a cache of the
+/// CPU between calls the way one layer's would). Bound by reading K and V once per row.
+pub fn attention<B: Backend>(
+    be: &B,
+    cfg: &LlamaConfig,
+    batch: usize,
+    context: usize,
+    ceil: &Ceilings,
+) -> Result<OpResult> {
+    let geom = AttentionGeometry {
+        num_heads: cfg.num_attention_heads,
+        num_kv_heads: cfg.num_key_value_heads,
+        head_dim: cfg.head_dim,
+        max_seq: context,
+    };
+    let (q_width, kv_width) = (
+        geom.num_heads * geom.head_dim,
+        geom.num_kv_heads * geom.head_dim,
+    );
+    let layers = cfg.num_hidden_layers;
+    let filled = |len: usize, seed: u64| -> Result<B::Buf> {
+        let mut buf = be.zeros(len)?;
+        be.upload(&mut buf, &hash_values(len, seed, 1.0))?;
+        Ok(buf)
+    };
+    let q = filled(batch * q_width, 1)?;
+    let caches = (0..layers as u64)
+        .map(|l| {
+            let len = batch * context * kv_width;
+            Ok((filled(len, 10 + 2 * l)?, filled(len, 11 + 2 * l)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut out = be.zeros(batch * q_width)?;
+    let slots: Vec<u32> = (0..batch as u32).collect();
+    let positions = vec![context as u32 - 1; batch];
+    let secs = time_synced(be, 7, || {
+        for (k, v) in &caches {
+            be.attention(&mut out, &q, k, v, &slots, &positions, geom)?;
+        }
+        Ok(())
+    })?;
+    // K and V of every row's context (f32), the queries and the outputs, per layer.
+    let bytes = (layers * batch * (2 * context * kv_width + 2 * q_width) * 4) as f64;
+    let flops = (layers * batch * geom.num_heads * context * geom.head_dim * 4) as f64;
+    Ok(materialize_result(
+        &format!("attention batch {batch} context {context}"),
+        secs,
+        bytes,
+        flops,
+        ceil,
+        json!({"batch": batch, "context": context, "layers": layers}),
+    ))
+}
+
 /// Materialisation through [`Backend::materialize`] (host sources and outputs) over every
 /// 2-D tensor of `cfg` with `experts` experts of rank `rank`.
 pub fn materialize_host<B: Backend>(
@@ -326,8 +381,8 @@ pub fn materialize_host<B: Backend>(
     ))
 }
 
-/// A materialisation result: bound by whichever of bytes and FLOPs takes longer at the
-/// ceilings.
+/// A materialisation (or attention) result: bound by whichever of bytes and FLOPs takes
+/// longer at the ceilings.
 pub fn materialize_result(
     op: &str,
     secs: f64,

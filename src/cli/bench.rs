@@ -288,8 +288,9 @@ fn progress(what: &str) {
     eprintln!("bench: {what}…");
 }
 
-/// Decode at batch 1, 64 and 256, prefill, and one child's evaluation workload (plus the
-/// materialisation measured before it: one full generation step of the loop).
+/// Decode at batch 1, 64 and 256, prefill, one decode step's attention at the evaluation
+/// workload's batch and context, and that workload (plus the materialisation measured before
+/// it: one full generation step of the loop).
 fn inference<B: Backend>(
     be: &B,
     cfg: &LlamaConfig,
@@ -324,8 +325,10 @@ where
         plan.prefill.1,
         ceil,
     )?);
-    progress("evaluation workload");
     let (p, len, new) = plan.eval;
+    progress("attention");
+    ops.push(suite::attention(be, cfg, p, len + new, ceil)?);
+    progress("evaluation workload");
     ops.push(suite::evaluation(be, &model, dtype, p, len, new, ceil)?);
     Ok(ops)
 }

@@ -1,5 +1,7 @@
 //! Causal grouped-query attention over a slot-indexed KV cache, one rayon task per
-//! (query row, head): `out = softmax(q·Kᵀ / √d) · V` over positions `0..=pos` of the row's slot.
+//! (query row, KV head): `out = softmax(q·Kᵀ / √d) · V` over positions `0..=pos` of the row's
+//! slot, for the query heads that share that KV head one after another, so their keys and
+//! values are read from memory once and from L1/L2 after that.
 //! Softmax is taken in f32 with the maximum subtracted, as eager attention in transformers does.
 
 use rayon::prelude::*;
@@ -29,35 +31,44 @@ pub fn attention(
     let rows = slots.len();
     // The instruction set the matmuls use (so forcing a narrower one covers this too).
     let isa = Isa::current().unwrap_or_else(|_| Isa::detect());
-    let wide = matches!(isa, Isa::Avx512 | Isa::Avx512Bf16);
+    let wide = matches!(isa, Isa::Avx512 | Isa::Avx512Bf16)
+        && head_dim.is_multiple_of(16)
+        && head_dim <= 16 * MAX_VECTORS;
 
+    // A KV head's query heads are adjacent in a row (head = kv_head · group + g).
     out[..rows * num_heads * head_dim]
-        .par_chunks_mut(head_dim)
+        .par_chunks_mut(group * head_dim)
         .enumerate()
         .for_each_init(
             || vec![0.0f32; max_seq.next_multiple_of(EXP_CHUNK)],
             |scores, (task, o)| {
-                let (row, head) = (task / num_heads, task % num_heads);
+                let (row, kv_head) = (task / num_kv_heads, task % num_kv_heads);
                 let (slot, pos) = (slots[row] as usize, positions[row] as usize);
-                let qh = &q[(row * num_heads + head) * head_dim..][..head_dim];
-                let base = slot * max_seq * kv_width + (head / group) * head_dim;
-                let keys = KvRows {
+                let base = slot * max_seq * kv_width + kv_head * head_dim;
+                let kv = KvRows {
                     k: &k_cache[base..],
                     v: &v_cache[base..],
                     stride: kv_width,
                 };
-                #[cfg(target_arch = "x86_64")]
-                if wide && head_dim.is_multiple_of(16) {
-                    // SAFETY: `wide` says the CPU has AVX-512F; the head size is checked.
-                    return unsafe { attend_avx512(o, qh, keys, scores, pos + 1, scale) };
+                let qs = &q[(row * num_heads + kv_head * group) * head_dim..][..group * head_dim];
+                for (o, qh) in o.chunks_exact_mut(head_dim).zip(qs.chunks_exact(head_dim)) {
+                    #[cfg(target_arch = "x86_64")]
+                    if wide {
+                        // SAFETY: `wide` says the CPU has AVX-512F and the head size is a
+                        // multiple of 16 of at most 16 vectors.
+                        unsafe { attend_avx512(o, qh, kv, scores, pos + 1, scale) };
+                        continue;
+                    }
+                    attend(o, qh, kv, scores, pos + 1, scale);
                 }
-                attend(o, qh, keys, scores, pos + 1, scale);
             },
         );
 }
 
-/// Scores exponentiated at a time (one AVX-512 vector).
+/// Scores exponentiated at a time (one AVX-512 vector), and positions scored at a time.
 const EXP_CHUNK: usize = 16;
+/// The widest head the AVX-512 path keeps in registers: 256 values (16 vectors).
+const MAX_VECTORS: usize = 16;
 
 /// One head's keys and values for one sequence: row `t` at `t · stride`.
 #[derive(Clone, Copy)]
@@ -67,28 +78,16 @@ struct KvRows<'a> {
     stride: usize,
 }
 
-/// One query row of one head over its first `len` positions: the score of each key
-/// (`dot(q, key)`), softmax, and the weighted sum of the values into `o`. `scores_buf` holds
-/// at least `len` rounded up to a multiple of [`EXP_CHUNK`].
+/// Softmax in place over `scores_buf[..len]`, whose length is at least `len` rounded up to a
+/// multiple of [`EXP_CHUNK`]: leaves `exp(s − max)` there (and 0 in the padding) and returns
+/// the reciprocal of their sum.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn attend_with(
-    dot: impl Fn(&[f32], &[f32]) -> f32,
-    o: &mut [f32],
-    q: &[f32],
-    kv: KvRows,
-    scores_buf: &mut [f32],
-    len: usize,
-    scale: f32,
-) {
-    let d = q.len();
-    let scores = &mut scores_buf[..len];
-    for (t, s) in scores.iter_mut().enumerate() {
-        *s = dot(q, &kv.k[t * kv.stride..][..d]) * scale;
-    }
+fn exp_scores(scores_buf: &mut [f32], len: usize) -> f32 {
     // Separate passes, so that the exponentials run as vectors (a running maximum or sum in
     // the same loop would serialise it).
-    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    let max = scores_buf[..len]
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &s| m.max(s));
     // In whole vectors of 16 (the padding past the scores is −∞, so it adds 0): a loop of a
     // few dozen would otherwise run in its scalar remainder.
     let padded = len.next_multiple_of(EXP_CHUNK);
@@ -99,28 +98,37 @@ fn attend_with(
             *s = exp(*s - max);
         }
     }
-    let inv = 1.0 / scores_buf[..padded].iter().sum::<f32>();
-    o.fill(0.0);
-    for (t, &p) in scores_buf[..len].iter().enumerate() {
-        let w = p * inv;
-        for (o, v) in o.iter_mut().zip(&kv.v[t * kv.stride..][..d]) {
-            *o += w * v;
+    1.0 / scores_buf[..padded].iter().sum::<f32>()
+}
+
+widest_simd! {
+    /// One query row of one head over its first `len` positions: the score of each key
+    /// (`dot(q, key)`), softmax, and the weighted sum of the values into `o`, in portable
+    /// lane arithmetic.
+    fn attend(o: &mut [f32], q: &[f32], kv: KvRows, scores_buf: &mut [f32], len: usize, scale: f32) {
+        let d = q.len();
+        for (t, s) in scores_buf[..len].iter_mut().enumerate() {
+            *s = dot(q, &kv.k[t * kv.stride..][..d]) * scale;
+        }
+        let inv = exp_scores(scores_buf, len);
+        o.fill(0.0);
+        for (t, &p) in scores_buf[..len].iter().enumerate() {
+            let w = p * inv;
+            for (o, v) in o.iter_mut().zip(&kv.v[t * kv.stride..][..d]) {
+                *o += w * v;
+            }
         }
     }
 }
 
-widest_simd! {
-    /// [`attend_with`] in portable lane arithmetic.
-    fn attend(o: &mut [f32], q: &[f32], kv: KvRows, scores_buf: &mut [f32], len: usize, scale: f32) {
-        attend_with(dot, o, q, kv, scores_buf, len, scale)
-    }
-}
-
-/// [`attend_with`] with AVX-512 dot products, for head sizes that are a multiple of 16 (the
-/// compiler does not turn the portable lane sums into full-width vectors).
+/// [`attend`] in AVX-512 for head sizes that are a multiple of 16, up to [`MAX_VECTORS`]
+/// vectors: the query and the output stay in registers, and sixteen positions are scored at
+/// a time with one transposing reduction instead of a horizontal sum per score (the old
+/// per-score `reduce_add` and an output summed through memory were a ninth of an evaluation).
 ///
 /// # Safety
-/// AVX-512F must be available, and `q.len()` a multiple of 16.
+/// AVX-512F must be available, `q.len()` a multiple of 16 of at most `16 · MAX_VECTORS`,
+/// `o.len() == q.len()`, and `kv` must hold `len` rows.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn attend_avx512(
@@ -131,23 +139,120 @@ unsafe fn attend_avx512(
     len: usize,
     scale: f32,
 ) {
-    use std::arch::x86_64::*;
-    let dot = |a: &[f32], b: &[f32]| {
-        debug_assert!(a.len().is_multiple_of(16) && b.len() >= a.len());
-        let mut acc = _mm512_setzero_ps();
-        for i in (0..a.len()).step_by(16) {
-            // SAFETY: i + 16 <= a.len() <= b.len().
-            unsafe {
-                acc = _mm512_fmadd_ps(
-                    _mm512_loadu_ps(a.as_ptr().add(i)),
-                    _mm512_loadu_ps(b.as_ptr().add(i)),
-                    acc,
-                );
+    macro_rules! by_vectors {
+        ($($n:literal)*) => {
+            match q.len() / 16 {
+                // SAFETY: as this function's, with the head size `16 · $n`.
+                $($n => unsafe { attend_vectors::<$n>(o, q, kv, scores_buf, len, scale) },)*
+                _ => unreachable!("head size checked by the caller"),
             }
+        };
+    }
+    by_vectors!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16)
+}
+
+/// [`attend_avx512`] for a head of `N` vectors.
+///
+/// # Safety
+/// As [`attend_avx512`]'s, with `q.len() == 16 · N`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn attend_vectors<const N: usize>(
+    o: &mut [f32],
+    q: &[f32],
+    kv: KvRows,
+    scores_buf: &mut [f32],
+    len: usize,
+    scale: f32,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(q.len() == 16 * N && o.len() == q.len() && len >= 1);
+    debug_assert!(kv.k.len() >= (len - 1) * kv.stride + q.len());
+    debug_assert!(kv.v.len() >= (len - 1) * kv.stride + q.len());
+    debug_assert!(scores_buf.len() >= len.next_multiple_of(EXP_CHUNK));
+    let (k, v) = (kv.k.as_ptr(), kv.v.as_ptr());
+    // SAFETY (every load and store below): rows `t < len` of `kv` hold `16 · N` values from
+    // their start, `q` and `o` hold `16 · N`, and `scores_buf` a multiple of 16 past `len`.
+    let qv: [__m512; N] =
+        std::array::from_fn(|j| unsafe { _mm512_loadu_ps(q.as_ptr().add(16 * j)) });
+    let scale_v = _mm512_set1_ps(scale);
+    let minus_inf = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut max = minus_inf;
+    for block in (0..len).step_by(EXP_CHUNK) {
+        // Past the last position, score the last row again (every read stays inside the rows
+        // that exist) and set those lanes to −∞, which the softmax turns into 0.
+        let acc: [__m512; EXP_CHUNK] = std::array::from_fn(|i| {
+            let row = unsafe { k.add((block + i).min(len - 1) * kv.stride) };
+            let mut a = _mm512_mul_ps(qv[0], unsafe { _mm512_loadu_ps(row) });
+            for (j, &qj) in qv.iter().enumerate().skip(1) {
+                a = _mm512_fmadd_ps(qj, unsafe { _mm512_loadu_ps(row.add(16 * j)) }, a);
+            }
+            a
+        });
+        let valid = (len - block).min(EXP_CHUNK);
+        let scores = _mm512_mask_blend_ps(
+            (u32::MAX >> (32 - valid)) as __mmask16,
+            minus_inf,
+            _mm512_mul_ps(sum_each(acc), scale_v),
+        );
+        max = _mm512_max_ps(max, scores);
+        unsafe { _mm512_storeu_ps(scores_buf.as_mut_ptr().add(block), scores) };
+    }
+    let max = _mm512_reduce_max_ps(max);
+    let padded = len.next_multiple_of(EXP_CHUNK);
+    let mut total = _mm512_setzero_ps();
+    for chunk in scores_buf[..padded].chunks_exact_mut(EXP_CHUNK) {
+        let chunk: &mut [f32; EXP_CHUNK] = chunk.try_into().unwrap();
+        for s in chunk.iter_mut() {
+            *s = exp(*s - max);
         }
-        _mm512_reduce_add_ps(acc)
+        total = _mm512_add_ps(total, unsafe { _mm512_loadu_ps(chunk.as_ptr()) });
+    }
+    let inv = 1.0 / _mm512_reduce_add_ps(total);
+    let mut out = [_mm512_setzero_ps(); N];
+    for (t, &p) in scores_buf[..len].iter().enumerate() {
+        let w = _mm512_set1_ps(p * inv);
+        let row = unsafe { v.add(t * kv.stride) };
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = _mm512_fmadd_ps(w, unsafe { _mm512_loadu_ps(row.add(16 * j)) }, *o);
+        }
+    }
+    for (j, &sum) in out.iter().enumerate() {
+        unsafe { _mm512_storeu_ps(o.as_mut_ptr().add(16 * j), sum) };
+    }
+}
+
+/// The sums of sixteen vectors' lanes, as one vector (lane `i` = the sum of `x[i]`'s lanes):
+/// pairs are folded by interleaving 32-bit lanes, then 64-bit lanes, then 128-bit blocks
+/// twice, 15 shuffle pairs and adds for what sixteen horizontal sums do in about 60 dependent
+/// steps.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn sum_each(x: [std::arch::x86_64::__m512; 16]) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    // Within each 128-bit block: lanes 0 and 2 hold x[2i]'s partial sums, 1 and 3 x[2i + 1]'s.
+    let b: [__m512; 8] = std::array::from_fn(|i| {
+        let (l, h) = (x[2 * i], x[2 * i + 1]);
+        _mm512_add_ps(_mm512_unpacklo_ps(l, h), _mm512_unpackhi_ps(l, h))
+    });
+    // Within each block: lane m holds x[4j + m]'s partial sum.
+    let c: [__m512; 4] = std::array::from_fn(|j| {
+        let (l, h) = (_mm512_castps_pd(b[2 * j]), _mm512_castps_pd(b[2 * j + 1]));
+        _mm512_add_ps(
+            _mm512_castpd_ps(_mm512_unpacklo_pd(l, h)),
+            _mm512_castpd_ps(_mm512_unpackhi_pd(l, h)),
+        )
+    });
+    // Blocks (0 + 1, 2 + 3) of the first vector, then of the second.
+    let fold = |l: __m512, h: __m512| {
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(l, h),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(l, h),
+        )
     };
-    attend_with(dot, o, q, kv, scores_buf, len, scale)
+    let (d0, d1) = (fold(c[0], c[1]), fold(c[2], c[3]));
+    // Block j: x[4j..4j + 4]'s whole sums.
+    fold(d0, d1)
 }
 
 /// A dot product in 16 independent lanes, summed as a tree (a single running sum cannot
@@ -221,9 +326,9 @@ mod tests {
     #[test]
     fn both_paths_match_softmax_attention_in_f64() {
         let mut rnd = crate::test_rng::uniform(11);
-        // Head sizes on the AVX-512 path (multiples of 16) and off it; contexts around the
-        // 16-score exponentiation chunks.
-        for (head_dim, max_seq) in [(64, 40), (16, 17), (8, 33), (12, 5)] {
+        // Head sizes on the AVX-512 path (multiples of 16, up to its widest) and off it;
+        // contexts around the 16-position scoring and exponentiation chunks.
+        for (head_dim, max_seq) in [(64, 40), (16, 17), (8, 33), (12, 5), (128, 20), (256, 3)] {
             let g = AttentionGeometry {
                 num_heads: 6,
                 num_kv_heads: 2,
@@ -278,6 +383,30 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn sum_each_puts_each_vectors_lane_sum_in_its_lane() {
+        use std::arch::x86_64::*;
+        if !std::is_x86_feature_detected!("avx512f") {
+            eprintln!("skipped: this CPU has no AVX-512F");
+            return;
+        }
+        // Distinct lane values, so that a sum from the wrong vector or a lane counted twice
+        // or missed shows.
+        let values: Vec<[f32; 16]> = (0..16)
+            .map(|i| std::array::from_fn(|l| ((i * 16 + l) * (i * 16 + l) % 977) as f32))
+            .collect();
+        let mut got = [0.0f32; 16];
+        // SAFETY: AVX-512F is present; the arrays hold 16 values each.
+        unsafe {
+            let x: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(values[i].as_ptr()));
+            _mm512_storeu_ps(got.as_mut_ptr(), sum_each(x));
+        }
+        for (i, v) in values.iter().enumerate() {
+            assert_eq!(got[i], v.iter().sum::<f32>(), "lane {i}");
         }
     }
 }
