@@ -16,6 +16,7 @@ fn bad_calls<B: Backend>(be: &B) -> Vec<(&'static str, cycleqd_engine::Result<()
             .unwrap()
     };
     let buf = |n: usize| be.zeros(n).unwrap();
+    let kv = |n: usize| be.kv_zeros(n, DType::F32).unwrap();
     let geom = AttentionGeometry {
         num_heads: 4,
         num_kv_heads: 2,
@@ -40,17 +41,17 @@ fn bad_calls<B: Backend>(be: &B) -> Vec<(&'static str, cycleqd_engine::Result<()
         ),
         (
             "kv_store past the cache",
-            be.kv_store(&mut buf(64), &buf(16), &[0, 1], &[1, 4], 4, 8),
+            be.kv_store(&mut kv(64), &buf(16), &[0, 1], &[1, 4], 4, 8),
             "position 4",
         ),
         (
             "kv_store, two rows for one cache row",
-            be.kv_store(&mut buf(64), &buf(16), &[1, 1], &[2, 2], 4, 8),
+            be.kv_store(&mut kv(64), &buf(16), &[1, 1], &[2, 2], 4, 8),
             "two rows write slot 1 position 2",
         ),
         (
             "kv_store slots and positions differ in length",
-            be.kv_store(&mut buf(64), &buf(16), &[0, 1], &[1], 4, 8),
+            be.kv_store(&mut kv(64), &buf(16), &[0, 1], &[1], 4, 8),
             "2 slots but 1 positions",
         ),
         (
@@ -60,26 +61,18 @@ fn bad_calls<B: Backend>(be: &B) -> Vec<(&'static str, cycleqd_engine::Result<()
                     num_kv_heads: 3,
                     ..geom
                 };
-                be.attention(&mut buf(32), &buf(32), &buf(64), &buf(64), &[0], &[0], g)
+                be.attention(&mut buf(32), &buf(32), &kv(64), &kv(64), &[0], &[0], g)
             },
             "4 heads over 3 KV heads",
         ),
         (
             "attention in a slot past the cache",
-            be.attention(&mut buf(32), &buf(32), &buf(64), &buf(64), &[3], &[0], geom),
+            be.attention(&mut buf(32), &buf(32), &kv(64), &kv(64), &[3], &[0], geom),
             "needs",
         ),
         (
             "attention position past the cache",
-            be.attention(
-                &mut buf(32),
-                &buf(32),
-                &buf(256),
-                &buf(256),
-                &[0],
-                &[4],
-                geom,
-            ),
+            be.attention(&mut buf(32), &buf(32), &kv(256), &kv(256), &[0], &[4], geom),
             "position 4",
         ),
         (

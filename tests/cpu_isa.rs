@@ -15,8 +15,9 @@ mod common;
 use std::path::PathBuf;
 
 use common::*;
-use cycleqd_engine::backend::cpu::{Isa, Precision};
-use cycleqd_engine::model::read_safetensors_file;
+use cycleqd_engine::backend::cpu::{CpuBackend, Isa, Precision};
+use cycleqd_engine::llama::LlamaModel;
+use cycleqd_engine::model::{read_safetensors_file, DType, ModelStore};
 
 const F32_TOL: f32 = 1e-4;
 /// Between the bf16 paths: summation order differs by ~1e-7, but an activation that lands near a
@@ -44,6 +45,22 @@ fn every_isa_path_in_both_precisions_gives_the_reference_logits() {
         let bf16_ref = std::fs::metadata(bf16_reference(name))
             .is_ok()
             .then(|| read_safetensors_file(&bf16_reference(name)).unwrap());
+        // The KV cache follows the arithmetic: bf16 where the model's products are bf16 (as
+        // transformers keeps a bf16 model's cache), f32 otherwise.
+        let model = LlamaModel::load(&CpuBackend, &ModelStore::open_llama(&dir).unwrap()).unwrap();
+        Precision::set(Precision::Bf16);
+        let want = if bf16_ref.is_some() {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        assert_eq!(model.kv_dtype(&CpuBackend), want, "{name} bf16 KV cache");
+        Precision::set(Precision::F32);
+        assert_eq!(
+            model.kv_dtype(&CpuBackend),
+            DType::F32,
+            "{name} f32 KV cache"
+        );
         for (i, e) in expected(&dir).iter().enumerate() {
             let truth = f32_ref[&format!("logits_{i}")].to_f32();
             let mut first_bf16: Option<Vec<f32>> = None;

@@ -177,8 +177,14 @@ fn attention_ops_match_the_cpu() {
     let cache_len = slots_n * geom.max_seq * kvw;
     let kc0 = values(cache_len, 11, 1.0);
     let vc0 = values(cache_len, 12, 1.0);
-    let (mut kcc, mut kcg) = (roundtrip(&cpu, &kc0), roundtrip(&gpu, &kc0));
-    let (mut vcc, mut vcg) = (roundtrip(&cpu, &vc0), roundtrip(&gpu, &vc0));
+    // f32 caches on both sides (the CUDA kernels' dtype).
+    let kv_cpu = |v: &[f32]| {
+        let mut b = cpu.kv_zeros(v.len(), DType::F32).unwrap();
+        cpu.kv_upload(&mut b, v).unwrap();
+        b
+    };
+    let (mut kcc, mut kcg) = (kv_cpu(&kc0), roundtrip(&gpu, &kc0));
+    let (mut vcc, mut vcg) = (kv_cpu(&vc0), roundtrip(&gpu, &vc0));
     let q = values(rows * qw, 13, 1.0);
     let k = values(rows * kvw, 14, 1.0);
     let (mut qc, mut qg) = (roundtrip(&cpu, &q), roundtrip(&gpu, &q));
@@ -196,7 +202,9 @@ fn attention_ops_match_the_cpu() {
         .unwrap();
     gpu.kv_store(&mut vcg, &kg, &slots, &positions, geom.max_seq, kvw)
         .unwrap();
-    assert_close("kv_store", &fetch(&gpu, &kcg, cache_len), &kcc, 1e-5);
+    let mut kcc_host = vec![0.0; cache_len];
+    cpu.kv_download(&mut kcc_host, &kcc).unwrap();
+    assert_close("kv_store", &fetch(&gpu, &kcg, cache_len), &kcc_host, 1e-5);
     let (mut oc, mut og) = (cpu.zeros(rows * qw).unwrap(), gpu.zeros(rows * qw).unwrap());
     cpu.attention(&mut oc, &qc, &kcc, &vcc, &slots, &positions, geom)
         .unwrap();

@@ -45,8 +45,11 @@ pub fn on_compute_threads<B: Backend, T: Send>(f: impl FnOnce() -> T + Send) -> 
 pub trait Backend: Send + Sync {
     /// A weight tensor resident where this backend computes, in its storage dtype.
     type Weight: Send + Sync;
-    /// An f32 buffer (activations, KV cache) resident where this backend computes.
+    /// An f32 buffer (activations) resident where this backend computes.
     type Buf: Send + Sync;
+    /// One layer's keys or values, resident where this backend computes, in the dtype
+    /// [`Backend::kv_dtype`] chose.
+    type KvBuf: Send + Sync;
     /// A model's materialisation sources, placed where this backend computes
     /// ([`Backend::place_sources`]).
     type Sources: Send;
@@ -127,10 +130,20 @@ pub trait Backend: Send + Sync {
         head_dim: usize,
         inv_freq: &[f32],
     ) -> Result<()>;
-    /// `cache[slots[i], positions[i], :] = src[i, :]`; rows of `width` values.
+    /// The dtype a KV cache holds for a model whose K/V projections are `k_proj`: f32
+    /// unless the backend computes that weight's products in a narrower type.
+    fn kv_dtype(&self, k_proj: &Self::Weight) -> DType;
+    /// A zero-filled KV buffer of `len` values of `dtype` (one [`Backend::kv_dtype`] gave).
+    fn kv_zeros(&self, len: usize, dtype: DType) -> Result<Self::KvBuf>;
+    /// Copies `src` into the start of `dst`, rounded to its dtype.
+    fn kv_upload(&self, dst: &mut Self::KvBuf, src: &[f32]) -> Result<()>;
+    /// Copies the first `dst.len()` values of `src` to the host, as f32.
+    fn kv_download(&self, dst: &mut [f32], src: &Self::KvBuf) -> Result<()>;
+    /// `cache[slots[i], positions[i], :] = src[i, :]`; rows of `width` values, rounded to
+    /// the cache's dtype.
     fn kv_store(
         &self,
-        cache: &mut Self::Buf,
+        cache: &mut Self::KvBuf,
         src: &Self::Buf,
         slots: &[u32],
         positions: &[u32],
@@ -144,8 +157,8 @@ pub trait Backend: Send + Sync {
         &self,
         out: &mut Self::Buf,
         q: &Self::Buf,
-        k_cache: &Self::Buf,
-        v_cache: &Self::Buf,
+        k_cache: &Self::KvBuf,
+        v_cache: &Self::KvBuf,
         slots: &[u32],
         positions: &[u32],
         geom: AttentionGeometry,

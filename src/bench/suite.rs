@@ -191,7 +191,7 @@ where
         bytes: step_bytes,
         flops: step_flops,
         memory_bound,
-    } = decode_step_floor(cfg, dtype, batch, mean_ctx, ceil);
+    } = decode_step_floor(cfg, dtype, model.kv_dtype(be), batch, mean_ctx, ceil);
     let tok_s = (batch * steps) as f64 / secs;
     let roofline = batch as f64 / step_secs;
     Ok(OpResult {
@@ -244,15 +244,17 @@ where
 }
 
 /// One decode step's attention, alone: `batch` query rows at context `context`, over every
-/// layer's own K and V cache (as a step reads them, so the caches do not stay in a cache of the
-/// CPU between calls the way one layer's would). Bound by reading K and V once per row.
+/// layer's own K and V cache in the dtype `model` keeps them in (as a step reads them, so the
+/// caches do not stay in a cache of the CPU between calls the way one layer's would). Bound by
+/// reading K and V once per row.
 pub fn attention<B: Backend>(
     be: &B,
-    cfg: &LlamaConfig,
+    model: &LlamaModel<B>,
     batch: usize,
     context: usize,
     ceil: &Ceilings,
 ) -> Result<OpResult> {
+    let cfg = &model.config;
     let geom = AttentionGeometry {
         num_heads: cfg.num_attention_heads,
         num_kv_heads: cfg.num_key_value_heads,
@@ -264,29 +266,45 @@ pub fn attention<B: Backend>(
         geom.num_kv_heads * geom.head_dim,
     );
     let layers = cfg.num_hidden_layers;
+    let kv_dtype = model.kv_dtype(be);
     let filled = |len: usize, seed: u64| -> Result<B::Buf> {
         let mut buf = be.zeros(len)?;
         be.upload(&mut buf, &hash_values(len, seed, 1.0))?;
         Ok(buf)
     };
     let q = filled(batch * q_width, 1)?;
+    // Every (slot, position) row of a cache, stored as a prefill would.
+    let (slots, positions): (Vec<u32>, Vec<u32>) = (0..batch as u32)
+        .flat_map(|s| (0..context as u32).map(move |p| (s, p)))
+        .unzip();
+    let cache = |seed: u64| -> Result<B::KvBuf> {
+        let len = batch * context * kv_width;
+        let mut c = be.kv_zeros(len, kv_dtype)?;
+        be.kv_store(
+            &mut c,
+            &filled(len, seed)?,
+            &slots,
+            &positions,
+            context,
+            kv_width,
+        )?;
+        Ok(c)
+    };
     let caches = (0..layers as u64)
-        .map(|l| {
-            let len = batch * context * kv_width;
-            Ok((filled(len, 10 + 2 * l)?, filled(len, 11 + 2 * l)?))
-        })
+        .map(|l| Ok((cache(10 + 2 * l)?, cache(11 + 2 * l)?)))
         .collect::<Result<Vec<_>>>()?;
     let mut out = be.zeros(batch * q_width)?;
-    let slots: Vec<u32> = (0..batch as u32).collect();
-    let positions = vec![context as u32 - 1; batch];
+    let rows: Vec<u32> = (0..batch as u32).collect();
+    let last = vec![context as u32 - 1; batch];
     let secs = time_synced(be, 7, || {
         for (k, v) in &caches {
-            be.attention(&mut out, &q, k, v, &slots, &positions, geom)?;
+            be.attention(&mut out, &q, k, v, &rows, &last, geom)?;
         }
         Ok(())
     })?;
-    // K and V of every row's context (f32), the queries and the outputs, per layer.
-    let bytes = (layers * batch * (2 * context * kv_width + 2 * q_width) * 4) as f64;
+    // K and V of every row's context, the queries and the outputs (f32), per layer.
+    let kv_bytes = 2 * context * kv_width * kv_dtype.size();
+    let bytes = (layers * batch * (kv_bytes + 2 * q_width * 4)) as f64;
     let flops = (layers * batch * geom.num_heads * context * geom.head_dim * 4) as f64;
     Ok(materialize_result(
         &format!("attention batch {batch} context {context}"),
@@ -294,7 +312,8 @@ pub fn attention<B: Backend>(
         bytes,
         flops,
         ceil,
-        json!({"batch": batch, "context": context, "layers": layers}),
+        json!({"batch": batch, "context": context, "layers": layers,
+               "kv_dtype": kv_dtype.torch_name()}),
     ))
 }
 
@@ -445,7 +464,14 @@ where
     let prefill_secs = prefill_flops(cfg, prompts, prompt_len) / ceil.flops_per_s;
     let (mut decode_secs, mut memory_bound_steps) = (0.0, 0);
     for k in 1..new_tokens {
-        let f = decode_step_floor(cfg, dtype, prompts, (prompt_len + k) as f64, ceil);
+        let f = decode_step_floor(
+            cfg,
+            dtype,
+            model.kv_dtype(be),
+            prompts,
+            (prompt_len + k) as f64,
+            ceil,
+        );
         decode_secs += f.secs;
         memory_bound_steps += f.memory_bound as usize;
     }
@@ -491,17 +517,19 @@ struct DecodeStepFloor {
     memory_bound: bool,
 }
 
-/// Every weight read once, and K and V (f32) of every layer read once per row; large batches
-/// of a small model are bound by FLOPs instead: the binding one of the two.
+/// Every weight read once, and K and V (in the cache's dtype) of every layer read once per
+/// row; large batches of a small model are bound by FLOPs instead: the binding one of the two.
 fn decode_step_floor(
     cfg: &LlamaConfig,
     dtype: DType,
+    kv_dtype: DType,
     batch: usize,
     ctx: f64,
     ceil: &Ceilings,
 ) -> DecodeStepFloor {
     let kv_width = cfg.num_key_value_heads * cfg.head_dim;
-    let kv_bytes = 2.0 * 4.0 * (cfg.num_hidden_layers * kv_width) as f64 * ctx * batch as f64;
+    let kv_bytes =
+        (2 * kv_dtype.size() * cfg.num_hidden_layers * kv_width) as f64 * ctx * batch as f64;
     let bytes = matrix_bytes(cfg, dtype) as f64 + kv_bytes;
     let (h, l) = (
         cfg.num_attention_heads * cfg.head_dim,

@@ -327,16 +327,17 @@ where
     )?);
     let (p, len, new) = plan.eval;
     progress("attention");
-    ops.push(suite::attention(be, cfg, p, len + new, ceil)?);
+    ops.push(suite::attention(be, &model, p, len + new, ceil)?);
     progress("evaluation workload");
     ops.push(suite::evaluation(be, &model, dtype, p, len, new, ceil)?);
     Ok(ops)
 }
 
 /// What the CPU bench of `plan` holds at its peak: the random model's weights, then the
-/// largest of its workloads' f32 KV caches and logits (the materialise and factorise steps
-/// before them hold one layer's tensors, far less). Refused in one line when the machine has
-/// less available, instead of being killed for memory half-way.
+/// largest of its workloads' KV caches (counted in f32, the wider of a cache's dtypes) and
+/// logits (the materialise and factorise steps before them hold one layer's tensors, far
+/// less). Refused in one line when the machine has less available, instead of being killed
+/// for memory half-way.
 fn check_cpu_room(
     shape: Shape,
     cfg: &LlamaConfig,

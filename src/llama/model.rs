@@ -8,7 +8,7 @@
 use crate::backend::{on_compute_threads, AttentionGeometry, Backend};
 use crate::error::{Error, Result};
 use crate::model::config::rope_inv_freq;
-use crate::model::{HostTensor, LlamaConfig, ModelStore};
+use crate::model::{DType, HostTensor, LlamaConfig, ModelStore};
 
 struct Layer<B: Backend> {
     input_norm: B::Weight,
@@ -35,8 +35,8 @@ pub struct LlamaModel<B: Backend> {
 
 /// The KV cache of a batch of sequences: per layer, `[slots, max_seq, kv_heads * head_dim]`.
 pub struct KvCache<B: Backend> {
-    k: Vec<B::Buf>,
-    v: Vec<B::Buf>,
+    k: Vec<B::KvBuf>,
+    v: Vec<B::KvBuf>,
     pub slots: usize,
     pub max_seq: usize,
 }
@@ -231,6 +231,14 @@ impl<B: Backend> LlamaModel<B> {
         out
     }
 
+    /// The dtype `backend` keeps this model's keys and values in: bf16 where it computes their
+    /// projections in bf16, as transformers and vLLM keep a bf16 model's cache.
+    pub fn kv_dtype(&self, backend: &B) -> DType {
+        self.layers
+            .first()
+            .map_or(DType::F32, |l| backend.kv_dtype(&l.k))
+    }
+
     /// A zeroed KV cache for `slots` sequences of at most `max_seq` positions.
     pub fn new_cache(&self, backend: &B, slots: usize, max_seq: usize) -> Result<KvCache<B>> {
         let width = self.config.num_key_value_heads * self.config.head_dim;
@@ -242,9 +250,10 @@ impl<B: Backend> LlamaModel<B> {
                     "a KV cache of {slots} sequences × {max_seq} positions overflows sizes"
                 ))
             })?;
+        let dtype = self.kv_dtype(backend);
         // The whole cache (every layer, keys and values) before any of it is allocated.
         let total = n
-            .checked_mul(8 * self.layers.len())
+            .checked_mul(2 * dtype.size() * self.layers.len())
             .ok_or_else(|| Error::invalid("the KV cache's size overflows"))?;
         backend.check_room(
             &format!("a KV cache of {slots} sequences × {max_seq} positions"),
@@ -253,8 +262,8 @@ impl<B: Backend> LlamaModel<B> {
         let mut k = Vec::with_capacity(self.layers.len());
         let mut v = Vec::with_capacity(self.layers.len());
         for _ in &self.layers {
-            k.push(backend.zeros(n)?);
-            v.push(backend.zeros(n)?);
+            k.push(backend.kv_zeros(n, dtype)?);
+            v.push(backend.kv_zeros(n, dtype)?);
         }
         Ok(KvCache {
             k,

@@ -174,7 +174,7 @@ pub fn from_f32_slice(dtype: DType, src: &[f32], dst: &mut [u8]) {
 
 widest_simd! {
     /// A bf16 is the upper half of an f32.
-    fn bf16_to_f32_slice(src: &[u16], dst: &mut [f32]) {
+    pub fn bf16_to_f32_slice(src: &[u16], dst: &mut [f32]) {
         dst.iter_mut()
             .zip(src)
             .for_each(|(d, &b)| *d = f32::from_bits((u16::from_le(b) as u32) << 16))

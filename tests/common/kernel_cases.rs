@@ -381,6 +381,13 @@ fn up<B: Backend>(be: &B, v: &[f32]) -> B::Buf {
     b
 }
 
+/// An f32 KV buffer holding `v` (the dtype every backend's kernels take).
+fn kv_up<B: Backend>(be: &B, v: &[f32]) -> B::KvBuf {
+    let mut b = be.kv_zeros(v.len(), DType::F32).unwrap();
+    be.kv_upload(&mut b, v).unwrap();
+    b
+}
+
 fn down<B: Backend>(be: &B, b: &B::Buf, len: usize) -> Vec<f32> {
     let mut out = vec![0.0; len];
     be.download(&mut out, b).unwrap();
@@ -552,7 +559,7 @@ pub fn on_backend<B: Backend>(be: &B, case: &Case) -> Outputs {
             max_seq,
             width,
         } => {
-            let mut cache = up(be, &d[0]);
+            let mut cache = kv_up(be, &d[0]);
             be.kv_store(
                 &mut cache,
                 &up(be, &d[1]),
@@ -562,7 +569,9 @@ pub fn on_backend<B: Backend>(be: &B, case: &Case) -> Outputs {
                 *width,
             )
             .unwrap();
-            out("cache", down(be, &cache, d[0].len()))
+            let mut host = vec![0.0; d[0].len()];
+            be.kv_download(&mut host, &cache).unwrap();
+            out("cache", host)
         }
         Op::Attention {
             slots,
@@ -571,7 +580,7 @@ pub fn on_backend<B: Backend>(be: &B, case: &Case) -> Outputs {
             ..
         } => {
             let mut o = be.zeros(d[0].len()).unwrap();
-            let (q, k, v) = (up(be, &d[0]), up(be, &d[1]), up(be, &d[2]));
+            let (q, k, v) = (up(be, &d[0]), kv_up(be, &d[1]), kv_up(be, &d[2]));
             be.attention(&mut o, &q, &k, &v, slots, positions, *geom)
                 .unwrap();
             out("out", down(be, &o, d[0].len()))

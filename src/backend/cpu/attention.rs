@@ -8,13 +8,71 @@ use rayon::prelude::*;
 
 use super::matmul::Isa;
 use crate::backend::AttentionGeometry;
+use crate::model::dtype::bf16_to_f32_slice;
 use crate::simd::{exp, widest_simd};
 
-pub fn attention(
+/// A KV cache element: f32, or bf16 bits (`u16`) widened as they are read.
+pub trait KvElem: Copy + Send + Sync {
+    /// The slice itself where it is f32 already (read in place, no copy).
+    fn as_f32(values: &[Self]) -> Option<&[f32]>;
+    /// `dst.len()` values from `src`, as f32.
+    fn widen(src: &[Self], dst: &mut [f32]);
+    /// Sixteen values from `p` as f32.
+    ///
+    /// # Safety
+    /// AVX-512F must be available and `p` valid for 16 values.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+impl KvElem for f32 {
+    fn as_f32(values: &[f32]) -> Option<&[f32]> {
+        Some(values)
+    }
+    fn widen(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(&src[..dst.len()]);
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        // SAFETY: as the trait method's.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+}
+
+impl KvElem for u16 {
+    fn as_f32(_: &[u16]) -> Option<&[f32]> {
+        None
+    }
+    fn widen(src: &[u16], dst: &mut [f32]) {
+        bf16_to_f32_slice(&src[..dst.len()], dst);
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const u16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: as the trait method's; a bf16 is the upper half of an f32.
+        unsafe {
+            let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide))
+        }
+    }
+}
+
+/// A rayon task's buffers: the scores of one head, and (bf16 caches off the AVX-512 path) its
+/// KV head's keys and values widened once for the group's query heads.
+#[derive(Default)]
+struct Scratch {
+    scores: Vec<f32>,
+    keys: Vec<f32>,
+    values: Vec<f32>,
+}
+
+pub fn attention<T: KvElem>(
     out: &mut [f32],
     q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
+    k_cache: &[T],
+    v_cache: &[T],
     slots: &[u32],
     positions: &[u32],
     geom: AttentionGeometry,
@@ -39,30 +97,80 @@ pub fn attention(
     out[..rows * num_heads * head_dim]
         .par_chunks_mut(group * head_dim)
         .enumerate()
-        .for_each_init(
-            || vec![0.0f32; max_seq.next_multiple_of(EXP_CHUNK)],
-            |scores, (task, o)| {
-                let (row, kv_head) = (task / num_kv_heads, task % num_kv_heads);
-                let (slot, pos) = (slots[row] as usize, positions[row] as usize);
-                let base = slot * max_seq * kv_width + kv_head * head_dim;
-                let kv = KvRows {
-                    k: &k_cache[base..],
-                    v: &v_cache[base..],
-                    stride: kv_width,
-                };
-                let qs = &q[(row * num_heads + kv_head * group) * head_dim..][..group * head_dim];
-                for (o, qh) in o.chunks_exact_mut(head_dim).zip(qs.chunks_exact(head_dim)) {
-                    #[cfg(target_arch = "x86_64")]
-                    if wide {
-                        // SAFETY: `wide` says the CPU has AVX-512F and the head size is a
-                        // multiple of 16 of at most 16 vectors.
-                        unsafe { attend_avx512(o, qh, kv, scores, pos + 1, scale) };
-                        continue;
-                    }
-                    attend(o, qh, kv, scores, pos + 1, scale);
-                }
-            },
-        );
+        .for_each_init(Scratch::default, |scratch, (task, o)| {
+            let (row, kv_head) = (task / num_kv_heads, task % num_kv_heads);
+            let (slot, pos) = (slots[row] as usize, positions[row] as usize);
+            let base = slot * max_seq * kv_width + kv_head * head_dim;
+            let kv = KvRows {
+                k: &k_cache[base..],
+                v: &v_cache[base..],
+                stride: kv_width,
+            };
+            let qs = &q[(row * num_heads + kv_head * group) * head_dim..][..group * head_dim];
+            attend_group(o, qs, head_dim, kv, scratch, pos + 1, scale, wide);
+        });
+}
+
+/// The query heads `qs` (`[group, head_dim]`, out into `o`) that share one KV head, over its
+/// first `len` rows. `wide`: the AVX-512 path may run (the caller checked the CPU and that the
+/// head size is a multiple of 16 of at most [`MAX_VECTORS`] vectors).
+#[allow(clippy::too_many_arguments)]
+fn attend_group<T: KvElem>(
+    o: &mut [f32],
+    qs: &[f32],
+    head_dim: usize,
+    kv: KvRows<T>,
+    scratch: &mut Scratch,
+    len: usize,
+    scale: f32,
+    wide: bool,
+) {
+    let Scratch {
+        scores,
+        keys,
+        values,
+    } = scratch;
+    let padded = len.next_multiple_of(EXP_CHUNK);
+    if scores.len() < padded {
+        scores.resize(padded, 0.0);
+    }
+    let heads = o.chunks_exact_mut(head_dim).zip(qs.chunks_exact(head_dim));
+    #[cfg(target_arch = "x86_64")]
+    if wide {
+        for (o, qh) in heads {
+            // SAFETY: `wide` says the CPU has AVX-512F and the head size is a multiple of 16
+            // of at most 16 vectors; `kv` holds `len` rows.
+            unsafe { attend_avx512(o, qh, kv, scores, len, scale) };
+        }
+        return;
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = wide;
+    let kv = match (T::as_f32(kv.k), T::as_f32(kv.v)) {
+        (Some(k), Some(v)) => KvRows {
+            k,
+            v,
+            stride: kv.stride,
+        },
+        _ => {
+            // The group's rows, widened once into `[len, head_dim]`.
+            keys.resize(len * head_dim, 0.0);
+            values.resize(len * head_dim, 0.0);
+            for t in 0..len {
+                let at = t * kv.stride;
+                T::widen(&kv.k[at..], &mut keys[t * head_dim..][..head_dim]);
+                T::widen(&kv.v[at..], &mut values[t * head_dim..][..head_dim]);
+            }
+            KvRows {
+                k: keys,
+                v: values,
+                stride: head_dim,
+            }
+        }
+    };
+    for (o, qh) in heads {
+        attend(o, qh, kv, scores, len, scale);
+    }
 }
 
 /// Scores exponentiated at a time (one AVX-512 vector), and positions scored at a time.
@@ -71,12 +179,19 @@ const EXP_CHUNK: usize = 16;
 const MAX_VECTORS: usize = 16;
 
 /// One head's keys and values for one sequence: row `t` at `t · stride`.
-#[derive(Clone, Copy)]
-struct KvRows<'a> {
-    k: &'a [f32],
-    v: &'a [f32],
+struct KvRows<'a, T = f32> {
+    k: &'a [T],
+    v: &'a [T],
     stride: usize,
 }
+
+// Not derived: a derive would ask `T: Copy` of the struct's users too.
+impl<T> Clone for KvRows<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for KvRows<'_, T> {}
 
 /// Softmax in place over `scores_buf[..len]`, whose length is at least `len` rounded up to a
 /// multiple of [`EXP_CHUNK`]: leaves `exp(s − max)` there (and 0 in the padding) and returns
@@ -131,10 +246,10 @@ widest_simd! {
 /// `o.len() == q.len()`, and `kv` must hold `len` rows.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn attend_avx512(
+unsafe fn attend_avx512<T: KvElem>(
     o: &mut [f32],
     q: &[f32],
-    kv: KvRows,
+    kv: KvRows<T>,
     scores_buf: &mut [f32],
     len: usize,
     scale: f32,
@@ -143,7 +258,7 @@ unsafe fn attend_avx512(
         ($($n:literal)*) => {
             match q.len() / 16 {
                 // SAFETY: as this function's, with the head size `16 · $n`.
-                $($n => unsafe { attend_vectors::<$n>(o, q, kv, scores_buf, len, scale) },)*
+                $($n => unsafe { attend_vectors::<$n, T>(o, q, kv, scores_buf, len, scale) },)*
                 _ => unreachable!("head size checked by the caller"),
             }
         };
@@ -157,10 +272,10 @@ unsafe fn attend_avx512(
 /// As [`attend_avx512`]'s, with `q.len() == 16 · N`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn attend_vectors<const N: usize>(
+unsafe fn attend_vectors<const N: usize, T: KvElem>(
     o: &mut [f32],
     q: &[f32],
-    kv: KvRows,
+    kv: KvRows<T>,
     scores_buf: &mut [f32],
     len: usize,
     scale: f32,
@@ -183,9 +298,9 @@ unsafe fn attend_vectors<const N: usize>(
         // that exist) and set those lanes to −∞, which the softmax turns into 0.
         let acc: [__m512; EXP_CHUNK] = std::array::from_fn(|i| {
             let row = unsafe { k.add((block + i).min(len - 1) * kv.stride) };
-            let mut a = _mm512_mul_ps(qv[0], unsafe { _mm512_loadu_ps(row) });
+            let mut a = _mm512_mul_ps(qv[0], unsafe { T::load16(row) });
             for (j, &qj) in qv.iter().enumerate().skip(1) {
-                a = _mm512_fmadd_ps(qj, unsafe { _mm512_loadu_ps(row.add(16 * j)) }, a);
+                a = _mm512_fmadd_ps(qj, unsafe { T::load16(row.add(16 * j)) }, a);
             }
             a
         });
@@ -214,7 +329,7 @@ unsafe fn attend_vectors<const N: usize>(
         let w = _mm512_set1_ps(p * inv);
         let row = unsafe { v.add(t * kv.stride) };
         for (j, o) in out.iter_mut().enumerate() {
-            *o = _mm512_fmadd_ps(w, unsafe { _mm512_loadu_ps(row.add(16 * j)) }, *o);
+            *o = _mm512_fmadd_ps(w, unsafe { T::load16(row.add(16 * j)) }, *o);
         }
     }
     for (j, &sum) in out.iter().enumerate() {
@@ -374,6 +489,64 @@ mod tests {
                     positions[row] as usize + 1,
                     1.0 / (head_dim as f32).sqrt(),
                 );
+            }
+            for (name, out) in [("dispatched", &got), ("portable", &portable)] {
+                for (i, (g, w)) in out.iter().zip(&want).enumerate() {
+                    assert!(
+                        (*g as f64 - w).abs() <= 1e-5,
+                        "{name} head_dim {head_dim} [{i}]: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A bf16 cache (bit patterns) gives softmax attention over its values widened, on the
+    /// dispatched path and on the portable one (which widens a group's rows once).
+    #[test]
+    fn bf16_caches_match_attention_over_their_values() {
+        use crate::model::dtype::f32_to_bf16_bits;
+        let mut rnd = crate::test_rng::uniform(12);
+        for (head_dim, max_seq) in [(64, 40), (16, 17), (12, 5)] {
+            let g = AttentionGeometry {
+                num_heads: 6,
+                num_kv_heads: 2,
+                head_dim,
+                max_seq,
+            };
+            let len = 3 * max_seq * g.num_kv_heads * head_dim;
+            let bits = |scale: f32, rnd: &mut dyn FnMut() -> f32| -> Vec<u16> {
+                (0..len).map(|_| f32_to_bf16_bits(scale * rnd())).collect()
+            };
+            let (k, v) = (bits(2.0, &mut rnd), bits(1.0, &mut rnd));
+            let wide = |b: &[u16]| -> Vec<f32> {
+                b.iter()
+                    .map(|&x| f32::from_bits((x as u32) << 16))
+                    .collect()
+            };
+            let slots = [2u32, 0, 1];
+            let positions = [max_seq as u32 - 1, 0, (max_seq as u32 - 1).min(16)];
+            let q: Vec<f32> = (0..slots.len() * g.num_heads * head_dim)
+                .map(|_| rnd())
+                .collect();
+            let want = naive(&q, &wide(&k), &wide(&v), &slots, &positions, g);
+            let mut got = vec![f32::NAN; want.len()];
+            attention(&mut got, &q, &k, &v, &slots, &positions, g);
+            let mut portable = vec![f32::NAN; want.len()];
+            let group_width = 3 * head_dim;
+            for (task, o) in portable.chunks_mut(group_width).enumerate() {
+                let (row, kv_head) = (task / 2, task % 2);
+                let base = (slots[row] as usize * max_seq * 2 + kv_head) * head_dim;
+                let kv = KvRows {
+                    k: &k[base..],
+                    v: &v[base..],
+                    stride: 2 * head_dim,
+                };
+                let qs = &q[task * group_width..][..group_width];
+                let len = positions[row] as usize + 1;
+                let scale = 1.0 / (head_dim as f32).sqrt();
+                let mut scratch = Scratch::default();
+                attend_group(o, qs, head_dim, kv, &mut scratch, len, scale, false);
             }
             for (name, out) in [("dispatched", &got), ("portable", &portable)] {
                 for (i, (g, w)) in out.iter().zip(&want).enumerate() {

@@ -2,6 +2,7 @@
 //! every other backend's kernels are checked against, and the backend CI and most machines run.
 
 mod attention;
+mod kv;
 mod materialize;
 mod matmul;
 mod panels;
@@ -18,6 +19,7 @@ use crate::model::{dtype, DType, HostTensor, TensorBytes};
 use crate::simd::{exp, widest_simd};
 
 pub use attention::attention;
+pub use kv::KvBuf;
 pub use materialize::materialize;
 pub use matmul::{
     matmul_t, matmul_t_group, matmul_t_group_with, matmul_t_isa, matmul_t_with, Isa, Precision,
@@ -45,6 +47,7 @@ impl Backend for CpuBackend {
 
     type Weight = HostTensor;
     type Buf = Vec<f32>;
+    type KvBuf = KvBuf;
     type Sources = Vec<TensorSources>;
 
     fn name(&self) -> String {
@@ -238,9 +241,40 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    /// bf16 where this process computes the K projection's products in bf16 (what
+    /// transformers keeps for a bf16 model), f32 otherwise.
+    fn kv_dtype(&self, k_proj: &HostTensor) -> DType {
+        let isa = Isa::current().unwrap_or_else(|_| Isa::detect());
+        if Precision::current().uses_bf16(k_proj.dtype, isa) {
+            DType::BF16
+        } else {
+            DType::F32
+        }
+    }
+
+    fn kv_zeros(&self, len: usize, dtype: DType) -> Result<KvBuf> {
+        let bytes = len.checked_mul(dtype.size()).ok_or_else(|| {
+            Error::invalid(format!("a KV buffer of {len} values overflows sizes"))
+        })?;
+        check_memory("a KV buffer", bytes)?;
+        Ok(KvBuf::zeros(len, dtype))
+    }
+
+    fn kv_upload(&self, dst: &mut KvBuf, src: &[f32]) -> Result<()> {
+        check_len("kv_upload", dst.len(), src.len())?;
+        dst.store(0, src);
+        Ok(())
+    }
+
+    fn kv_download(&self, dst: &mut [f32], src: &KvBuf) -> Result<()> {
+        check_len("kv_download", src.len(), dst.len())?;
+        src.load(0, dst);
+        Ok(())
+    }
+
     fn kv_store(
         &self,
-        cache: &mut Vec<f32>,
+        cache: &mut KvBuf,
         src: &Vec<f32>,
         slots: &[u32],
         positions: &[u32],
@@ -260,7 +294,7 @@ impl Backend for CpuBackend {
             let (s, p) = (s as usize, p as usize);
             let at = (s * max_seq + p) * width;
             check_len("kv_store cache", cache.len(), at + width)?;
-            cache[at..at + width].copy_from_slice(&src[i * width..(i + 1) * width]);
+            cache.store(at, &src[i * width..(i + 1) * width]);
         }
         Ok(())
     }
@@ -269,8 +303,8 @@ impl Backend for CpuBackend {
         &self,
         out: &mut Vec<f32>,
         q: &Vec<f32>,
-        k_cache: &Vec<f32>,
-        v_cache: &Vec<f32>,
+        k_cache: &KvBuf,
+        v_cache: &KvBuf,
         slots: &[u32],
         positions: &[u32],
         geom: AttentionGeometry,
@@ -284,7 +318,21 @@ impl Backend for CpuBackend {
         if width == 0 {
             return Ok(());
         }
-        attention(out, q, k_cache, v_cache, slots, positions, geom);
+        match (k_cache, v_cache) {
+            (KvBuf::F32(k), KvBuf::F32(v)) => {
+                attention(out, q, k, v, slots, positions, geom);
+            }
+            (KvBuf::Bf16(k), KvBuf::Bf16(v)) => {
+                attention(out, q, k, v, slots, positions, geom);
+            }
+            (k, v) => {
+                return Err(Error::invalid(format!(
+                    "attention: a {:?} key cache with a {:?} value cache",
+                    k.dtype(),
+                    v.dtype()
+                )))
+            }
+        }
         Ok(())
     }
 

@@ -26,6 +26,8 @@ fn buf(b: &CudaBuf, op: &str, need: usize) -> Result<()> {
 impl Backend for CudaBackend {
     type Weight = CudaWeight;
     type Buf = CudaBuf;
+    /// f32: the attention and kv_store kernels read and write f32 caches.
+    type KvBuf = CudaBuf;
     type Sources = CudaSources;
 
     fn name(&self) -> String {
@@ -241,6 +243,27 @@ impl Backend for CudaBackend {
         let (fp, _gf) = freq_d.device_ptr(s);
         // SAFETY: x holds positions·heads·head_dim values, inv_freq head_dim/2.
         unsafe { self.run(&l, &[xp, pp, fp]) }
+    }
+
+    fn kv_dtype(&self, _k_proj: &CudaWeight) -> DType {
+        DType::F32
+    }
+
+    fn kv_zeros(&self, len: usize, dtype: DType) -> Result<CudaBuf> {
+        if dtype != DType::F32 {
+            return Err(Error::invalid(format!(
+                "a {dtype:?} KV cache: the CUDA kernels keep KV caches in f32"
+            )));
+        }
+        self.zeros(len)
+    }
+
+    fn kv_upload(&self, dst: &mut CudaBuf, src: &[f32]) -> Result<()> {
+        self.upload(dst, src)
+    }
+
+    fn kv_download(&self, dst: &mut [f32], src: &CudaBuf) -> Result<()> {
+        self.download(dst, src)
     }
 
     fn kv_store(
