@@ -72,7 +72,11 @@ pub(crate) fn exp(x: f32) -> f32 {
     const LN2_LO: f32 = 1.428_606_8e-6;
     // Adding and subtracting 1.5·2²³ rounds to the nearest integer (ties to even).
     const ROUND: f32 = 12_582_912.0;
-    let c = x.clamp(-104.0, 88.8);
+    // `max`/`min` (not `clamp`) so that a NaN becomes a finite value here: the conversion
+    // to an integer below may then skip Rust's saturating `as` (several scalar instructions
+    // a lane, which stopped this loop from vectorising); NaN's result is restored at the end.
+    #[allow(clippy::manual_clamp)] // `clamp` keeps NaN, which is the point of not using it
+    let c = x.max(-104.0).min(88.8);
     let n = (c * LOG2_E + ROUND) - ROUND;
     let r = (c - n * LN2_HI) - n * LN2_LO;
     let mut p = 1.0 / 5040.0;
@@ -87,7 +91,9 @@ pub(crate) fn exp(x: f32) -> f32 {
     ] {
         p = p * r + coefficient;
     }
-    let n = n as i32;
+    // SAFETY: `c` is finite and within [−104, 88.8], so `n` is an integer-valued float in
+    // [−151, 129], which i32 holds.
+    let n = unsafe { n.to_int_unchecked::<i32>() };
     let half = n >> 1;
     let pow2 = |e: i32| f32::from_bits(((e + 127) as u32) << 23);
     let y = p * pow2(half) * pow2(n - half);
