@@ -38,6 +38,31 @@ macro_rules! widest_simd {
 
 pub(crate) use widest_simd;
 
+/// A dot product in 16 independent lanes, summed as a tree (a single running sum cannot
+/// vectorise: float addition is not reassociated; a running sum of the lanes would be a
+/// chain of 15 dependent adds per call). For attention's scores and RMSNorm's sum of squares.
+#[inline(always)]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const L: usize = 16;
+    let mut lanes = [0.0f32; L];
+    let (ac, bc) = (a.chunks_exact(L), b.chunks_exact(L));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        let (x, y): (&[f32; L], &[f32; L]) = (x.try_into().unwrap(), y.try_into().unwrap());
+        for l in 0..L {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    let h8: [f32; 8] = std::array::from_fn(|l| lanes[l] + lanes[l + 8]);
+    let h4: [f32; 4] = std::array::from_fn(|l| h8[l] + h8[l + 4]);
+    (h4[0] + h4[2]) + (h4[1] + h4[3]) + tail
+}
+
 /// Sums of per-element terms in eight f64 lanes: whole groups of eight have fixed trip counts,
 /// which the compiler turns into vector code (a single running f64 sum is one add per cycle).
 #[inline(always)]
@@ -107,6 +132,21 @@ pub(crate) fn exp(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dot_sums_every_product_including_the_tail() {
+        let mut rnd = crate::test_rng::uniform(5);
+        for n in [0, 1, 15, 16, 17, 33, 100] {
+            let a: Vec<f32> = (0..n).map(|_| rnd()).collect();
+            let b: Vec<f32> = (0..n).map(|_| rnd()).collect();
+            let want: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
+            let got = dot(&a, &b) as f64;
+            assert!(
+                (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "n {n}: {got} vs {want}"
+            );
+        }
+    }
 
     #[test]
     fn exp_is_within_two_ulp_everywhere_and_keeps_the_special_values() {

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use super::matmul::Isa;
 use crate::backend::AttentionGeometry;
 use crate::model::dtype::bf16_to_f32_slice;
-use crate::simd::{exp, widest_simd};
+use crate::simd::{dot, exp, widest_simd};
 
 /// A KV cache element: f32, or bf16 bits (`u16`) widened as they are read.
 pub trait KvElem: Copy + Send + Sync {
@@ -368,31 +368,6 @@ fn sum_each(x: [std::arch::x86_64::__m512; 16]) -> std::arch::x86_64::__m512 {
     let (d0, d1) = (fold(c[0], c[1]), fold(c[2], c[3]));
     // Block j: x[4j..4j + 4]'s whole sums.
     fold(d0, d1)
-}
-
-/// A dot product in 16 independent lanes, summed as a tree (a single running sum cannot
-/// vectorise: float addition is not reassociated; a running sum of the lanes would be a
-/// chain of 15 dependent adds per score).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const L: usize = 16;
-    let mut lanes = [0.0f32; L];
-    let (ac, bc) = (a.chunks_exact(L), b.chunks_exact(L));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        let (x, y): (&[f32; L], &[f32; L]) = (x.try_into().unwrap(), y.try_into().unwrap());
-        for l in 0..L {
-            lanes[l] += x[l] * y[l];
-        }
-    }
-    let h8: [f32; 8] = std::array::from_fn(|l| lanes[l] + lanes[l + 8]);
-    let h4: [f32; 4] = std::array::from_fn(|l| h8[l] + h8[l + 4]);
-    (h4[0] + h4[2]) + (h4[1] + h4[3]) + tail
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use super::{checks, AttentionGeometry, Backend};
 use crate::error::{Error, Result};
 use crate::merge::methods::{merge_tensor, MergeOp, Sink};
 use crate::model::{dtype, DType, HostTensor, TensorBytes};
-use crate::simd::{exp, widest_simd};
+use crate::simd::{dot, exp, widest_simd};
 
 pub use attention::attention;
 pub use kv::KvBuf;
@@ -518,12 +518,16 @@ fn checked_numel(shape: &[usize]) -> Result<usize> {
         .ok_or_else(|| Error::invalid(format!("a tensor of shape {shape:?} overflows sizes")))
 }
 
-/// One row of RMSNorm, as transformers' LlamaRMSNorm computes it in f32.
-pub fn rms_norm_row(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
-    let ss: f32 = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
-    let inv = 1.0 / (ss + eps).sqrt();
-    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
-        *o = g * (v * inv);
+widest_simd! {
+    /// One row of RMSNorm, as transformers' LlamaRMSNorm computes it in f32 (the sum of
+    /// squares in 16 lanes: a single running sum was a chain of dependent scalar adds, 1–2% of
+    /// a prefill).
+    pub fn rms_norm_row(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
+        let ss = dot(x, x) / x.len() as f32;
+        let inv = 1.0 / (ss + eps).sqrt();
+        for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+            *o = g * (v * inv);
+        }
     }
 }
 
