@@ -37,8 +37,9 @@ struct Fixture {
     layer_params: usize,
     /// Weights of the output projection (only positions whose logits are asked for).
     head_params: usize,
-    /// Bytes of keys and values (f32) one position of one sequence holds, over all layers.
-    kv_bytes_per_position: usize,
+    /// Keys and values one position of one sequence holds, over all layers (values: their
+    /// bytes depend on the cache's dtype, which follows the precision).
+    kv_values_per_position: usize,
 }
 
 fn fixture() -> Fixture {
@@ -50,8 +51,7 @@ fn fixture() -> Fixture {
     // The embedding is a lookup, not a product; untied, the output projection is counted too.
     let embeddings = if cfg.tie_word_embeddings { 1 } else { 2 } * head_params;
     let layer_params = cfg.num_parameters() - norms - embeddings;
-    let kv_bytes_per_position =
-        cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4;
+    let kv_values_per_position = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim;
     let map: std::collections::HashMap<_, _> = tensors.into_iter().collect();
     let model = LlamaModel::from_tensors(&CpuBackend, cfg, |n| Ok(map[n].clone())).expect("model");
     Fixture {
@@ -59,7 +59,7 @@ fn fixture() -> Fixture {
         weight_bytes,
         layer_params,
         head_params,
-        kv_bytes_per_position,
+        kv_values_per_position,
     }
 }
 
@@ -168,7 +168,8 @@ fn roofline(f: &Fixture) {
             let decode = step(batch, PROMPT, 1);
             let t = time_median(10, || run(f, &mut c, &decode)).as_secs_f64();
             // The step reads the cache of all PROMPT + 1 positions, the new one included.
-            let bytes = f.weight_bytes + batch * (PROMPT + 1) * f.kv_bytes_per_position;
+            let kv_bytes = f.kv_values_per_position * f.model.kv_dtype(&CpuBackend).size();
+            let bytes = f.weight_bytes + batch * (PROMPT + 1) * kv_bytes;
             let flops = 2.0 * ((f.layer_params + f.head_params) * batch) as f64;
             let (gbs, gflops) = (bytes as f64 / t, flops / t);
             let memory_s = bytes as f64 / bw.max(read_bw);

@@ -115,8 +115,22 @@ pub fn attention(slots: &[u32], positions: &[u32], geom: AttentionGeometry) -> R
 
 /// The values a KV cache of `slots` needs for `geom`'s slot `max(slots)`.
 pub fn kv_cache_len(slots: &[u32], geom: AttentionGeometry) -> usize {
+    kv_len(slots, &[geom.max_seq, geom.num_kv_heads, geom.head_dim])
+}
+
+/// The values a KV cache needs to hold slot `max(slots)` of `max_seq` rows of `width`.
+pub fn kv_store_len(slots: &[u32], max_seq: usize, width: usize) -> usize {
+    kv_len(slots, &[max_seq, width])
+}
+
+/// `(max(slots) + 1) · Π dims` (0 without slots), or `usize::MAX` where that overflows, which
+/// no cache holds: the caller's length check then refuses the call instead of a wrapped
+/// product letting a kernel address memory past the cache.
+fn kv_len(slots: &[u32], dims: &[usize]) -> usize {
     slots.iter().max().map_or(0, |&s| {
-        (s as usize + 1) * geom.max_seq * geom.num_kv_heads * geom.head_dim
+        dims.iter()
+            .try_fold(s as usize + 1, |n, &d| n.checked_mul(d))
+            .unwrap_or(usize::MAX)
     })
 }
 

@@ -130,8 +130,9 @@ pub trait Backend: Send + Sync {
         head_dim: usize,
         inv_freq: &[f32],
     ) -> Result<()>;
-    /// The dtype a KV cache holds for a model whose K/V projections are `k_proj`: f32
-    /// unless the backend computes that weight's products in a narrower type.
+    /// The dtype a KV cache holds for a model whose K projection is `k_proj` (a checkpoint's
+    /// V projection has its dtype): f32 unless the backend computes that weight's products in
+    /// a narrower type.
     fn kv_dtype(&self, k_proj: &Self::Weight) -> DType;
     /// A zero-filled KV buffer of `len` values of `dtype` (one [`Backend::kv_dtype`] gave).
     fn kv_zeros(&self, len: usize, dtype: DType) -> Result<Self::KvBuf>;

@@ -191,7 +191,7 @@ where
         bytes: step_bytes,
         flops: step_flops,
         memory_bound,
-    } = decode_step_floor(cfg, dtype, model.kv_dtype(be), batch, mean_ctx, ceil);
+    } = decode_step_floor(cfg, dtype, cache.dtype, batch, mean_ctx, ceil);
     let tok_s = (batch * steps) as f64 / secs;
     let roofline = batch as f64 / step_secs;
     Ok(OpResult {

@@ -39,6 +39,8 @@ pub struct KvCache<B: Backend> {
     v: Vec<B::KvBuf>,
     pub slots: usize,
     pub max_seq: usize,
+    /// The dtype its keys and values are kept in ([`LlamaModel::kv_dtype`] when it was made).
+    pub dtype: DType,
 }
 
 /// Activation buffers of one forward pass, grown on demand and reused across steps.
@@ -270,6 +272,7 @@ impl<B: Backend> LlamaModel<B> {
             v,
             slots,
             max_seq,
+            dtype,
         })
     }
 

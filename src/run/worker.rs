@@ -235,8 +235,9 @@ fn child_tensors<B: Backend>(
         .collect()
 }
 
-/// Bytes a device keeps free beside the sources: a KV cache (f32 keys and values, every
-/// layer) for a full scoring batch of the longest task's sequences, plus activations.
+/// Bytes a device keeps free beside the sources: a KV cache (keys and values of every layer,
+/// counted as f32, the wider of a cache's dtypes) for a full scoring batch of the longest
+/// task's sequences, plus activations.
 fn inference_reserve(set: &ExpertSet, suites: &Suites) -> usize {
     let c = set.base.config();
     let per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4;

@@ -11,7 +11,8 @@ use crate::backend::AttentionGeometry;
 use crate::model::dtype::bf16_to_f32_slice;
 use crate::simd::{dot, exp, widest_simd};
 
-/// A KV cache element: f32, or bf16 bits (`u16`) widened as they are read.
+/// A KV cache element: f32, or bf16 bits (`u16`, stored little-endian as `model::dtype`
+/// writes them) widened as they are read.
 pub trait KvElem: Copy + Send + Sync {
     /// The slice itself where it is f32 already (read in place, no copy).
     fn as_f32(values: &[Self]) -> Option<&[f32]>;
@@ -125,6 +126,17 @@ fn attend_group<T: KvElem>(
     scale: f32,
     wide: bool,
 ) {
+    // The AVX-512 kernel reads rows through raw pointers: the rows must be there.
+    let rows_len = (len - 1)
+        .checked_mul(kv.stride)
+        .and_then(|n| n.checked_add(head_dim));
+    assert!(
+        rows_len.is_some_and(|n| n <= kv.k.len() && n <= kv.v.len()),
+        "attention: {len} rows of {head_dim} values, {} apart, do not fit caches of {} and {}",
+        kv.stride,
+        kv.k.len(),
+        kv.v.len()
+    );
     let Scratch {
         scores,
         keys,
@@ -139,7 +151,7 @@ fn attend_group<T: KvElem>(
     if wide {
         for (o, qh) in heads {
             // SAFETY: `wide` says the CPU has AVX-512F and the head size is a multiple of 16
-            // of at most 16 vectors; `kv` holds `len` rows.
+            // of at most 16 vectors; `kv` holds `len` rows (asserted above).
             unsafe { attend_avx512(o, qh, kv, scores, len, scale) };
         }
         return;
@@ -480,7 +492,7 @@ mod tests {
     /// dispatched path and on the portable one (which widens a group's rows once).
     #[test]
     fn bf16_caches_match_attention_over_their_values() {
-        use crate::model::dtype::f32_to_bf16_bits;
+        use crate::model::dtype::f32_to_bf16_slice;
         let mut rnd = crate::test_rng::uniform(12);
         for (head_dim, max_seq) in [(64, 40), (16, 17), (12, 5)] {
             let g = AttentionGeometry {
@@ -490,8 +502,12 @@ mod tests {
                 max_seq,
             };
             let len = 3 * max_seq * g.num_kv_heads * head_dim;
+            // Stored as the cache stores them (little-endian bits).
             let bits = |scale: f32, rnd: &mut dyn FnMut() -> f32| -> Vec<u16> {
-                (0..len).map(|_| f32_to_bf16_bits(scale * rnd())).collect()
+                let values: Vec<f32> = (0..len).map(|_| scale * rnd()).collect();
+                let mut bits = vec![0u16; len];
+                f32_to_bf16_slice(&values, &mut bits);
+                bits
             };
             let (k, v) = (bits(2.0, &mut rnd), bits(1.0, &mut rnd));
             let wide = |b: &[u16]| -> Vec<f32> {

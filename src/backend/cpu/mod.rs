@@ -257,7 +257,7 @@ impl Backend for CpuBackend {
             Error::invalid(format!("a KV buffer of {len} values overflows sizes"))
         })?;
         check_memory("a KV buffer", bytes)?;
-        Ok(KvBuf::zeros(len, dtype))
+        KvBuf::zeros(len, dtype)
     }
 
     fn kv_upload(&self, dst: &mut KvBuf, src: &[f32]) -> Result<()> {
@@ -287,7 +287,7 @@ impl Backend for CpuBackend {
             check_len(
                 "kv_store cache",
                 cache.len(),
-                (s as usize + 1) * max_seq * width,
+                checks::kv_store_len(&[s], max_seq, width),
             )?;
         }
         for (i, (&s, &p)) in slots.iter().zip(positions).enumerate() {

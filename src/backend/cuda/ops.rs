@@ -280,7 +280,11 @@ impl Backend for CudaBackend {
             return Ok(());
         };
         if let Some(&s) = slots.iter().max() {
-            buf(cache, "kv_store cache", (s as usize + 1) * max_seq * width)?;
+            buf(
+                cache,
+                "kv_store cache",
+                checks::kv_store_len(&[s], max_seq, width),
+            )?;
         }
         let (slots_d, pos_d) = (self.upload_u32(slots)?, self.upload_u32(positions)?);
         let s = &self.stream;
@@ -308,9 +312,8 @@ impl Backend for CudaBackend {
         let Some(l) = launch::attention(slots, positions, geom)? else {
             return Ok(());
         };
-        let kv_width = geom.num_kv_heads * geom.head_dim;
         if let Some(&s) = slots.iter().max() {
-            let need = (s as usize + 1) * geom.max_seq * kv_width;
+            let need = checks::kv_cache_len(&[s], geom);
             buf(k_cache, "attention k_cache", need)?;
             buf(v_cache, "attention v_cache", need)?;
         }
