@@ -604,23 +604,31 @@ fn with_f32_rows(
     UPCAST.set(buf);
 }
 
-/// The `rx × 4` register tile at `(r, c)` for `rx` in 1..=6 through `$tile` (its sizes taken
-/// from the argument arrays): one monomorphised tile per height, since the accumulators are
-/// sized at compile time. `$x(i)`
-/// is input row `r + i`; shared by the AVX-512 f32 and bf16 blocks.
+/// A block's products in register tiles of `$tile` (its sizes taken from the argument
+/// arrays): up to `$max` input rows (the listed heights, one monomorphised tile each, since
+/// the accumulators are sized at compile time) × 4 weight rows, then the weight rows past a
+/// multiple of 4 one product at a time. `$xs(i)` is input row `i`, `$ws(c)` the block's weight
+/// row `c`. Shared by the AVX-512 f32 and bf16 blocks and the AVX2 one.
 #[cfg(target_arch = "x86_64")]
-macro_rules! tiles_up_to_6_rows {
-    ($($tile:ident)::+, $rx:expr, $x:expr, $w4:expr, $k:expr, $r:expr, $c:expr, $store:expr) => {{
-        let x = $x;
-        let (w4, k, r, c, store) = ($w4, $k, $r, $c, $store);
-        match $rx {
-            6 => emit($($tile)::+([x(0), x(1), x(2), x(3), x(4), x(5)], w4, k), r, c, store),
-            5 => emit($($tile)::+([x(0), x(1), x(2), x(3), x(4)], w4, k), r, c, store),
-            4 => emit($($tile)::+([x(0), x(1), x(2), x(3)], w4, k), r, c, store),
-            3 => emit($($tile)::+([x(0), x(1), x(2)], w4, k), r, c, store),
-            2 => emit($($tile)::+([x(0), x(1)], w4, k), r, c, store),
-            _ => emit($($tile)::+([x(0)], w4, k), r, c, store),
-        }
+macro_rules! register_tiles {
+    ($tile:path, heights: [$max:literal $($n:literal)*], rows: $rows:expr, cols: $cols:expr,
+     xs: $xs:expr, ws: $ws:expr, k: $k:expr, store: $store:expr) => {{
+        let (xs, ws, k, store) = ($xs, $ws, $k, $store);
+        walk_tiles(
+            $rows,
+            $cols,
+            $max,
+            |r, rx, c| {
+                let w4 = [ws(c), ws(c + 1), ws(c + 2), ws(c + 3)];
+                let x = |i: usize| xs(r + i);
+                match rx {
+                    $max => emit($tile(std::array::from_fn::<_, $max, _>(x), w4, k), r, c, &store),
+                    $($n => emit($tile(std::array::from_fn::<_, $n, _>(x), w4, k), r, c, &store),)*
+                    _ => unreachable!("walk_tiles gives 1..={} rows", $max),
+                }
+            },
+            |r, c| store(r, c, $tile([xs(r)], [ws(c)], k)[0][0]),
+        )
     }};
 }
 
@@ -650,25 +658,15 @@ unsafe fn block_bf16_dot(
     let xs = |i: usize| xp.add(i * k);
     // Weight row j0 + c, as bf16 (the bytes may be at an odd address: loads are unaligned).
     let ws = |c: usize| w.0.add((j0 + c) * k * 2) as *const u16;
-    let store = out.storer(n, j0);
-    walk_tiles(
-        rows,
-        j1 - j0,
-        6,
-        |r, rx, c| {
-            let w4 = [ws(c), ws(c + 1), ws(c + 2), ws(c + 3)];
-            tiles_up_to_6_rows!(
-                bf16_dot::tile,
-                rx,
-                |i: usize| xs(r + i),
-                w4,
-                k,
-                r,
-                c,
-                &store
-            );
-        },
-        |r, c| store(r, c, bf16_dot::tile::<1, 1>([xs(r)], [ws(c)], k)[0][0]),
+    register_tiles!(
+        bf16_dot::tile,
+        heights: [6 5 4 3 2 1],
+        rows: rows,
+        cols: j1 - j0,
+        xs: xs,
+        ws: ws,
+        k: k,
+        store: out.storer(n, j0)
     );
 }
 
@@ -776,25 +774,15 @@ unsafe fn fma_tiles<W: Weight>(
     let xp = x.as_ptr();
     let xs = |i: usize| xp.add(i * k);
     let ws = |j: usize| w.add(j * k);
-    let store = out.storer(n, j0);
-    walk_tiles(
-        rows,
-        j1 - j0,
-        3,
-        |r, rx, c| {
-            let w4 = [ws(c), ws(c + 1), ws(c + 2), ws(c + 3)];
-            match rx {
-                3 => emit(
-                    avx2::tile([xs(r), xs(r + 1), xs(r + 2)], w4, k),
-                    r,
-                    c,
-                    &store,
-                ),
-                2 => emit(avx2::tile([xs(r), xs(r + 1)], w4, k), r, c, &store),
-                _ => emit(avx2::tile([xs(r)], w4, k), r, c, &store),
-            }
-        },
-        |r, c| store(r, c, avx2::tile([xs(r)], [ws(c)], k)[0][0]),
+    register_tiles!(
+        avx2::tile,
+        heights: [3 2 1],
+        rows: rows,
+        cols: j1 - j0,
+        xs: xs,
+        ws: ws,
+        k: k,
+        store: out.storer(n, j0)
     );
 }
 
@@ -816,16 +804,15 @@ unsafe fn block_avx512<W: Weight>(
     let xp = x.as_ptr();
     let xs = |i: usize| xp.add(i * k);
     let ws = |j: usize| w.add(j * k);
-    let store = out.storer(n, j0);
-    walk_tiles(
-        rows,
-        j1 - j0,
-        6,
-        |r, rx, c| {
-            let w4 = [ws(c), ws(c + 1), ws(c + 2), ws(c + 3)];
-            tiles_up_to_6_rows!(avx512::tile, rx, |i: usize| xs(r + i), w4, k, r, c, &store);
-        },
-        |r, c| store(r, c, avx512::tile([xs(r)], [ws(c)], k)[0][0]),
+    register_tiles!(
+        avx512::tile,
+        heights: [6 5 4 3 2 1],
+        rows: rows,
+        cols: j1 - j0,
+        xs: xs,
+        ws: ws,
+        k: k,
+        store: out.storer(n, j0)
     );
 }
 

@@ -223,20 +223,29 @@ unsafe fn gather_panel(
     }
 }
 
-/// The transpose of a 16 × 16 matrix of 32-bit values held a row a register.
+/// Vectors `2i` and `2i + 1` interleaved 32 bits at a time within each 128-bit lane: out
+/// `2i` from their lower halves, `2i + 1` from their upper ones (the first step of both
+/// transposes below).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn transpose_16x16(r: [__m512i; 16]) -> [__m512i; 16] {
-    // Within each 128-bit lane: pairs of rows interleaved, then quads, so that u[4j + c]'s
-    // lane L holds rows 4j..4j + 4 of column 4L + c.
-    let t: [__m512i; 16] = std::array::from_fn(|i| {
+unsafe fn interleave_pairs<const N: usize>(r: [__m512i; N]) -> [__m512i; N] {
+    std::array::from_fn(|i| {
         let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
         if i % 2 == 0 {
             _mm512_unpacklo_epi32(a, b)
         } else {
             _mm512_unpackhi_epi32(a, b)
         }
-    });
+    })
+}
+
+/// The transpose of a 16 × 16 matrix of 32-bit values held a row a register.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn transpose_16x16(r: [__m512i; 16]) -> [__m512i; 16] {
+    // Within each 128-bit lane: pairs of rows interleaved, then quads, so that u[4j + c]'s
+    // lane L holds rows 4j..4j + 4 of column 4L + c.
+    let t = interleave_pairs(r);
     let u: [__m512i; 16] = std::array::from_fn(|i| {
         let (j, c) = (i / 4, i % 4);
         let (a, b) = (t[4 * j + c / 2], t[4 * j + 2 + c / 2]);
@@ -444,14 +453,7 @@ unsafe fn store<const NJ: usize, const NP: usize>(
 #[inline(always)]
 unsafe fn store_8_columns(cols: [__m512; 8], dst: *mut f32, n: usize) {
     // Within each 128-bit lane (rows 4L..4L+3): pairs, then quads of columns.
-    let t: [__m512; 8] = std::array::from_fn(|i| {
-        let (a, b) = (cols[i / 2 * 2], cols[i / 2 * 2 + 1]);
-        if i % 2 == 0 {
-            _mm512_unpacklo_ps(a, b)
-        } else {
-            _mm512_unpackhi_ps(a, b)
-        }
-    });
+    let t = interleave_pairs(cols.map(|c| _mm512_castps_si512(c))).map(|t| _mm512_castsi512_ps(t));
     // u[m] lane L: row 4L + m, columns 0..4; u[4 + m]: the same rows, columns 4..8.
     let u: [__m512; 8] = std::array::from_fn(|i| {
         let (half, m) = (i / 4, i % 4);
