@@ -145,7 +145,7 @@ fn roofline(f: &Fixture) {
     let peak = cpu_peak_flops();
     let peak_bf16 = cpu_peak_bf16_flops();
     println!(
-        "\nceilings: copy bandwidth {:.1} GB/s, read bandwidth {:.1} GB/s, f32 FMA peak {:.1} GFLOP/s, bf16 dot peak {} ({} threads, {})",
+        "\nceilings: copy bandwidth {:.1} GB/s, read bandwidth {:.1} GB/s, f32 FMA peak {:.1} GFLOP/s, bf16 peak {} ({} threads, {})",
         bw / 1e9,
         read_bw / 1e9,
         peak / 1e9,

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use crate::backend::cpu::{amx, Isa};
 use crate::simd::widest_simd;
 
 /// Median wall time of `iters` runs of `f` after one warm-up run.
@@ -97,10 +99,23 @@ pub fn cpu_peak_flops() -> f64 {
     (threads * REPS * CHAINS * lanes * 2) as f64 / t.as_secs_f64()
 }
 
-/// Peak bf16 FLOP/s of `vdpbf16ps` (each instruction: 32 products and their sums, 64 FLOPs)
-/// with every rayon thread running independent chains; `None` without AVX-512 BF16. The
-/// ceiling of the matmuls in bf16 precision.
+/// Peak bf16 FLOP/s of the products the matmuls run in bf16 precision, every rayon thread
+/// running independent chains: AMX's `tdpbf16ps` (16 384 FLOPs each) where the matmuls use
+/// the tiles ([`Isa::AmxBf16`]), else `vdpbf16ps` (32 products and their sums, 64 FLOPs);
+/// `None` without AVX-512 BF16.
 pub fn cpu_peak_bf16_flops() -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::current().is_ok_and(|i| i == Isa::AmxBf16) {
+        const REPS: usize = 100_000;
+        let threads = rayon::current_num_threads();
+        let t = time_best(7, || {
+            (0..threads)
+                .into_par_iter()
+                // SAFETY: Isa::AmxBf16 is only chosen where the tiles are usable.
+                .for_each(|_| unsafe { amx::dot_chains(REPS) });
+        });
+        return Some((threads * REPS * amx::CHAIN_FLOPS) as f64 / t.as_secs_f64());
+    }
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16") {
         const REPS: usize = 1_000_000;

@@ -197,7 +197,11 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
                 Some(peak) => Ceilings {
                     copy_bytes_per_s: ceil.copy_bytes_per_s,
                     flops_per_s: peak,
-                    flops_kind: format!("bf16 dot product (vdpbf16ps, {})", isa.name()),
+                    flops_kind: if isa == Isa::AmxBf16 {
+                        "bf16 tiles (tdpbf16ps, amxbf16)".into()
+                    } else {
+                        format!("bf16 dot product (vdpbf16ps, {})", isa.name())
+                    },
                 },
                 None => ceil.clone(),
             };

@@ -76,6 +76,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         anyhow::anyhow!("CYCLEQD_PRECISION={precision}: not one of auto, f32, bf16")
     })?);
     Isa::current()?; // a bad $CYCLEQD_CPU_ISA is one line here, not a surprise later
+    #[cfg(target_arch = "x86_64")]
+    if let Some(why) = cycleqd_engine::backend::cpu::amx::unused_reason() {
+        eprintln!("note: this CPU has AMX-BF16, but the matmuls do not use it: {why}");
+    }
     match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::run(a),

@@ -90,9 +90,7 @@ pub fn attention<T: KvElem>(
     let rows = slots.len();
     // The instruction set the matmuls use (so forcing a narrower one covers this too).
     let isa = Isa::current().unwrap_or_else(|_| Isa::detect());
-    let wide = matches!(isa, Isa::Avx512 | Isa::Avx512Bf16)
-        && head_dim.is_multiple_of(16)
-        && head_dim <= 16 * MAX_VECTORS;
+    let wide = isa.has_avx512() && head_dim.is_multiple_of(16) && head_dim <= 16 * MAX_VECTORS;
 
     // A KV head's query heads are adjacent in a row (head = kv_head · group + g).
     out[..rows * num_heads * head_dim]

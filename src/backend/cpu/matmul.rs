@@ -63,6 +63,10 @@ impl OutPtr {
 /// The instruction set a kernel runs with, best first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
+    /// [`Isa::Avx512Bf16`], and Intel's AMX tiles for bf16 products of 16 input rows and more
+    /// (`amx`), where the CPU has AMX-BF16, Linux grants the tile state and the tiles pass
+    /// their first-use check.
+    AmxBf16,
     /// AVX-512 with the bf16 dot product (`vdpbf16ps`): bf16 weights are read as they are
     /// stored, two products per lane per instruction.
     Avx512Bf16,
@@ -71,7 +75,13 @@ pub enum Isa {
     Generic,
 }
 
-const ALL_ISAS: [Isa; 4] = [Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2Fma, Isa::Generic];
+const ALL_ISAS: [Isa; 5] = [
+    Isa::AmxBf16,
+    Isa::Avx512Bf16,
+    Isa::Avx512,
+    Isa::Avx2Fma,
+    Isa::Generic,
+];
 
 /// `Isa::force`'s choice: an index into `ALL_ISAS`, or `NO_ISA` for "as detected".
 static FORCED_ISA: AtomicU8 = AtomicU8::new(NO_ISA);
@@ -86,6 +96,9 @@ impl Isa {
             {
                 if is_x86_feature_detected!("avx512f") {
                     if is_x86_feature_detected!("avx512bf16") {
+                        if super::amx::usable().is_ok() {
+                            return Isa::AmxBf16;
+                        }
                         return Isa::Avx512Bf16;
                     }
                     return Isa::Avx512;
@@ -99,7 +112,7 @@ impl Isa {
     }
 
     /// The set the kernels use: the one [`Isa::force`] chose, else `$CYCLEQD_CPU_ISA`
-    /// (`avx512bf16`, `avx512`, `avx2`, `generic`; a set this CPU lacks is an error), else the
+    /// (`amxbf16`, `avx512bf16`, `avx512`, `avx2`, `generic`; a set this CPU lacks is an error), else the
     /// detected one. Forcing a narrower set is how every path is tested on one machine.
     pub fn current() -> Result<Isa> {
         let forced = FORCED_ISA.load(Ordering::Relaxed);
@@ -113,7 +126,8 @@ impl Isa {
                 Ok(name) if !name.is_empty() => {
                     let isa = Isa::parse(&name).ok_or_else(|| {
                         format!(
-                            "CYCLEQD_CPU_ISA={name}: not one of avx512bf16, avx512, avx2, generic"
+                            "CYCLEQD_CPU_ISA={name}: not one of amxbf16, avx512bf16, avx512, \
+                             avx2, generic"
                         )
                     })?;
                     if isa.is_supported() {
@@ -158,6 +172,7 @@ impl Isa {
 
     pub fn name(self) -> &'static str {
         match self {
+            Isa::AmxBf16 => "amxbf16",
             Isa::Avx512Bf16 => "avx512bf16",
             Isa::Avx512 => "avx512",
             Isa::Avx2Fma => "avx2",
@@ -167,6 +182,16 @@ impl Isa {
 
     pub fn parse(name: &str) -> Option<Isa> {
         ALL_ISAS.into_iter().find(|i| i.name() == name)
+    }
+
+    /// Whether the set has the bf16 dot product (`vdpbf16ps`).
+    pub fn has_bf16_dot(self) -> bool {
+        matches!(self, Isa::AmxBf16 | Isa::Avx512Bf16)
+    }
+
+    /// Whether the set has AVX-512F.
+    pub fn has_avx512(self) -> bool {
+        matches!(self, Isa::AmxBf16 | Isa::Avx512Bf16 | Isa::Avx512)
     }
 }
 
@@ -221,7 +246,7 @@ impl Precision {
     pub fn uses_bf16(self, dtype: DType, isa: Isa) -> bool {
         dtype == DType::BF16
             && match self {
-                Precision::Auto => isa == Isa::Avx512Bf16,
+                Precision::Auto => isa.has_bf16_dot(),
                 Precision::F32 => false,
                 Precision::Bf16 => true,
             }
@@ -337,15 +362,14 @@ pub fn matmul_t_group_with<'a>(
     let mut x_panels_f32 = X_PANELS_F32.take();
     // (k = 0 has nothing to pack: its products are zeros, which the dot tiles write.)
     let many_rows = rows >= panels::MIN_ROWS && k > 0;
-    let bf16_panels = |p: &Product| bf16(p) && isa == Isa::Avx512Bf16 && many_rows;
-    let f32_panels =
-        |p: &Product| !bf16(p) && matches!(isa, Isa::Avx512 | Isa::Avx512Bf16) && many_rows;
+    let bf16_panels = |p: &Product| bf16(p) && isa.has_bf16_dot() && many_rows;
+    let f32_panels = |p: &Product| !bf16(p) && isa.has_avx512() && many_rows;
     let any_bf16 = group.iter().flatten().any(bf16);
     let use_panels = group.iter().flatten().any(bf16_panels);
     #[cfg(target_arch = "x86_64")]
     {
         if use_panels {
-            // SAFETY: Isa::Avx512Bf16 is only available on CPUs with AVX-512F.
+            // SAFETY: the bf16 dot product is only available on CPUs with AVX-512F.
             unsafe { panels::pack_bf16(&x[..rows * k], rows, k, &mut x_panels) };
         }
         if group.iter().flatten().any(f32_panels) {
@@ -364,7 +388,7 @@ pub fn matmul_t_group_with<'a>(
     let x_bf16_rows = &x_bf16[..if round { rows * k } else { 0 }];
     // Without the bf16 dot product, the same products from the f32 kernels: bf16 × bf16 is
     // exact in f32.
-    let x_rounded: Vec<f32> = if isa != Isa::Avx512Bf16 && round {
+    let x_rounded: Vec<f32> = if !isa.has_bf16_dot() && round {
         x_bf16_rows
             .iter()
             .map(|&b| f32::from_bits((b as u32) << 16))
@@ -376,12 +400,13 @@ pub fn matmul_t_group_with<'a>(
     for (slot, p) in parts.iter_mut().zip(group.iter_mut().flatten()) {
         let kernel = match (bf16(p), isa) {
             #[cfg(target_arch = "x86_64")]
-            (true, Isa::Avx512Bf16) if bf16_panels(p) => Kernel::Bf16Panels {
+            (true, _) if bf16_panels(p) => Kernel::Bf16Panels {
                 x: &x_panels,
                 w: WeightPtr(p.w.data().as_ptr()),
+                amx: (isa == Isa::AmxBf16 || super::amx::emulating()) && super::amx::takes(k),
             },
             #[cfg(target_arch = "x86_64")]
-            (true, Isa::Avx512Bf16) => Kernel::Bf16Dot {
+            (true, _) if isa.has_bf16_dot() => Kernel::Bf16Dot {
                 x: x_bf16_rows,
                 w: WeightPtr(p.w.data().as_ptr()),
             },
@@ -464,9 +489,14 @@ enum Kernel<'a> {
     #[cfg(target_arch = "x86_64")]
     Bf16Dot { x: &'a [u16], w: WeightPtr },
     /// bf16 weights broadcast pair by pair against activations packed into 16-row panels
-    /// (`panels`): outer products, for many input rows.
+    /// (`panels`): outer products, for many input rows; with `amx`, the same operands through
+    /// the AMX tiles (`amx`).
     #[cfg(target_arch = "x86_64")]
-    Bf16Panels { x: &'a [u32], w: WeightPtr },
+    Bf16Panels {
+        x: &'a [u32],
+        w: WeightPtr,
+        amx: bool,
+    },
     /// f32 weights (read in place, or upcast block by block as for `F32`) broadcast one by
     /// one against f32 activations packed into panels.
     #[cfg(target_arch = "x86_64")]
@@ -494,8 +524,19 @@ impl Part<'_> {
             Kernel::Bf16Dot { x, w } => unsafe { block_bf16_dot(out, x, w, rows, n, k, j0, j1) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above; `x` was packed for these rows and k.
-            Kernel::Bf16Panels { x, w } => unsafe {
-                panels::block_bf16(out.0, x, w.0.add(j0 * k * 2), rows, n, k, j0, j1)
+            Kernel::Bf16Panels { x, w, amx } => unsafe {
+                let wj = w.0.add(j0 * k * 2);
+                if amx && super::amx::emulating() {
+                    // SAFETY: as `block_bf16` (the emulated tiles need nothing more), for a k
+                    // the tiles take.
+                    super::amx::block_emulated(out.0, x, wj, rows, n, k, j0, j1)
+                } else if amx {
+                    // SAFETY: chosen only on Isa::AmxBf16 (the tiles usable, AVX-512 BF16
+                    // present) and for a k the tiles take.
+                    super::amx::block(&mut super::amx::Hardware, out.0, x, wj, rows, n, k, j0, j1)
+                } else {
+                    panels::block_bf16(out.0, x, wj, rows, n, k, j0, j1)
+                }
             },
             #[cfg(target_arch = "x86_64")]
             Kernel::F32Panels { x, w } => with_f32_rows(w, self.block, k, j0, j1, |wb| {
@@ -520,7 +561,7 @@ impl Part<'_> {
             Kernel::F32 { isa, x, w } => with_f32_rows(w, self.block, k, j0, j1, |wb| match isa {
                 // SAFETY: `isa` is one this CPU supports (asserted by the caller).
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 | Isa::Avx512Bf16 => unsafe {
+                Isa::AmxBf16 | Isa::Avx512 | Isa::Avx512Bf16 => unsafe {
                     block_avx512(out, x, wb.as_ptr(), rows, n, k, j0, j1)
                 },
                 // SAFETY: as above.
@@ -563,7 +604,7 @@ unsafe fn widened<W: Weight>(
 fn widens_in_registers(isa: Isa, dtype: DType) -> bool {
     matches!(dtype, DType::BF16 | DType::F16)
         && match isa {
-            Isa::Avx512 | Isa::Avx512Bf16 => true,
+            Isa::AmxBf16 | Isa::Avx512 | Isa::Avx512Bf16 => true,
             Isa::Avx2Fma => is_x86_feature_detected!("f16c"),
             Isa::Generic => false,
         }

@@ -1,6 +1,8 @@
 //! The CPU backend: rayon over rows/heads/weight blocks, f32 accumulation. It is the reference
 //! every other backend's kernels are checked against, and the backend CI and most machines run.
 
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
 mod attention;
 mod kv;
 mod materialize;

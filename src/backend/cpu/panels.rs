@@ -417,7 +417,7 @@ unsafe fn step<U: Unit, const NJ: usize, const NP: usize>(
 /// it is microcoded and slow on the AMD cores this runs on.)
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn store<const NJ: usize, const NP: usize>(
+pub(super) unsafe fn store<const NJ: usize, const NP: usize>(
     acc: [[__m512; NP]; NJ],
     out: *mut f32,
     rows: usize,
