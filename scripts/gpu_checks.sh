@@ -26,7 +26,7 @@ case "$mode" in
     # Cargo names each test executable; the newest file in deps/ may be another target's.
     cargo test --release --no-run --message-format=json 2>/dev/null | python3 -c '
 import json, shutil, sys
-wanted = {"cuda_parity", "llama_reference", "backend_checks"}
+wanted = {"cuda_parity", "llama_reference", "backend_checks", "cpu_isa", "cpu_amx"}
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") != "compiler-artifact" or not m.get("executable") or not m["profile"]["test"]:
@@ -37,12 +37,13 @@ for line in sys.stdin:
     elif kind == ["test"] and name in wanted:
         shutil.copy(m["executable"], sys.argv[1] + "/" + name)
 ' "$dir"
-    for t in unit_tests cuda_parity llama_reference backend_checks; do
+    for t in unit_tests cuda_parity llama_reference backend_checks cpu_isa cpu_amx; do
       [ -x "$dir/$t" ] || { echo "gpu_checks: no $t test executable built" >&2; exit 1; }
     done
     # The device call carries at most 64 MiB: drop symbols and debug info, and take only the Llama
     # reference data (the merge fixtures are not GPU checks).
-    strip "$dir"/cycleqd-engine "$dir"/unit_tests "$dir"/cuda_parity "$dir"/llama_reference "$dir"/backend_checks
+    strip "$dir"/cycleqd-engine "$dir"/unit_tests "$dir"/cuda_parity "$dir"/llama_reference "$dir"/backend_checks \
+      "$dir"/cpu_isa "$dir"/cpu_amx
     mkdir -p "$dir/testdata" && cp -r ../shared/testdata/llama "$dir/testdata/"
     exclude=$(git rev-parse --git-path info/exclude)
     mkdir -p "$(dirname "$exclude")"
@@ -58,6 +59,9 @@ for line in sys.stdin:
     pack() { if [ -n "${OUT:-}" ]; then tar czf "$OUT/gpu-checks.tgz" -C "$out" .; fi; }
     export CYCLEQD_TESTDATA="$PWD/$dir/testdata" CYCLEQD_BIN="$PWD/$dir/cycleqd-engine" LD_LIBRARY_PATH="/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || echo "no nvidia-smi"; } | tee "$out/device.txt"
+    # The host CPU too: where it has AMX (Xeon Sapphire Rapids and later), the unit tests and
+    # cpu_isa below run the AMX tiles against their emulation, which no dev machine can.
+    { grep -m1 "model name" /proc/cpuinfo; echo "amx flags: $(grep -o -w -E 'amx[a-z_0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' ')"; } | tee -a "$out/device.txt"
     # Every step runs even when an earlier one fails (one device call must tell everything);
     # each failure is counted and named, and the script exits non-zero if there was any.
     failed=()
@@ -78,6 +82,8 @@ for line in sys.stdin:
     step cuda_parity 120 "$dir/cuda_parity" --test-threads 1 --nocapture
     step llama_reference 30 "$dir/llama_reference"
     step backend_checks 30 "$dir/backend_checks"
+    step cpu_isa 120 "$dir/cpu_isa" --nocapture
+    step cpu_amx 60 "$dir/cpu_amx" --nocapture
     step bench 150 "$dir/cycleqd-engine" bench --device cuda --out "$out/bench.json"
     step demo_bench 60 "$dir/cycleqd-engine" bench --op demo --device cuda --out "$out/demo.json"
     step serve_bench 60 "$dir/cycleqd-engine" bench --op serve --device cuda --out "$out/serve.json"

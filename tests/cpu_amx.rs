@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use common::*;
 use cycleqd_engine::backend::cpu::{amx, Isa, Precision};
 use cycleqd_engine::model::read_safetensors_file;
@@ -25,9 +23,7 @@ fn emulated_tiles_give_the_bf16_paths_logits() {
     let name = "tiny-gqa-bf16";
     let dir = llama_dir(name);
     let truth = read_safetensors_file(&dir.join("expected.safetensors")).unwrap();
-    let theirs_path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/llama-bf16")
-        .join(format!("{name}.safetensors"));
+    let theirs_path = repo_file(&format!("tests/data/llama-bf16/{name}.safetensors"));
     let theirs = read_safetensors_file(&theirs_path).unwrap();
     Isa::force(Some(Isa::Avx512Bf16));
     Precision::set(Precision::Bf16);

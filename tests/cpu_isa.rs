@@ -26,9 +26,7 @@ const F32_TOL: f32 = 1e-4;
 const PATHS_TOL: f32 = 1e-2;
 
 fn bf16_reference(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/llama-bf16")
-        .join(format!("{name}.safetensors"))
+    repo_file(&format!("tests/data/llama-bf16/{name}.safetensors"))
 }
 
 #[test]

@@ -27,6 +27,18 @@ pub fn testdata() -> PathBuf {
     p
 }
 
+/// A file of this repository (`tests/data/…`): under the checkout the binary was built in, or,
+/// where that is gone (test binaries copied to a GPU machine, run in a copy of the tree), under
+/// the working directory.
+pub fn repo_file(rel: &str) -> PathBuf {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
+    if built.exists() {
+        built
+    } else {
+        PathBuf::from(rel)
+    }
+}
+
 pub fn llama_dir(name: &str) -> PathBuf {
     testdata().join("llama").join(name)
 }
