@@ -549,6 +549,23 @@ pub fn sample(rows: usize, n: usize, k: usize) -> (Vec<f32>, Vec<u16>) {
     (x, w)
 }
 
+/// The panels of [`panels::pack_bf16`], packed value by value on the calling thread: the
+/// first-use check runs while the instruction set is being decided, where a rayon task could
+/// be waiting on that decision (a deadlock if the check waited on rayon in turn).
+pub fn pack_on_this_thread(x: &[f32], rows: usize, k: usize) -> Vec<u32> {
+    let units = k.div_ceil(2);
+    let mut xp = vec![0u32; rows.div_ceil(LANES) * units * LANES];
+    let bf16 = |v: f32| half::bf16::from_f32(v).to_bits() as u32;
+    for r in 0..rows {
+        let row = &x[r * k..(r + 1) * k];
+        for u in 0..units {
+            let high = row.get(2 * u + 1).map_or(0, |&v| bf16(v));
+            xp[((r / LANES) * units + u) * LANES + r % LANES] = bf16(row[2 * u]) | high << 16;
+        }
+    }
+    xp
+}
+
 /// `x · wᵀ` (`x` `[rows, k]` f32, rounded to bf16 as the matmuls do; `w` `[n, k]` bf16 bits)
 /// through [`block`] on `tiles`, in blocks of `block_cols` weight rows, on this thread.
 ///
@@ -565,8 +582,7 @@ pub unsafe fn product<T: Tiles>(
     block_cols: usize,
 ) -> Vec<f32> {
     assert!(x.len() >= rows * k && w.len() >= n * k && takes(k) && rows > 0);
-    let mut xp = vec![];
-    panels::pack_bf16(x, rows, k, &mut xp);
+    let xp = pack_on_this_thread(x, rows, k);
     let mut out = vec![0.0f32; rows * n];
     let wb = w.as_ptr() as *const u8;
     for j0 in (0..n).step_by(block_cols.max(1)) {
@@ -695,6 +711,22 @@ mod tests {
                 (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
                 "element {i}: {a} vs {b}"
             );
+        }
+    }
+
+    #[test]
+    fn packing_on_one_thread_gives_the_panels() {
+        if let Some(why) = missing_avx512_bf16() {
+            eprintln!("{why}");
+            return;
+        }
+        for &(rows, k) in &[(16, 32), (17, 7), (40, 64), (5, 1)] {
+            let (x, _) = sample(rows, 1, k);
+            let mut xp = vec![];
+            // SAFETY: AVX-512 is present (checked above).
+            unsafe { panels::pack_bf16(&x, rows, k, &mut xp) };
+            let serial = pack_on_this_thread(&x, rows, k);
+            assert_eq!(xp[..serial.len()], serial[..], "{rows}×{k}");
         }
     }
 
