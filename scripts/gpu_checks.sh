@@ -82,6 +82,7 @@ for line in sys.stdin:
     step cuda_parity 120 "$dir/cuda_parity" --test-threads 1 --nocapture
     step llama_reference 30 "$dir/llama_reference"
     step backend_checks 30 "$dir/backend_checks"
+    step amx_tiles 30 "$dir/unit_tests" backend::cpu::amx --nocapture
     step cpu_isa 120 "$dir/cpu_isa" --nocapture
     step cpu_amx 60 "$dir/cpu_amx" --nocapture
     step bench 150 "$dir/cycleqd-engine" bench --device cuda --out "$out/bench.json"
@@ -91,6 +92,11 @@ for line in sys.stdin:
     # A GPU test that prints SKIPPED on a machine with a GPU did not run: that is a failure.
     if grep -h "SKIPPED" "$out/cuda_parity.txt" "$out/unit_tests.txt" "$out/backend_checks.txt" 2>/dev/null; then
       failed+=("skipped GPU tests")
+    fi
+    # A host CPU with AMX-BF16 whose tiles the engine would not use is a failure too: the
+    # hardware-against-emulation test skipped where it should have run.
+    if grep -qw amx_bf16 /proc/cpuinfo && grep -h "AMX tiles not usable" "$out/amx_tiles.txt" 2>/dev/null; then
+      failed+=("AMX present but not used")
     fi
     if [ ${#failed[@]} -gt 0 ]; then
       echo "GPU checks failed: ${failed[*]}" | tee -a "$out/steps.txt"

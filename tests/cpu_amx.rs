@@ -3,6 +3,7 @@
 //! take the tiles, and each block's operands, checked on machines without AMX. The
 //! instructions themselves are checked against the emulation by `amx`'s own tests and by the
 //! first-use check on a CPU that has them.
+#![cfg(target_arch = "x86_64")]
 
 mod common;
 

@@ -17,7 +17,6 @@
 //! the first use compares the two on a small product and keeps AMX only if they agree
 //! ([`usable`]), since this project's machines have no AMX to run the tests on.
 
-#[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -31,6 +30,54 @@ pub const K_STEP: usize = 32;
 /// is a multiple of 32; other products stay on the AVX-512 tiles).
 pub fn takes(k: usize) -> bool {
     k > 0 && k.is_multiple_of(K_STEP)
+}
+
+/// Which tiles a product's blocks run on: decided once per product, so that every block of it
+/// runs on the same ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TileKind {
+    Hardware,
+    Emulated,
+}
+
+/// The tiles a bf16 product of depth `k` takes where `hardware` (the matmuls' instruction set
+/// is `Isa::AmxBf16`): emulated ones while [`emulate_in_matmuls`] is on, none where the tiles
+/// do not take `k`.
+pub fn tiles_for(k: usize, hardware: bool) -> Option<TileKind> {
+    if !takes(k) {
+        None
+    } else if emulating() {
+        Some(TileKind::Emulated)
+    } else if hardware {
+        Some(TileKind::Hardware)
+    } else {
+        None
+    }
+}
+
+/// [`block`] on the tiles of `kind`; emulated blocks are counted in [`emulated_blocks`].
+///
+/// # Safety
+/// As [`block`]; [`TileKind::Hardware`] only where [`usable`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn block_on(
+    kind: TileKind,
+    out: *mut f32,
+    xp: &[u32],
+    w: *const u8,
+    rows: usize,
+    n: usize,
+    k: usize,
+    j0: usize,
+    j1: usize,
+) {
+    match kind {
+        TileKind::Hardware => block(&mut Hardware, out, xp, w, rows, n, k, j0, j1),
+        TileKind::Emulated => {
+            EMULATED_BLOCKS.fetch_add(1, Ordering::Relaxed);
+            block(&mut Emulated::default(), out, xp, w, rows, n, k, j0, j1)
+        }
+    }
 }
 
 /// The tile instructions the walk uses. Tiles 0–3 are accumulators (`C[a][b]` is tile
@@ -69,7 +116,10 @@ pub trait Tiles {
     unsafe fn release(&mut self);
 }
 
-/// The AMX instructions themselves.
+/// The AMX instructions themselves, one `asm!` each. The tile registers live from one to the
+/// next, which the compiler does not know of: it never uses them itself (it emits AMX code only
+/// for AMX intrinsics, which this project does not use), and between [`Tiles::configure`] and
+/// [`Tiles::release`] the walk calls nothing that could (no rayon, no allocation, no I/O).
 pub struct Hardware;
 
 /// The `ldtilecfg` operand: palette 1, every tile 16 rows × 64 bytes.
@@ -90,16 +140,19 @@ impl TileConfig {
     };
 }
 
-#[cfg(target_arch = "x86_64")]
 impl Tiles for Hardware {
     #[inline(always)]
     unsafe fn configure(&mut self) {
         let cfg = TileConfig::ALL_FULL;
-        std::arch::asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+        std::arch::asm!(
+            "ldtilecfg [{}]",
+            in(reg) cfg.0.as_ptr(),
+            options(nostack, readonly, preserves_flags)
+        );
     }
     #[inline(always)]
     unsafe fn zero<const T: u8>(&mut self) {
-        std::arch::asm!("tilezero tmm{t}", t = const T, options(nostack, nomem));
+        std::arch::asm!("tilezero tmm{t}", t = const T, options(nostack, nomem, preserves_flags));
     }
     #[inline(always)]
     unsafe fn load<const T: u8>(&mut self, src: *const u8, stride: usize) {
@@ -108,7 +161,7 @@ impl Tiles for Hardware {
             t = const T,
             src = in(reg) src,
             stride = in(reg) stride,
-            options(nostack, readonly)
+            options(nostack, readonly, preserves_flags)
         );
     }
     #[inline(always)]
@@ -118,7 +171,7 @@ impl Tiles for Hardware {
             c = const C,
             a = const A,
             b = const B,
-            options(nostack, nomem)
+            options(nostack, nomem, preserves_flags)
         );
     }
     #[inline(always)]
@@ -128,18 +181,20 @@ impl Tiles for Hardware {
             t = const T,
             dst = in(reg) dst,
             stride = in(reg) stride,
-            options(nostack)
+            options(nostack, preserves_flags)
         );
     }
     #[inline(always)]
     unsafe fn release(&mut self) {
-        std::arch::asm!("tilerelease", options(nostack, nomem));
+        std::arch::asm!("tilerelease", options(nostack, nomem, preserves_flags));
     }
 }
 
-/// The instructions in software, as Intel's pseudo-code defines them (`tdpbf16ps`: for each
-/// accumulator, the pairs' products added one after the other, each sum rounded to nearest
-/// even; bf16 inputs and f32 results below the normal range are zero).
+/// The instructions in software, as the Intel SDM's pseudo-code defines them. `tdpbf16ps`:
+/// for each accumulator, the even and the odd products of the pairs are summed apart, from
+/// zero, along the 16 pairs; their two sums are added, and that sum to the accumulator. Every
+/// addition rounds to nearest even (the products of two bf16 values are exact in f32), and
+/// bf16 inputs and f32 results below the normal range are zero.
 pub struct Emulated {
     tiles: [[u32; 256]; 8],
     configured: bool,
@@ -201,19 +256,15 @@ impl Tiles for Emulated {
         let (a, b) = (*self.tile(A), *self.tile(B));
         let c = self.tile(C);
         for m in 0..16 {
-            for kk in 0..16 {
-                let pa = a[m * 16 + kk];
-                let (a0, a1) = (bf16_daz(pa as u16), bf16_daz((pa >> 16) as u16));
-                for n in 0..16 {
-                    let pb = b[kk * 16 + n];
-                    let (b0, b1) = (bf16_daz(pb as u16), bf16_daz((pb >> 16) as u16));
-                    let acc = f32::from_bits(c[m * 16 + n]);
-                    // Products of two bf16 values are exact in f32: a product then a sum is
-                    // the instruction's fused multiply-add.
-                    let acc = ftz(acc + a0 * b0);
-                    let acc = ftz(acc + a1 * b1);
-                    c[m * 16 + n] = acc.to_bits();
+            for n in 0..16 {
+                let (mut even, mut odd) = (0.0f32, 0.0f32);
+                for kk in 0..16 {
+                    let (pa, pb) = (a[m * 16 + kk], b[kk * 16 + n]);
+                    even = ftz(even + bf16_daz(pa as u16) * bf16_daz(pb as u16));
+                    odd = ftz(odd + bf16_daz((pa >> 16) as u16) * bf16_daz((pb >> 16) as u16));
                 }
+                let acc = ftz(f32::from_bits(c[m * 16 + n]));
+                c[m * 16 + n] = ftz(acc + ftz(even + odd)).to_bits();
             }
         }
     }
@@ -238,7 +289,6 @@ impl Tiles for Emulated {
 /// # Safety
 /// AVX-512F and AVX-512 BF16 must be available, and for [`Hardware`] the AMX permission
 /// ([`usable`]); [`takes`]`(k)`; otherwise as [`panels::block_bf16`].
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn block<T: Tiles>(
@@ -264,13 +314,15 @@ pub unsafe fn block<T: Tiles>(
         n,
         k,
     };
-    tiles.configure();
+    if whole > j0 {
+        tiles.configure();
+    }
     let mut j = j0;
     while j < whole {
-        let two_a = whole - j >= 2 * LANES;
+        let two_weight_tiles = whole - j >= 2 * LANES;
         let mut p = 0;
         while p < panel_count {
-            match (two_a, panel_count - p >= 2) {
+            match (two_weight_tiles, panel_count - p >= 2) {
                 (true, true) => walk.pass::<T, 2, 2>(tiles, p, j),
                 (true, false) => walk.pass::<T, 2, 1>(tiles, p, j),
                 (false, true) => walk.pass::<T, 1, 2>(tiles, p, j),
@@ -278,16 +330,17 @@ pub unsafe fn block<T: Tiles>(
             }
             p += 2;
         }
-        j += if two_a { 2 * LANES } else { LANES };
+        j += if two_weight_tiles { 2 * LANES } else { LANES };
     }
-    tiles.release();
+    if whole > j0 {
+        tiles.release();
+    }
     if whole < j1 {
         panels::block_bf16(out, xp, w.add((whole - j0) * 2 * k), rows, n, k, whole, j1);
     }
 }
 
 /// One block's operands: the output, the packed panels' bytes, weight row `j0`.
-#[cfg(target_arch = "x86_64")]
 struct Walk {
     out: *mut f32,
     xp: *const u8,
@@ -298,7 +351,6 @@ struct Walk {
     k: usize,
 }
 
-#[cfg(target_arch = "x86_64")]
 impl Walk {
     /// One `NA × NB` block of accumulator tiles over the whole of `k`, then its store: weight
     /// rows `j..j + 16·NA` against panels `p..p + NB`.
@@ -389,26 +441,6 @@ pub fn emulated_blocks() -> usize {
     EMULATED_BLOCKS.load(Ordering::Relaxed)
 }
 
-/// [`block`] on [`Emulated`] tiles, counted in [`emulated_blocks`].
-///
-/// # Safety
-/// As [`block`].
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn block_emulated(
-    out: *mut f32,
-    xp: &[u32],
-    w: *const u8,
-    rows: usize,
-    n: usize,
-    k: usize,
-    j0: usize,
-    j1: usize,
-) {
-    EMULATED_BLOCKS.fetch_add(1, Ordering::Relaxed);
-    block(&mut Emulated::default(), out, xp, w, rows, n, k, j0, j1)
-}
-
 /// FLOPs of one round of [`dot_chains`]: four `tdpbf16ps`, each 16 × 16 × 32 products and
 /// their sums.
 pub const CHAIN_FLOPS: usize = 4 * 16 * 16 * 32 * 2;
@@ -418,7 +450,6 @@ pub const CHAIN_FLOPS: usize = 4 * 16 * 16 * 32 * 2;
 ///
 /// # Safety
 /// The tiles must be usable ([`usable`]).
-#[cfg(target_arch = "x86_64")]
 pub unsafe fn dot_chains(reps: usize) {
     let zeros = [0u8; 1024];
     let mut t = Hardware;
@@ -440,15 +471,16 @@ pub unsafe fn dot_chains(reps: usize) {
     t.release();
 }
 
+static USABLE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+
 /// Whether this process can run the AMX tiles, decided once: the CPU has AMX-BF16 (and the
 /// AVX-512 BF16 the walk's edges use), Linux grants the process the tile state
 /// (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), and a small product on the tiles agrees with
 /// [`Emulated`]. `Err` says which of these failed.
 pub fn usable() -> Result<(), String> {
-    static USABLE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     USABLE
         .get_or_init(|| {
-            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            #[cfg(target_os = "linux")]
             {
                 if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16"))
                 {
@@ -460,33 +492,35 @@ pub fn usable() -> Result<(), String> {
                 request_tile_permission()?;
                 self_check()
             }
-            #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+            #[cfg(not(target_os = "linux"))]
             Err("AMX is used on x86-64 Linux only".into())
         })
         .clone()
 }
 
 /// Whether the CPU has AMX-BF16 (whether or not this process may use it).
-#[cfg(target_arch = "x86_64")]
 fn cpu_has_amx_bf16() -> bool {
+    if __cpuid(0).eax < 7 {
+        return false; // no leaf 7: a CPU from before AVX2
+    }
     // CPUID.(EAX=7, ECX=0):EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
     let edx = __cpuid_count(7, 0).edx;
     edx & (1 << 22) != 0 && edx & (1 << 24) != 0
 }
 
-/// Why the matmuls do not use the AMX this CPU has; `None` where they do, or where there is
-/// none. For a one-line note when a command starts.
+/// Why the matmuls do not use the AMX this CPU has, once [`usable`] has been asked; `None`
+/// where they do, where there is none, or where nothing asked (an instruction set forced
+/// narrower, which is how to skip the probe). For a one-line note when a command starts.
 pub fn unused_reason() -> Option<String> {
-    #[cfg(target_arch = "x86_64")]
     if cpu_has_amx_bf16() {
-        return usable().err();
+        return USABLE.get().and_then(|u| u.clone().err());
     }
     None
 }
 
 /// Asks Linux for the tile data state, which a process must do before its first tile
 /// instruction (without it, `ldtilecfg` faults).
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[cfg(target_os = "linux")]
 fn request_tile_permission() -> Result<(), String> {
     const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
     const XFEATURE_XTILEDATA: libc::c_long = 18;
@@ -499,8 +533,8 @@ fn request_tile_permission() -> Result<(), String> {
         )
     };
     if rc != 0 {
-        // ENOSPC: a thread's signal stack is too small for the tile state; EINVAL/EPERM: the
-        // kernel (before 5.16) or a policy does not give it.
+        // ENOSPC: a thread's signal stack is too small for the tile state; EOPNOTSUPP: the
+        // kernel has not enabled it; EINVAL: a kernel before 5.16.
         return Err(format!(
             "Linux refused the tile state (arch_prctl ARCH_REQ_XCOMP_PERM: {})",
             std::io::Error::last_os_error()
@@ -511,7 +545,7 @@ fn request_tile_permission() -> Result<(), String> {
 
 /// A 40 × 56 × 64 product (both walks, one and two tiles of each kind, a partial panel, a
 /// column tail) on the tiles and in [`Emulated`], which must agree to the rounding of a sum.
-#[cfg(target_arch = "x86_64")]
+#[cfg(target_os = "linux")]
 fn self_check() -> Result<(), String> {
     let (rows, n, k) = (40, 56, 64);
     let (x, w) = sample(rows, n, k);
@@ -523,19 +557,45 @@ fn self_check() -> Result<(), String> {
             product(&mut Emulated::default(), &x, &w, rows, n, k, n),
         )
     };
-    let worst = hw
-        .iter()
-        .zip(&emulated)
-        .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
-        .fold(0.0f32, f32::max);
-    if worst <= 1e-5 {
-        Ok(())
-    } else {
-        Err(format!(
-            "the tiles disagree with their emulation on a {rows}×{n}×{k} product (relative \
-             difference {worst:e}); kept off"
-        ))
+    match disagreement(&hw, &emulated, &x, &w, rows, n, k) {
+        None => Ok(()),
+        Some(what) => Err(format!(
+            "the tiles disagree with their emulation on a {rows}×{n}×{k} product ({what}); \
+             kept off"
+        )),
     }
+}
+
+/// Where two results of `x · wᵀ` differ by more than two sums of `k` terms can by rounding
+/// alone (`2·k·ε·Σ|x·w|` per element, `x` rounded to bf16): the first such element, or `None`.
+#[allow(clippy::too_many_arguments)]
+pub fn disagreement(
+    a: &[f32],
+    b: &[f32],
+    x: &[f32],
+    w: &[u16],
+    rows: usize,
+    n: usize,
+    k: usize,
+) -> Option<String> {
+    for r in 0..rows {
+        for j in 0..n {
+            let magnitude: f64 = (0..k)
+                .map(|i| {
+                    let xv = half::bf16::from_f32(x[r * k + i]).to_f64();
+                    (xv * half::bf16::from_bits(w[j * k + i]).to_f64()).abs()
+                })
+                .sum();
+            let bound = 2.0 * k as f64 * f32::EPSILON as f64 * magnitude;
+            let (u, v) = (a[r * n + j], b[r * n + j]);
+            if (u as f64 - v as f64).abs() > bound || u.is_nan() != v.is_nan() {
+                return Some(format!(
+                    "row {r}, column {j}: {u} against {v}, bound {bound:e}"
+                ));
+            }
+        }
+    }
+    None
 }
 
 /// Deterministic activations `[rows, k]` and bf16 weights `[n, k]` of mixed signs.
@@ -571,7 +631,6 @@ pub fn pack_on_this_thread(x: &[f32], rows: usize, k: usize) -> Vec<u32> {
 ///
 /// # Safety
 /// As [`block`].
-#[cfg(target_arch = "x86_64")]
 pub unsafe fn product<T: Tiles>(
     tiles: &mut T,
     x: &[f32],
@@ -602,7 +661,7 @@ pub unsafe fn product<T: Tiles>(
     out
 }
 
-#[cfg(all(test, target_arch = "x86_64"))]
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -732,20 +791,30 @@ mod tests {
 
     #[test]
     fn emulated_dot_follows_intels_pseudocode() {
-        // One accumulator entry, one pair: 1 + 2⁻²⁴ rounds back to 1 (ties to even) twice when
-        // the products are added one at a time; summed first they would make 1 + 2⁻²³.
+        // Accumulator (0, 0) starts at 1, and its pair's two products are 2⁻²⁴ each: summed
+        // apart and then together they make 2⁻²³, and 1 + 2⁻²³ is a float; added to the
+        // accumulator one at a time, each would round away (ties to even), leaving 1.
         let tiny = half::bf16::from_f32(2f32.powi(-12)).to_bits() as u32;
-        let mut t = Emulated::default();
-        let ones = [f32::to_bits(1.0); 256];
+        let one = half::bf16::from_f32(1.0).to_bits() as u32;
         let mut a = [0u32; 256];
         let mut b = [0u32; 256];
         a[0] = tiny | tiny << 16;
         b[0] = tiny | tiny << 16;
-        // A denormal bf16 (exponent 0) counts as zero: its product would be 2⁻¹²⁶·2⁰.
-        let denormal = 0x0040u32;
-        let one = half::bf16::from_f32(1.0).to_bits() as u32;
-        a[16] = denormal | one << 16;
+        // Accumulator (1, 1): a denormal bf16 (exponent 0) counts as zero, so of the pair
+        // (denormal·1, 1·1) only the second product adds: 1 + 1.
+        a[16] = 0x0040 | one << 16;
         b[1] = one | one << 16;
+        // Accumulator (2, 2), over two pairs: the even products 2²⁶ and −2²⁶ cancel in their own
+        // sum before the odd ones (1 and 1) join; added one at a time, 1 + 2²⁶ would round the
+        // 1 away (3 against 1).
+        let big = half::bf16::from_f32(8192.0).to_bits() as u32;
+        let minus_big = half::bf16::from_f32(-8192.0).to_bits() as u32;
+        a[2 * 16] = big | one << 16;
+        a[2 * 16 + 1] = minus_big | one << 16;
+        b[2] = big | one << 16;
+        b[16 + 2] = big | one << 16;
+        let ones = [f32::to_bits(1.0); 256];
+        let mut t = Emulated::default();
         // SAFETY: the emulation reads and writes only the arrays given, 16 rows of 64 bytes.
         let c = unsafe {
             t.configure();
@@ -758,11 +827,16 @@ mod tests {
             t.release();
             c
         };
-        assert_eq!(f32::from_bits(c[0]), 1.0, "products added one at a time");
-        // Row 1 of A (weight row 1) against column 1 of B: 0·1 (DAZ) + 1·1, on top of 1.
-        assert_eq!(f32::from_bits(c[16 + 1]), 2.0, "denormal input as zero");
-        // Everything else: 1 plus products with zeros.
-        assert_eq!(f32::from_bits(c[2]), 1.0);
+        let at = |m: usize, n: usize| f32::from_bits(c[m * 16 + n]);
+        assert_eq!(
+            at(0, 0),
+            1.0 + 2f32.powi(-23),
+            "products summed apart first"
+        );
+        assert_eq!(at(1, 1), 2.0, "denormal input as zero");
+        assert_eq!(at(2, 2), 3.0, "even and odd sums along the pairs");
+        // Row 3 of A is zero: its accumulators stay at 1.
+        assert_eq!(at(3, 5), 1.0);
     }
 
     #[test]
@@ -781,11 +855,8 @@ mod tests {
                 )
             };
             assert_close(&hw, &reference(&x, &w, rows, n, k), k, "hardware");
-            for (i, (a, b)) in hw.iter().zip(&emulated).enumerate() {
-                assert!(
-                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
-                    "element {i}: {a} vs {b}"
-                );
+            if let Some(what) = disagreement(&hw, &emulated, &x, &w, rows, n, k) {
+                panic!("{rows}×{n}×{k}: the tiles disagree with their emulation: {what}");
             }
         }
     }

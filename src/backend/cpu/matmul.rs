@@ -88,17 +88,25 @@ static FORCED_ISA: AtomicU8 = AtomicU8::new(NO_ISA);
 const NO_ISA: u8 = u8::MAX;
 
 impl Isa {
-    /// The widest set this CPU supports, detected once.
+    /// The widest set this CPU supports, detected once (with AVX-512 BF16, this asks whether
+    /// the AMX tiles are usable: `amx::usable`).
     pub fn detect() -> Isa {
+        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| match Isa::detect_vector() {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Bf16 if super::amx::usable().is_ok() => Isa::AmxBf16,
+            vector => vector,
+        })
+    }
+
+    /// The widest set of vector instructions this CPU supports (AMX not asked).
+    fn detect_vector() -> Isa {
         static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *ISA.get_or_init(|| {
             #[cfg(target_arch = "x86_64")]
             {
                 if is_x86_feature_detected!("avx512f") {
                     if is_x86_feature_detected!("avx512bf16") {
-                        if super::amx::usable().is_ok() {
-                            return Isa::AmxBf16;
-                        }
                         return Isa::Avx512Bf16;
                     }
                     return Isa::Avx512;
@@ -112,8 +120,8 @@ impl Isa {
     }
 
     /// The set the kernels use: the one [`Isa::force`] chose, else `$CYCLEQD_CPU_ISA`
-    /// (`amxbf16`, `avx512bf16`, `avx512`, `avx2`, `generic`; a set this CPU lacks is an error), else the
-    /// detected one. Forcing a narrower set is how every path is tested on one machine.
+    /// (`amxbf16`, `avx512bf16`, `avx512`, `avx2`, `generic`; a set this CPU lacks is an
+    /// error), else the detected one. Forcing a narrower set is how every path is tested on one machine.
     pub fn current() -> Result<Isa> {
         let forced = FORCED_ISA.load(Ordering::Relaxed);
         if forced != NO_ISA {
@@ -160,9 +168,14 @@ impl Isa {
         ALL_ISAS[Isa::detect().rank()..].to_vec()
     }
 
-    /// Whether this CPU can run `self` (checked on every matmul: no allocation).
+    /// Whether this CPU can run `self` (checked on every matmul: no allocation). Only
+    /// [`Isa::AmxBf16`] asks for the tiles' probe, so a set forced narrower
+    /// (`$CYCLEQD_CPU_ISA=avx512bf16`) never runs a tile instruction.
     pub fn is_supported(self) -> bool {
-        self.rank() >= Isa::detect().rank()
+        match self {
+            Isa::AmxBf16 => Isa::detect() == Isa::AmxBf16,
+            _ => self.rank() >= Isa::detect_vector().rank(),
+        }
     }
 
     /// Position in `ALL_ISAS`, widest first.
@@ -198,7 +211,8 @@ impl Isa {
 /// The arithmetic of the matmuls with bf16 weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Precision {
-    /// bf16 on CPUs with the bf16 dot product ([`Isa::Avx512Bf16`]), f32 elsewhere.
+    /// bf16 on CPUs with the bf16 dot product ([`Isa::Avx512Bf16`], [`Isa::AmxBf16`]), f32
+    /// elsewhere.
     Auto,
     /// Weights upcast to f32, activations in f32: the reference's arithmetic.
     F32,
@@ -403,7 +417,7 @@ pub fn matmul_t_group_with<'a>(
             (true, _) if bf16_panels(p) => Kernel::Bf16Panels {
                 x: &x_panels,
                 w: WeightPtr(p.w.data().as_ptr()),
-                amx: (isa == Isa::AmxBf16 || super::amx::emulating()) && super::amx::takes(k),
+                tiles: super::amx::tiles_for(k, isa == Isa::AmxBf16),
             },
             #[cfg(target_arch = "x86_64")]
             (true, _) if isa.has_bf16_dot() => Kernel::Bf16Dot {
@@ -489,13 +503,13 @@ enum Kernel<'a> {
     #[cfg(target_arch = "x86_64")]
     Bf16Dot { x: &'a [u16], w: WeightPtr },
     /// bf16 weights broadcast pair by pair against activations packed into 16-row panels
-    /// (`panels`): outer products, for many input rows; with `amx`, the same operands through
+    /// (`panels`): outer products, for many input rows; with `tiles`, the same operands through
     /// the AMX tiles (`amx`).
     #[cfg(target_arch = "x86_64")]
     Bf16Panels {
         x: &'a [u32],
         w: WeightPtr,
-        amx: bool,
+        tiles: Option<super::amx::TileKind>,
     },
     /// f32 weights (read in place, or upcast block by block as for `F32`) broadcast one by
     /// one against f32 activations packed into panels.
@@ -520,22 +534,17 @@ impl Part<'_> {
         match self.kernel {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: this kernel is only chosen on CPUs with AVX-512 BF16 (Isa::Avx512Bf16
-            // is only available then), and the weight holds n·k bf16 values.
+            // and Isa::AmxBf16 are only available then), and the weight holds n·k bf16 values.
             Kernel::Bf16Dot { x, w } => unsafe { block_bf16_dot(out, x, w, rows, n, k, j0, j1) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above; `x` was packed for these rows and k.
-            Kernel::Bf16Panels { x, w, amx } => unsafe {
+            Kernel::Bf16Panels { x, w, tiles } => unsafe {
                 let wj = w.0.add(j0 * k * 2);
-                if amx && super::amx::emulating() {
-                    // SAFETY: as `block_bf16` (the emulated tiles need nothing more), for a k
-                    // the tiles take.
-                    super::amx::block_emulated(out.0, x, wj, rows, n, k, j0, j1)
-                } else if amx {
-                    // SAFETY: chosen only on Isa::AmxBf16 (the tiles usable, AVX-512 BF16
-                    // present) and for a k the tiles take.
-                    super::amx::block(&mut super::amx::Hardware, out.0, x, wj, rows, n, k, j0, j1)
-                } else {
-                    panels::block_bf16(out.0, x, wj, rows, n, k, j0, j1)
+                match tiles {
+                    // SAFETY: hardware tiles are chosen only on Isa::AmxBf16 (the tiles usable,
+                    // AVX-512 BF16 present), and any tiles only for a k they take.
+                    Some(kind) => super::amx::block_on(kind, out.0, x, wj, rows, n, k, j0, j1),
+                    None => panels::block_bf16(out.0, x, wj, rows, n, k, j0, j1),
                 }
             },
             #[cfg(target_arch = "x86_64")]
@@ -1212,6 +1221,7 @@ mod tests {
         assert!(Precision::Bf16.uses_bf16(DType::BF16, Isa::Generic));
         assert!(!Precision::Bf16.uses_bf16(DType::F16, Isa::Avx512Bf16));
         assert!(Precision::Auto.uses_bf16(DType::BF16, Isa::Avx512Bf16));
+        assert!(Precision::Auto.uses_bf16(DType::BF16, Isa::AmxBf16));
         assert!(!Precision::Auto.uses_bf16(DType::BF16, Isa::Avx512));
         assert!(!Precision::F32.uses_bf16(DType::BF16, Isa::Avx512Bf16));
     }
