@@ -765,11 +765,8 @@ mod tests {
             );
             (tiles, out)
         };
-        for (i, (a, b)) in tiles.iter().zip(&avx512).enumerate() {
-            assert!(
-                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
-                "element {i}: {a} vs {b}"
-            );
+        if let Some(what) = disagreement(&tiles, &avx512, &x, &w, rows, n, k) {
+            panic!("the tiles disagree with the AVX-512 panels: {what}");
         }
     }
 

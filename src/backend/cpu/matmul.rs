@@ -121,7 +121,8 @@ impl Isa {
 
     /// The set the kernels use: the one [`Isa::force`] chose, else `$CYCLEQD_CPU_ISA`
     /// (`amxbf16`, `avx512bf16`, `avx512`, `avx2`, `generic`; a set this CPU lacks is an
-    /// error), else the detected one. Forcing a narrower set is how every path is tested on one machine.
+    /// error), else the detected one. Forcing a narrower set is how every path is tested on one
+    /// machine.
     pub fn current() -> Result<Isa> {
         let forced = FORCED_ISA.load(Ordering::Relaxed);
         if forced != NO_ISA {
