@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Args;
 
 use cycleqd_engine::backend::cpu::CpuBackend;
@@ -39,8 +38,15 @@ pub fn run(a: MergeArgs) -> anyhow::Result<ExitCode> {
         random_seed: a.random_seed,
         progress: !a.json,
     };
-    let report = run_merge(&CpuBackend, &a.config, &a.out_dir, &opts)
-        .with_context(|| format!("merge {}", a.config.display()))?;
+    let report = run_merge(&CpuBackend, &a.config, &a.out_dir, &opts).map_err(|e| {
+        // Errors in the configuration already start with its path: say it once.
+        let (config, message) = (a.config.display().to_string(), e.to_string());
+        if message.starts_with(&format!("{config}:")) {
+            anyhow::anyhow!("merge {message}")
+        } else {
+            anyhow::anyhow!("merge {config}: {message}")
+        }
+    })?;
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
