@@ -301,7 +301,11 @@ fn bad_configs_are_one_line_errors_naming_the_key() {
             "case {i}: want `{want}`, got: {err}"
         );
         assert_eq!(err.trim().lines().count(), 1, "case {i}: {err}");
-        assert_eq!(err.matches(&f).count(), 1, "case {i} names its file once: {err}");
+        assert_eq!(
+            err.matches(&f).count(),
+            1,
+            "case {i} names its file once: {err}"
+        );
         assert!(!err.contains("panicked"), "{err}");
         assert!(!out.exists(), "case {i} wrote an output");
     }

@@ -1218,6 +1218,13 @@ mod tests {
             }
         }
         assert!(Isa::available().contains(&Isa::Generic));
+        // The tiles are an instruction set of their own only where they passed their probe.
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(
+            Isa::AmxBf16.is_supported(),
+            super::super::amx::usable().is_ok()
+        );
+        assert_eq!(Isa::parse("amxbf16"), Some(Isa::AmxBf16));
         // Only bf16 weights change arithmetic, and `auto` only where the dot product is.
         assert!(Precision::Bf16.uses_bf16(DType::BF16, Isa::Generic));
         assert!(!Precision::Bf16.uses_bf16(DType::F16, Isa::Avx512Bf16));
