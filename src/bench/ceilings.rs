@@ -87,16 +87,19 @@ widest_simd! {
 /// in the widest vectors the CPU has (the ones the matmul kernels use).
 pub fn cpu_peak_flops() -> f64 {
     const REPS: usize = 1_000_000;
-    let threads = rayon::current_num_threads();
     let lanes = fma_chains(0.0, 1).1;
+    all_threads_rate(REPS * CHAINS * lanes * 2, |i| fma_chains(i as f32, REPS).0)
+}
+
+/// FLOP/s of `chains(thread index)`, `flops` of work, run on every rayon thread at once (the
+/// fastest of 7 runs); what `chains` returns is summed so that its work is not optimised away.
+fn all_threads_rate(flops: usize, chains: impl Fn(usize) -> f32 + Sync) -> f64 {
+    let threads = rayon::current_num_threads();
     let t = time_best(7, || {
-        let s: f32 = (0..threads)
-            .into_par_iter()
-            .map(|i| fma_chains(i as f32, REPS).0)
-            .sum();
+        let s: f32 = (0..threads).into_par_iter().map(&chains).sum();
         std::hint::black_box(s);
     });
-    (threads * REPS * CHAINS * lanes * 2) as f64 / t.as_secs_f64()
+    (threads * flops) as f64 / t.as_secs_f64()
 }
 
 /// Peak bf16 FLOP/s of the products the matmuls run in bf16 precision, every rayon thread
@@ -107,28 +110,19 @@ pub fn cpu_peak_bf16_flops() -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
     if Isa::current().is_ok_and(|i| i == Isa::AmxBf16) {
         const REPS: usize = 100_000;
-        let threads = rayon::current_num_threads();
-        let t = time_best(7, || {
-            (0..threads)
-                .into_par_iter()
-                // SAFETY: Isa::AmxBf16 is only chosen where the tiles are usable.
-                .for_each(|_| unsafe { amx::dot_chains(REPS) });
-        });
-        return Some((threads * REPS * amx::CHAIN_FLOPS) as f64 / t.as_secs_f64());
+        return Some(all_threads_rate(REPS * amx::CHAIN_FLOPS, |_| {
+            // SAFETY: Isa::AmxBf16 is only chosen where the tiles are usable.
+            unsafe { amx::dot_chains(REPS) };
+            0.0
+        }));
     }
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16") {
         const REPS: usize = 1_000_000;
-        let threads = rayon::current_num_threads();
-        let t = time_best(7, || {
-            let s: f32 = (0..threads)
-                .into_par_iter()
-                // SAFETY: the CPU supports AVX-512F and AVX-512 BF16 (checked above).
-                .map(|i| unsafe { bf16_dot_chains(i as f32, REPS) })
-                .sum();
-            std::hint::black_box(s);
-        });
-        return Some((threads * REPS * CHAINS * 64) as f64 / t.as_secs_f64());
+        return Some(all_threads_rate(REPS * CHAINS * 64, |i| {
+            // SAFETY: the CPU supports AVX-512F and AVX-512 BF16 (checked above).
+            unsafe { bf16_dot_chains(i as f32, REPS) }
+        }));
     }
     None
 }

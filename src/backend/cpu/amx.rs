@@ -218,15 +218,11 @@ impl Emulated {
 
 /// A bf16 value widened, denormals as zero (the instruction's DAZ).
 fn bf16_daz(bits: u16) -> f32 {
-    let v = f32::from_bits((bits as u32) << 16);
-    if v.is_subnormal() {
-        0.0f32.copysign(v)
-    } else {
-        v
-    }
+    ftz(f32::from_bits((bits as u32) << 16))
 }
 
-/// An f32 result flushed to zero below the normal range (the instruction's FTZ).
+/// An f32 value flushed to zero below the normal range (the instruction's FTZ; its DAZ too,
+/// a widened bf16 being subnormal exactly when the bf16 is).
 fn ftz(v: f32) -> f32 {
     if v.is_subnormal() {
         0.0f32.copysign(v)
@@ -316,23 +312,19 @@ pub unsafe fn block<T: Tiles>(
     };
     if whole > j0 {
         tiles.configure();
-    }
-    let mut j = j0;
-    while j < whole {
-        let two_weight_tiles = whole - j >= 2 * LANES;
-        let mut p = 0;
-        while p < panel_count {
-            match (two_weight_tiles, panel_count - p >= 2) {
-                (true, true) => walk.pass::<T, 2, 2>(tiles, p, j),
-                (true, false) => walk.pass::<T, 2, 1>(tiles, p, j),
-                (false, true) => walk.pass::<T, 1, 2>(tiles, p, j),
-                (false, false) => walk.pass::<T, 1, 1>(tiles, p, j),
+        let mut j = j0;
+        while j < whole {
+            let two_weight_tiles = whole - j >= 2 * LANES;
+            for p in (0..panel_count).step_by(2) {
+                match (two_weight_tiles, panel_count - p >= 2) {
+                    (true, true) => walk.pass::<T, 2, 2>(tiles, p, j),
+                    (true, false) => walk.pass::<T, 2, 1>(tiles, p, j),
+                    (false, true) => walk.pass::<T, 1, 2>(tiles, p, j),
+                    (false, false) => walk.pass::<T, 1, 1>(tiles, p, j),
+                }
             }
-            p += 2;
+            j += if two_weight_tiles { 2 * LANES } else { LANES };
         }
-        j += if two_weight_tiles { 2 * LANES } else { LANES };
-    }
-    if whole > j0 {
         tiles.release();
     }
     if whole < j1 {
@@ -578,24 +570,48 @@ pub fn disagreement(
     n: usize,
     k: usize,
 ) -> Option<String> {
-    for r in 0..rows {
-        for j in 0..n {
-            let magnitude: f64 = (0..k)
-                .map(|i| {
-                    let xv = half::bf16::from_f32(x[r * k + i]).to_f64();
-                    (xv * half::bf16::from_bits(w[j * k + i]).to_f64()).abs()
-                })
-                .sum();
-            let bound = 2.0 * k as f64 * f32::EPSILON as f64 * magnitude;
-            let (u, v) = (a[r * n + j], b[r * n + j]);
-            if (u as f64 - v as f64).abs() > bound || u.is_nan() != v.is_nan() {
-                return Some(format!(
-                    "row {r}, column {j}: {u} against {v}, bound {bound:e}"
-                ));
-            }
+    let (_, magnitude) = exact_product(x, w, rows, n, k);
+    for (i, ((&u, &v), m)) in a.iter().zip(b).zip(magnitude).enumerate() {
+        let bound = 2.0 * k as f64 * f32::EPSILON as f64 * m;
+        if (u as f64 - v as f64).abs() > bound || u.is_nan() != v.is_nan() {
+            let (r, j) = (i / n, i % n);
+            return Some(format!(
+                "row {r}, column {j}: {u} against {v}, bound {bound:e}"
+            ));
         }
     }
     None
+}
+
+/// `x · wᵀ` in f64 from the bf16-rounded activations (its rounding far below f32's), and each
+/// element's `Σ|x·w|`, the scale of the rounding errors an f32 sum of the same terms can make.
+pub fn exact_product(
+    x: &[f32],
+    w: &[u16],
+    rows: usize,
+    n: usize,
+    k: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let xr: Vec<f64> = x[..rows * k]
+        .iter()
+        .map(|&v| half::bf16::from_f32(v).to_f64())
+        .collect();
+    let wr: Vec<f64> = w[..n * k]
+        .iter()
+        .map(|&b| half::bf16::from_bits(b).to_f64())
+        .collect();
+    let mut exact = vec![0.0; rows * n];
+    let mut magnitude = vec![0.0; rows * n];
+    for r in 0..rows {
+        for j in 0..n {
+            for i in 0..k {
+                let t = xr[r * k + i] * wr[j * k + i];
+                exact[r * n + j] += t;
+                magnitude[r * n + j] += t.abs();
+            }
+        }
+    }
+    (exact, magnitude)
 }
 
 /// Deterministic activations `[rows, k]` and bf16 weights `[n, k]` of mixed signs.
@@ -679,30 +695,6 @@ mod tests {
         (!ok).then_some("skipped: this CPU has no AVX-512 BF16, which the tile walk's edges use")
     }
 
-    /// `x·wᵀ` in f64 from the bf16-rounded activations, and each entry's `Σ|x·w|`.
-    fn reference(x: &[f32], w: &[u16], rows: usize, n: usize, k: usize) -> (Vec<f64>, Vec<f64>) {
-        let xr: Vec<f64> = x
-            .iter()
-            .map(|&v| half::bf16::from_f32(v).to_f64())
-            .collect();
-        let wr: Vec<f64> = w
-            .iter()
-            .map(|&b| half::bf16::from_bits(b).to_f64())
-            .collect();
-        let mut exact = vec![0.0; rows * n];
-        let mut magnitude = vec![0.0; rows * n];
-        for r in 0..rows {
-            for j in 0..n {
-                for i in 0..k {
-                    let t = xr[r * k + i] * wr[j * k + i];
-                    exact[r * n + j] += t;
-                    magnitude[r * n + j] += t.abs();
-                }
-            }
-        }
-        (exact, magnitude)
-    }
-
     /// Within the rounding error that `k` f32 additions can make.
     fn assert_close(got: &[f32], want: &(Vec<f64>, Vec<f64>), k: usize, what: &str) {
         for (i, (&g, (&e, &m))) in got.iter().zip(want.0.iter().zip(&want.1)).enumerate() {
@@ -731,7 +723,7 @@ mod tests {
             (20, 96, 64),
         ] {
             let (x, w) = sample(rows, n, k);
-            let want = reference(&x, &w, rows, n, k);
+            let want = exact_product(&x, &w, rows, n, k);
             for block_cols in [16, 32, n] {
                 // SAFETY: AVX-512 BF16 is present (checked above); every k is a multiple of 32.
                 let got =
@@ -858,7 +850,7 @@ mod tests {
                     product(&mut Emulated::default(), &x, &w, rows, n, k, cols),
                 )
             };
-            assert_close(&hw, &reference(&x, &w, rows, n, k), k, "hardware");
+            assert_close(&hw, &exact_product(&x, &w, rows, n, k), k, "hardware");
             if let Some(what) = disagreement(&hw, &emulated, &x, &w, rows, n, k) {
                 panic!("{rows}×{n}×{k}: the tiles disagree with their emulation: {what}");
             }
